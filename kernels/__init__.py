@@ -1,0 +1,1 @@
+"""Custom compute kernels, each with a torch reference and a CPU fallback."""

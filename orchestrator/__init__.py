@@ -1,0 +1,1 @@
+"""The service: config, runtime, CLI, and (later) the pipeline, scheduler and API."""

@@ -1,0 +1,117 @@
+"""``concilium.yaml``: one file, validated by pydantic, with the embedded setup as default.
+
+With no file at all the defaults give the embedded setup: the two bundled
+experts on local Ray. Every validation error is reported with the dotted path
+of the offending key, so a bad file says where it is bad.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from workers.config import ExpertConfig, PoolConfig, Strict, TransformersExpert
+
+CONFIG_ENV = "CONCILIUM_CONFIG"
+DEFAULT_CONFIG_FILE = "concilium.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate."""
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="an existing cluster; None starts local Ray on 127.0.0.1")
+    namespace: str = "concilium"
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs for local Ray")
+    num_gpus: int | None = Field(None, ge=0, description="logical GPUs for local Ray (placement tests)")
+    resources: dict[str, float] = {}
+
+
+def _bundled_experts() -> list[ExpertConfig]:
+    return [
+        TransformersExpert(
+            name="smollm2",
+            source="smollm2-135m-instruct",
+            tags=["chat", "instruct", "llama"],
+            cost_per_1k_tokens=0.0001,
+        ),
+        TransformersExpert(
+            name="gemma3",
+            source="gemma3-270m",
+            tags=["base", "gemma"],
+            cost_per_1k_tokens=0.0002,
+        ),
+    ]
+
+
+class ConciliumConfig(Strict):
+    model_store: Path | None = Field(None, description="defaults to $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models")
+    ray: RayConfig = RayConfig()
+    pool: PoolConfig = PoolConfig()
+    experts: list[ExpertConfig] = Field(default_factory=_bundled_experts, min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ConciliumConfig:
+        seen: set[str] = set()
+        for expert in self.experts:
+            if expert.name in seen:
+                raise ValueError(f"expert name {expert.name!r} is used twice")
+            seen.add(expert.name)
+        return self
+
+    def expert(self, name: str) -> ExpertConfig:
+        for expert in self.experts:
+            if expert.name == name:
+                return expert
+        raise ConfigError(
+            f"unknown expert {name!r}; configured experts: {', '.join(e.name for e in self.experts)}"
+        )
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source} is not a valid Concilium config:"]
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        lines.append(f"  {loc or '(top level)'}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "config") -> ConciliumConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ConciliumConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: str | Path | None = None) -> ConciliumConfig:
+    """The given file, else ``$CONCILIUM_CONFIG``, else ``./concilium.yaml``, else the defaults."""
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        if env:
+            path = env
+        elif Path(DEFAULT_CONFIG_FILE).exists():
+            path = DEFAULT_CONFIG_FILE
+        else:
+            return ConciliumConfig()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,1 @@
+"""Routing: the Router protocol and its implementations. Knows nothing of Ray or HTTP."""

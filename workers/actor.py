@@ -1,0 +1,113 @@
+"""The Ray actor that hosts one expert: a thin, thread-safe shell around a backend.
+
+The actor is threaded (``max_concurrency`` > 1) so that ``info()`` and
+``health()`` answer while a long ``generate`` runs; a lock serialises the calls
+that touch the model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from workers.backends import make_backend
+from workers.config import ExpertConfig
+from workers.types import GenerationResult, HiddenStates, Prompt, SamplingParams, WorkerInfo
+
+
+class ExpertLoadError(RuntimeError):
+    """The expert's model could not be loaded; the expert is marked failed."""
+
+
+class NotLoadedError(RuntimeError):
+    """A call that needs the model reached an actor without it (e.g. just restarted)."""
+
+
+class ExpertWorker:
+    def __init__(self, config: ExpertConfig, model_store: str | None = None) -> None:
+        self.config = config
+        self.backend = make_backend(config, Path(model_store) if model_store else None)
+        self.state = "unloaded"
+        self.error: str | None = None
+        self.load_s: float | None = None
+        self.lock = threading.Lock()
+
+    def _device(self) -> str:
+        if self.backend.device != "cuda":
+            return self.backend.device
+        gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        return f"cuda:{gpu_ids[0]}" if gpu_ids else "cuda:0"
+
+    def info(self) -> WorkerInfo:
+        ctx = ray.get_runtime_context()
+        return WorkerInfo(
+            name=self.config.name,
+            backend=self.config.backend,
+            source=self.config.origin,
+            state=self.state,
+            device=self._device(),
+            memory_bytes=self.backend.memory_bytes(),
+            node_id=ctx.get_node_id(),
+            gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+            pid=os.getpid(),
+            error=self.error,
+            load_s=self.load_s,
+            details=self.backend.describe(),
+        )
+
+    def health(self) -> dict[str, object]:
+        return {"ok": self.state != "failed", "state": self.state, "error": self.error}
+
+    def estimate_memory_bytes(self) -> int:
+        return self.backend.estimate_memory_bytes()
+
+    def load(self) -> float:
+        """Load the model; returns the seconds it took (0 when already loaded)."""
+        with self.lock:
+            if self.state == "loaded":
+                return 0.0
+            self.state, self.error = "loading", None
+            started = time.perf_counter()
+            try:
+                self.backend.load()
+            except Exception as exc:
+                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                self.backend.unload()
+                raise ExpertLoadError(f"expert {self.config.name} failed to load: {self.error}") from None
+            self.load_s = time.perf_counter() - started
+            self.state = "loaded"
+            return self.load_s
+
+    def unload(self) -> None:
+        with self.lock:
+            self.backend.unload()
+            if self.state != "failed":
+                self.state = "unloaded"
+
+    def _require_loaded(self) -> None:
+        if self.state != "loaded":
+            raise NotLoadedError(f"expert {self.config.name} is {self.state}, not loaded")
+
+    def generate(self, prompts: list[str | Prompt], params: SamplingParams) -> GenerationResult:
+        requested = time.perf_counter()
+        parsed = [Prompt.of(p) for p in prompts]
+        with self.lock:
+            self._require_loaded()
+            started = time.perf_counter()
+            completions = self.backend.generate(parsed, params)
+        return GenerationResult(
+            expert=self.config.name,
+            completions=completions,
+            queue_s=started - requested,
+            generate_s=time.perf_counter() - started,
+            batch_size=len(parsed),
+        )
+
+    def hidden_states(self, prompts: list[str | Prompt], layers: list[int]) -> HiddenStates:
+        with self.lock:
+            self._require_loaded()
+            return self.backend.hidden_states([Prompt.of(p) for p in prompts], layers)

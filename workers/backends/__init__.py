@@ -1,0 +1,65 @@
+"""Backends: the one thing that differs between experts is how text gets generated.
+
+A registry maps the config's ``backend`` key to an implementation, so the actor
+and the pool never branch on the kind of expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from workers.config import ExpertConfig
+from workers.types import Completion, HiddenStates, Prompt, SamplingParams
+
+
+class BackendUnsupported(NotImplementedError):
+    """The backend cannot do this (e.g. hidden states from a remote endpoint)."""
+
+
+class Backend(Protocol):
+    device: str
+
+    def load(self) -> None: ...
+
+    def unload(self) -> None: ...
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]: ...
+
+    def hidden_states(self, prompts: list[Prompt], layers: list[int]) -> HiddenStates: ...
+
+    def estimate_memory_bytes(self) -> int:
+        """Resident size before loading, for the pool's memory budget."""
+        ...
+
+    def memory_bytes(self) -> int: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+def make_backend(config: ExpertConfig, model_store: Path | None) -> Backend:
+    factories: dict[str, Callable[[], Backend]] = {
+        "transformers": lambda: _transformers(config, model_store),
+        "openai": lambda: _openai(config),
+        "replay": lambda: _replay(config),
+    }
+    return factories[config.backend]()
+
+
+def _transformers(config: ExpertConfig, model_store: Path | None) -> Backend:
+    from workers.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(config, model_store)
+
+
+def _openai(config: ExpertConfig) -> Backend:
+    from workers.backends.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(config)
+
+
+def _replay(config: ExpertConfig) -> Backend:
+    from workers.backends.replay import ReplayBackend
+
+    return ReplayBackend(config)

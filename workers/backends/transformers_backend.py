@@ -1,0 +1,193 @@
+"""Local models through Hugging Face transformers: batched, left-padded generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers.backends import BackendUnsupported
+from workers.config import TransformersExpert
+from workers.model_store import ModelStore
+from workers.types import Completion, HiddenStates, Prompt, SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class TransformersBackend:
+    def __init__(self, config: TransformersExpert, model_store: Path | None) -> None:
+        self.config = config
+        self.store = ModelStore(model_store)
+        self.model = None
+        self.tokenizer = None
+        self.device = self._pick_device()
+
+    def _pick_device(self) -> str:
+        # torch decides, not Ray's GPU ids: a logical GPU in a test cluster is no CUDA device.
+        if self.config.device == "cuda" or (
+            self.config.device == "auto" and torch.cuda.is_available()
+        ):
+            return "cuda"
+        return "cpu"
+
+    def _folder(self) -> Path | str:
+        return self.store.resolve(self.config.source)
+
+    def estimate_memory_bytes(self) -> int:
+        if self.config.memory_gb is not None:
+            return int(self.config.memory_gb * 2**30)
+        folder = self._folder()
+        if isinstance(folder, str):
+            return 0
+        stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+            stored_dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        except (OSError, json.JSONDecodeError):
+            stored_dtype = "float32"
+        target = self.config.dtype if self.config.dtype != "auto" else stored_dtype
+        return int(stored * _BYTES.get(target, 4) / _BYTES.get(stored_dtype, 4))
+
+    def load(self) -> None:
+        if self.device == "cpu":
+            torch.set_num_threads(self.config.threads or max(1, int(self.config.num_cpus)))
+        folder = self._folder()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dtype = "auto" if self.config.dtype == "auto" else _DTYPES[self.config.dtype]
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model.to(self.device).eval()
+        self.tokenizer, self.model = tokenizer, model
+
+    def unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_bytes(self) -> int:
+        if self.model is None:
+            return 0
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        # Tied embeddings share storage; count each storage once.
+        seen: dict[int, int] = {}
+        for t in tensors:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    @property
+    def uses_chat_template(self) -> bool:
+        has = bool(getattr(self.tokenizer, "chat_template", None))
+        mode = self.config.chat_template
+        if mode == "always" and not has:
+            raise BackendUnsupported(f"{self.config.name}: chat_template=always but the tokenizer has none")
+        return mode == "always" or (mode == "auto" and has)
+
+    def render(self, prompt: Prompt) -> str:
+        if self.uses_chat_template:
+            return self.tokenizer.apply_chat_template(
+                prompt.as_messages(), add_generation_prompt=True, tokenize=False
+            )
+        return prompt.as_plain_text()
+
+    def _encode(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        texts = [self.render(p) for p in prompts]
+        # A rendered chat template already carries its special tokens.
+        enc = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not self.uses_chat_template,
+        )
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _require_loaded(self) -> None:
+        if self.model is None:
+            raise RuntimeError(f"expert {self.config.name} is not loaded")
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        self._require_loaded()
+        out: list[Completion] = []
+        step = self.config.max_batch_size
+        for start in range(0, len(prompts), step):
+            out.extend(self._generate_batch(prompts[start : start + step], params))
+        return out
+
+    def _generate_batch(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        enc = self._encode(prompts)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        eos = self._eos_ids()
+        if not params.greedy:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        else:
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        generated = self.model.generate(
+            **enc,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos,
+            **sampling,
+        )
+        prompt_len = enc["input_ids"].shape[1]
+        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        completions = []
+        for row, n_prompt in zip(generated[:, prompt_len:].tolist(), prompt_tokens):
+            stop = next((i for i, tok in enumerate(row) if tok in eos), None)
+            tokens = row if stop is None else row[:stop]
+            completions.append(
+                Completion(
+                    text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                    prompt_tokens=int(n_prompt),
+                    completion_tokens=len(tokens) + (0 if stop is None else 1),
+                    finish_reason="length" if stop is None else "stop",
+                )
+            )
+        return completions
+
+    def _eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    @torch.inference_mode()
+    def hidden_states(self, prompts: list[Prompt], layers: list[int]) -> HiddenStates:
+        """Hidden states of the prompt tokens (padding removed) at the given layers.
+
+        Layer 0 is the embedding output and layer L the last block's output, as
+        transformers numbers them; negative indices count from the end.
+        """
+        self._require_loaded()
+        enc = self._encode(prompts)
+        result = self.model(**enc, output_hidden_states=True)
+        n_layers = len(result.hidden_states)
+        for layer in layers:
+            if not -n_layers <= layer < n_layers:
+                raise ValueError(f"layer {layer} is out of range for {n_layers} hidden-state layers")
+        mask = enc["attention_mask"].bool()
+        states = [
+            [result.hidden_states[layer][i][mask[i]].float().cpu() for layer in layers]
+            for i in range(len(prompts))
+        ]
+        return HiddenStates(layers=list(layers), states=states)
+
+    def describe(self) -> dict[str, object]:
+        info: dict[str, object] = {"dtype": self.config.dtype, "source": self.config.source}
+        if self.model is not None:
+            cfg = self.model.config
+            info.update(
+                architecture=cfg.model_type,
+                layers=getattr(cfg, "num_hidden_layers", None),
+                hidden_size=getattr(cfg, "hidden_size", None),
+                chat_template=self.uses_chat_template,
+                threads=torch.get_num_threads() if self.device == "cpu" else None,
+            )
+        return info

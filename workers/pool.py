@@ -1,0 +1,271 @@
+"""The expert pool: one actor per expert, residency under a memory budget, restarts.
+
+Actors exist for the pool's lifetime, but a model is resident only while the
+budget of its device allows. Loading an expert that does not fit unloads the
+least recently used idle residents first. The pool counts every load and
+unload, because the scheduler's whole purpose is to keep that count low.
+
+The pool decides residency only; *when* work runs is the scheduler's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from workers.actor import ExpertLoadError, ExpertWorker, NotLoadedError
+from workers.config import ExpertConfig, PoolConfig
+from workers.placement import actor_options, check_placement
+from workers.types import GenerationResult, HiddenStates, Prompt, SamplingParams, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+_ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+RESTART_WAIT_S = 60.0
+
+
+class UnknownExpertError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BudgetError(RuntimeError):
+    """An expert is larger than its device's whole budget."""
+
+
+class ExpertUnavailableError(RuntimeError):
+    """An expert failed to load or its actor is gone for good."""
+
+
+@dataclass
+class PoolStats:
+    loads: int = 0
+    unloads: int = 0
+    load_seconds: float = 0.0
+    restarts: int = 0
+    failures: int = 0
+    loads_by_expert: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    config: ExpertConfig
+    actor: ray.actor.ActorHandle
+    device: str = "cpu"
+    size: int = 0
+    resident: bool = False
+    failed: str | None = None
+    in_use: int = 0
+    last_used: float = 0.0
+
+
+class ExpertPool:
+    """Create with ``await ExpertPool.start(...)`` once Ray is initialised."""
+
+    def __init__(self, slots: dict[str, _Slot], config: PoolConfig) -> None:
+        self.slots = slots
+        self.config = config
+        self.stats = PoolStats()
+        self._changed = asyncio.Condition()
+
+    @classmethod
+    async def start(
+        cls,
+        experts: list[ExpertConfig],
+        config: PoolConfig,
+        model_store: Path | None = None,
+        namespace: str = "concilium",
+    ) -> ExpertPool:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        check_placement(experts, nodes)
+        remote_cls = ray.remote(ExpertWorker)
+        slots = {}
+        for expert in experts:
+            actor = remote_cls.options(**actor_options(expert, namespace)).remote(
+                expert, str(model_store) if model_store else None
+            )
+            slots[expert.name] = _Slot(config=expert, actor=actor)
+        pool = cls(slots, config)
+        await asyncio.gather(*(pool._probe(slot) for slot in slots.values()))
+        return pool
+
+    async def _probe(self, slot: _Slot) -> None:
+        try:
+            info: WorkerInfo = await slot.actor.info.remote()
+            slot.device = info.device
+            slot.size = await slot.actor.estimate_memory_bytes.remote()
+        except Exception as exc:  # a bad source marks this expert only
+            slot.failed = f"{type(exc).__name__}: {exc}"
+            log.warning("expert %s is unavailable: %s", slot.config.name, slot.failed)
+            return
+        budget = self._budget(slot.device)
+        if budget is not None and slot.size > budget:
+            slot.failed = (
+                f"needs {slot.size / 2**30:.2f} GiB but the budget for {slot.device} "
+                f"is {budget / 2**30:.2f} GiB"
+            )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+    def config_of(self, name: str) -> ExpertConfig:
+        return self._slot(name).config
+
+    def _slot(self, name: str) -> _Slot:
+        try:
+            return self.slots[name]
+        except KeyError:
+            raise UnknownExpertError(
+                f"unknown expert {name!r}; configured experts: {', '.join(self.slots)}"
+            ) from None
+
+    def _budget(self, device: str) -> int | None:
+        gb = self.config.memory_budget_gb.get(device)
+        return None if gb is None else int(gb * 2**30)
+
+    def resident(self) -> list[str]:
+        return [n for n, s in self.slots.items() if s.resident]
+
+    async def _evict_for(self, slot: _Slot) -> bool:
+        """Unload idle LRU residents on slot's device until it fits; False if it must wait."""
+        budget = self._budget(slot.device)
+        if budget is None:
+            return True
+        if slot.size > budget:
+            raise BudgetError(
+                f"expert {slot.config.name} needs {slot.size / 2**30:.2f} GiB; "
+                f"the budget for {slot.device} is {budget / 2**30:.2f} GiB"
+            )
+        same_device = [s for s in self.slots.values() if s.resident and s.device == slot.device]
+        used = sum(s.size for s in same_device)
+        for victim in sorted((s for s in same_device if s.in_use == 0), key=lambda s: s.last_used):
+            if used + slot.size <= budget:
+                break
+            await self._unload(victim)
+            used -= victim.size
+        return used + slot.size <= budget
+
+    async def _unload(self, slot: _Slot) -> None:
+        slot.resident = False
+        self.stats.unloads += 1
+        with contextlib.suppress(*_ACTOR_LOST):
+            await slot.actor.unload.remote()
+
+    async def _load(self, slot: _Slot) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(slot.actor.load.remote(), self.config.load_timeout_s)
+        except ExpertLoadError as exc:
+            slot.failed = str(exc)
+            self.stats.failures += 1
+            raise ExpertUnavailableError(str(exc)) from None
+        slot.resident = True
+        name = slot.config.name
+        self.stats.loads += 1
+        self.stats.loads_by_expert[name] = self.stats.loads_by_expert.get(name, 0) + 1
+        self.stats.load_seconds += time.perf_counter() - started
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str) -> AsyncIterator[ray.actor.ActorHandle]:
+        """Hold an expert resident (loading it if needed) for the duration of the block.
+
+        A leased expert is never evicted; a load that needs room held by leased
+        experts waits until they are released.
+        """
+        slot = self._slot(name)
+        async with self._changed:
+            while True:
+                if slot.failed:
+                    raise ExpertUnavailableError(f"expert {name} is unavailable: {slot.failed}")
+                if slot.resident:
+                    break
+                if await self._evict_for(slot):
+                    await self._load(slot)
+                    break
+                await self._changed.wait()
+            slot.in_use += 1
+        try:
+            yield slot.actor
+        finally:
+            async with self._changed:
+                slot.in_use -= 1
+                slot.last_used = time.monotonic()
+                self._changed.notify_all()
+
+    async def _call(self, name: str, method: str, *args: object) -> object:
+        """Run one actor call under a lease; after an actor crash, wait for its restart and retry once."""
+        for attempt in (1, 2):
+            try:
+                async with self.lease(name) as actor:
+                    return await asyncio.wait_for(
+                        getattr(actor, method).remote(*args), self.config.generate_timeout_s
+                    )
+            except (*_ACTOR_LOST, NotLoadedError) as exc:
+                slot = self._slot(name)
+                slot.resident = False  # a restarted actor comes back with nothing loaded
+                self.stats.restarts += 1
+                log.warning("expert %s lost its actor (%s); attempt %d", name, type(exc).__name__, attempt)
+                if attempt == 2 or not await self._wait_alive(slot):
+                    raise ExpertUnavailableError(f"expert {name}'s actor died: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def _wait_alive(self, slot: _Slot) -> bool:
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                await slot.actor.health.remote()
+                return True
+            except ActorDiedError:
+                return False
+            except _ACTOR_LOST:
+                await asyncio.sleep(0.2)
+        return False
+
+    async def generate(
+        self, name: str, prompts: list[str | Prompt], params: SamplingParams | None = None
+    ) -> GenerationResult:
+        if params is None:
+            gen = self.config_of(name).generation
+            params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.seed)
+        return await self._call(name, "generate", prompts, params)
+
+    async def hidden_states(self, name: str, prompts: list[str | Prompt], layers: list[int]) -> HiddenStates:
+        return await self._call(name, "hidden_states", prompts, layers)
+
+    async def unload(self, name: str) -> None:
+        slot = self._slot(name)
+        async with self._changed:
+            if slot.resident and slot.in_use == 0:
+                await self._unload(slot)
+                self._changed.notify_all()
+
+    async def info(self) -> list[WorkerInfo]:
+        async def one(slot: _Slot) -> WorkerInfo:
+            try:
+                info = await slot.actor.info.remote()
+            except _ACTOR_LOST as exc:
+                return WorkerInfo(slot.config.name, slot.config.backend, slot.config.origin,
+                                  "dead", slot.device, 0, error=str(exc))
+            if slot.failed:
+                info.state, info.error = "failed", slot.failed
+            info.details["estimated_bytes"] = slot.size
+            return info
+
+        return list(await asyncio.gather(*(one(s) for s in self.slots.values())))
+
+    def healthy(self) -> dict[str, bool]:
+        return {name: slot.failed is None for name, slot in self.slots.items()}
+
+    def shutdown(self) -> None:
+        for slot in self.slots.values():
+            ray.kill(slot.actor, no_restart=True)
+        self.slots.clear()

@@ -1,0 +1,109 @@
+"""Recorded outcomes in the bench-data format: ``models.json`` + ``data.jsonl``.
+
+Each line holds one query and, per model (in ``models.json`` order), whether it
+was right, and where recorded, its extracted answer and its cost. Both the
+replay backend and offline router evaluation read this format, so one reader
+serves both and validates a file once, with errors that name line and field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+ID_FIELDS = ("question_id", "sample_id", "id")
+TEXT_FIELDS = ("question", "query")
+OUTCOME_FIELDS = ("correct", "score")
+CATEGORY_FIELDS = ("category", "eval_name")
+
+
+class RecordedDataError(ValueError):
+    """A bench-data folder that is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    text: str
+    category: str | None
+    outcome: tuple[float, ...]
+    pred: tuple[str, ...] | None
+    cost: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class RecordedOutcomes:
+    models: tuple[str, ...]
+    records: tuple[Record, ...]
+
+    def model_index(self, model: str) -> int:
+        try:
+            return self.models.index(model)
+        except ValueError:
+            raise RecordedDataError(
+                f"model {model!r} is not in this file; it has: {', '.join(self.models)}"
+            ) from None
+
+
+def _first(row: dict, fields: tuple[str, ...], where: str, required: bool = True) -> object:
+    for name in fields:
+        if name in row:
+            return row[name]
+    if required:
+        raise RecordedDataError(f"{where}: missing field (one of {', '.join(fields)})")
+    return None
+
+
+def _per_model(value: object, n: int, field: str, where: str, kind: type) -> tuple:
+    if not isinstance(value, list) or len(value) != n:
+        raise RecordedDataError(f"{where}: {field!r} must be a list of {n} values, one per model")
+    try:
+        return tuple(kind(v) for v in value)
+    except (TypeError, ValueError):
+        raise RecordedDataError(f"{where}: {field!r} holds a value that is not {kind.__name__}") from None
+
+
+def load_recorded(folder: str | Path) -> RecordedOutcomes:
+    folder = Path(folder)
+    models_path, data_path = folder / "models.json", folder / "data.jsonl"
+    for path in (models_path, data_path):
+        if not path.exists():
+            raise RecordedDataError(f"{folder} is not a bench-data folder: {path.name} is missing")
+    try:
+        models = json.loads(models_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RecordedDataError(f"{models_path}: invalid JSON: {exc}") from None
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise RecordedDataError(f"{models_path}: must be a non-empty list of model names")
+    n = len(models)
+    records = []
+    with data_path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{data_path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordedDataError(f"{where}: invalid JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise RecordedDataError(f"{where}: each line must be a JSON object")
+            outcome_field = next((f for f in OUTCOME_FIELDS if f in row), OUTCOME_FIELDS[0])
+            outcome = _per_model(_first(row, OUTCOME_FIELDS, where), n, outcome_field, where, float)
+            pred = row.get("pred")
+            cost = row.get("cost_usd")
+            category = _first(row, CATEGORY_FIELDS, where, required=False)
+            records.append(
+                Record(
+                    id=str(_first(row, ID_FIELDS, where)),
+                    text=str(_first(row, TEXT_FIELDS, where)),
+                    category=None if category is None else str(category),
+                    outcome=outcome,
+                    pred=None if pred is None else _per_model(pred, n, "pred", where, str),
+                    cost=None if cost is None else _per_model(cost, n, "cost_usd", where, float),
+                )
+            )
+    if not records:
+        raise RecordedDataError(f"{data_path} holds no records")
+    return RecordedOutcomes(models=tuple(models), records=tuple(records))

@@ -1,0 +1,115 @@
+"""What crosses the worker boundary: prompts and settings in, texts with counts and timings out.
+
+Plain dataclasses, so Ray pickles them cheaply and the worker layer needs no
+pydantic. A worker knows nothing about routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EmptyPromptError(ValueError):
+    """A prompt with no text; generating from it is meaningless."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Either a plain text or a chat conversation; a backend decides how to render it."""
+
+    text: str | None = None
+    messages: tuple[Message, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.text is None and not self.messages:
+            raise EmptyPromptError("a prompt needs text or messages")
+        if self.text is not None and not self.text.strip():
+            raise EmptyPromptError("the prompt is empty")
+        if self.messages and not any(m.content.strip() for m in self.messages):
+            raise EmptyPromptError("every message in the conversation is empty")
+
+    @classmethod
+    def of(cls, value: str | Prompt) -> Prompt:
+        return value if isinstance(value, Prompt) else cls(text=value)
+
+    def as_messages(self) -> list[dict[str, str]]:
+        if self.messages:
+            return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [{"role": "user", "content": self.text or ""}]
+
+    def as_plain_text(self) -> str:
+        """The rendering for models without a chat template."""
+        if self.text is not None:
+            return self.text
+        lines = [f"{m.role.capitalize()}: {m.content}" for m in self.messages]
+        return "\n".join(lines) + "\nAssistant:"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """'stop' when the model emitted EOS, 'length' when max_new_tokens cut it off."""
+    meta: dict[str, object] = field(default_factory=dict)
+    """Backend-specific facts, e.g. a replayed record's id, score and cost."""
+
+
+@dataclass
+class GenerationResult:
+    """One batched call's output, in the order of its prompts."""
+
+    expert: str
+    completions: list[Completion]
+    queue_s: float = 0.0
+    generate_s: float = 0.0
+    batch_size: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.completions)
+
+
+@dataclass
+class HiddenStates:
+    """Per-prompt hidden states at the requested layers, for the latent router."""
+
+    layers: list[int]
+    states: list[list[object]]
+    """states[i][j]: a [tokens, hidden] tensor for prompt i at layers[j], padding removed."""
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    backend: str
+    source: str
+    state: str
+    """'unloaded', 'loading', 'loaded' or 'failed'."""
+    device: str
+    memory_bytes: int
+    node_id: str = ""
+    gpu_ids: list[str] = field(default_factory=list)
+    pid: int = 0
+    error: str | None = None
+    load_s: float | None = None
+    details: dict[str, object] = field(default_factory=dict)
