@@ -1,0 +1,275 @@
+"""The ``concilium`` command line.
+
+Every known failure (bad config, unknown expert, missing model, empty prompt,
+unreachable cluster) ends with a one-line message and exit code 2, never a
+traceback; exit code 1 is left for failed work, such as an expert that errors.
+"""
+
+from __future__ import annotations
+
+from orchestrator.runtime import pin_loopback
+
+pin_loopback()  # before anything imports ray
+
+import asyncio  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from functools import wraps  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, TypeVar  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from orchestrator.config import ConciliumConfig, ConfigError, load_config  # noqa: E402
+from workers.model_store import BUNDLED, ModelStore, ModelStoreError  # noqa: E402
+from workers.types import EmptyPromptError, Prompt, SamplingParams  # noqa: E402
+
+app = typer.Typer(
+    help="Concilium: one endpoint over many expert LLMs, routed per query and batched by expert.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="The local model store of converted bundled models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="concilium.yaml; default: $CONCILIUM_CONFIG, ./concilium.yaml, or the embedded setup"),
+]
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", help="model store folder; default: $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models"),
+]
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UsageError(ValueError):
+    """Input the CLI itself rejects."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from orchestrator.runtime import RayConnectError
+    from workers.placement import PlacementError
+    from workers.pool import BudgetError, ExpertUnavailableError, UnknownExpertError
+
+    return (
+        ConfigError, ModelStoreError, EmptyPromptError, UsageError, RayConnectError,
+        PlacementError, UnknownExpertError, BudgetError, ExpertUnavailableError,
+    )
+
+
+def friendly(fn: F) -> F:
+    """Turn the errors a user can cause into a message and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _store_root(config: ConciliumConfig, store: Path | None) -> Path | None:
+    return store or config.model_store
+
+
+@models_app.command("list")
+@friendly
+def models_list(store: StoreOpt = None, config: ConfigOpt = None) -> None:
+    """List the bundled models and whether each is in the store."""
+    ms = ModelStore(_store_root(load_config(config), store))
+    table = Table(title=f"model store: {ms.root}")
+    for col in ("name", "kind", "in store", "size", "path"):
+        table.add_column(col, overflow="fold")
+    for row in ms.list():
+        table.add_row(
+            row.name, row.kind, "yes" if row.pulled else "no",
+            f"{row.size_bytes / 2**20:.0f} MiB" if row.pulled else "-", str(row.path),
+        )
+    out.print(table)
+
+
+@models_app.command("pull")
+@friendly
+def models_pull(
+    names: Annotated[list[str] | None, typer.Argument(help=f"models to pull: {', '.join(BUNDLED)}")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="pull every bundled model")] = False,
+    force: Annotated[bool, typer.Option("--force", help="convert again even if a verified copy exists")] = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Convert bundled GGUF models into the store (idempotent; verifies what it wrote)."""
+    if all_:
+        names = list(BUNDLED)
+    if not names:
+        raise UsageError(f"name a model to pull ({', '.join(BUNDLED)}) or pass --all")
+    ms = ModelStore(_store_root(load_config(config), store))
+    for name in names:
+        with err.status(f"{name}: starting") as status:
+            path, converted = ms.pull(name, force=force, on_step=lambda s, n=name: status.update(f"{n}: {s}"))
+        verdict = "converted and verified" if converted else "already in the store, verified"
+        out.print(f"[green]✓[/] {name}: {verdict} → {path}")
+
+
+def _run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def _with_pool(config: ConciliumConfig, store: Path | None, work: Callable) -> object:
+    from orchestrator.runtime import init_ray
+    from workers.pool import ExpertPool
+
+    init_ray(config.ray)
+    with err.status("starting expert actors"):
+        pool = await ExpertPool.start(
+            config.experts, config.pool, _store_root(config, store), namespace=config.ray.namespace
+        )
+    try:
+        return await work(pool)
+    finally:
+        pool.shutdown()
+
+
+@app.command()
+@friendly
+def experts(
+    load: Annotated[bool, typer.Option("--load", help="load every expert first, to show real memory")] = False,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """List the configured experts with state, device and memory."""
+    cfg = load_config(config)
+
+    async def work(pool):  # noqa: ANN001, ANN202
+        if load:
+            for name, ok in pool.healthy().items():
+                if ok:
+                    async with pool.lease(name):
+                        pass
+        return await pool.info()
+
+    infos = _run(_with_pool(cfg, store, work))
+    table = Table(title="experts")
+    for col in ("name", "backend", "source", "state", "device", "node", "memory", "tags", "cost/1k tok"):
+        table.add_column(col)
+    for info in infos:
+        ex = cfg.expert(info.name)
+        mem = info.memory_bytes or int(info.details.get("estimated_bytes", 0))
+        mem_s = f"{mem / 2**20:.0f} MiB" + ("" if info.memory_bytes else " (est.)") if mem else "-"
+        state = info.state + (f": {info.error}" if info.error else "")
+        table.add_row(
+            info.name, info.backend, info.source, state, info.device, info.node_id[:8], mem_s,
+            ",".join(ex.tags), f"{ex.cost_per_1k_tokens:g}",
+        )
+    out.print(table)
+
+
+def _params(cfg: ConciliumConfig, name: str, max_new_tokens: int | None, temperature: float | None) -> SamplingParams:
+    gen = cfg.expert(name).generation
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if temperature is not None and temperature < 0:
+        raise UsageError("--temperature must be 0 (greedy) or positive")
+    return SamplingParams(
+        max_new_tokens=max_new_tokens or gen.max_new_tokens,
+        temperature=gen.temperature if temperature is None else temperature,
+        top_p=gen.top_p,
+        seed=gen.seed,
+    )
+
+
+MaxTokOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="tokens to generate")]
+TempOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 is greedy")]
+
+
+@app.command()
+@friendly
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    expert: Annotated[str, typer.Option("--expert", "-e", help="which configured expert")],
+    max_new_tokens: MaxTokOpt = None,
+    temperature: TempOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Generate from one expert."""
+    cfg = load_config(config)
+    Prompt.of(prompt)
+    single = cfg.model_copy(update={"experts": [cfg.expert(expert)]})
+    params = _params(cfg, expert, max_new_tokens, temperature)
+
+    async def work(pool):  # noqa: ANN001, ANN202
+        return await pool.generate(expert, [prompt], params)
+
+    result = _run(_with_pool(single, store, work))
+    c = result.completions[0]
+    out.print(c.text, highlight=False)
+    err.print(
+        f"[dim]{expert}: {c.prompt_tokens} prompt + {c.completion_tokens} completion tokens, "
+        f"{result.generate_s:.2f} s, finish={c.finish_reason}[/]"
+    )
+
+
+@app.command()
+@friendly
+def ask(
+    question: Annotated[str, typer.Argument(help="the question")],
+    max_new_tokens: MaxTokOpt = None,
+    temperature: TempOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Ask every configured expert and print their answers side by side."""
+    cfg = load_config(config)
+    Prompt.of(question)
+
+    async def work(pool):  # noqa: ANN001, ANN202
+        async def one(name: str):  # noqa: ANN202
+            try:
+                return await pool.generate(name, [question], _params(cfg, name, max_new_tokens, temperature))
+            except Exception as exc:  # one expert's failure must not hide the others' answers
+                return exc
+
+        names = pool.names
+        return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+
+    results = _run(_with_pool(cfg, store, work))
+    table = Table(title=question, show_lines=True)
+    for col in ("expert", "answer", "tokens (prompt+completion)", "seconds"):
+        table.add_column(col)
+    failures = 0
+    for name, res in results.items():
+        if isinstance(res, Exception):
+            failures += 1
+            table.add_row(name, f"[red]unavailable: {res}[/]", "-", "-")
+        else:
+            c = res.completions[0]
+            table.add_row(name, c.text, f"{c.prompt_tokens}+{c.completion_tokens}", f"{res.generate_s:.2f}")
+    out.print(table)
+    if failures == len(results):
+        raise typer.Exit(1)
+
+
+@app.command("check-config")
+@friendly
+def check_config(path: Annotated[Path, typer.Argument(help="the config file to validate")]) -> None:
+    """Validate a config file and print the experts it defines."""
+    cfg = load_config(path)
+    out.print(f"[green]✓[/] {path} is valid: {len(cfg.experts)} experts ({', '.join(e.name for e in cfg.experts)})")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
