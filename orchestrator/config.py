@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from workers.config import ExpertConfig, PoolConfig, Strict, TransformersExpert
+from workers.config import BACKENDS, ExpertConfig, PoolConfig, Strict, TransformersExpert
 
 CONFIG_ENV = "CONCILIUM_CONFIG"
 DEFAULT_CONFIG_FILE = "concilium.yaml"
@@ -75,9 +75,12 @@ class ConciliumConfig(Strict):
 def _format_errors(source: str, exc: ValidationError) -> str:
     lines = [f"{source} is not a valid Concilium config:"]
     for err in exc.errors():
-        loc = ""
+        loc, prev = "", None
         for part in err["loc"]:
+            if part in BACKENDS and isinstance(prev, int):
+                continue  # the union's tag, not a key the user wrote
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+            prev = part
         lines.append(f"  {loc or '(top level)'}: {err['msg']}")
     return "\n".join(lines)
 

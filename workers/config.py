@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 
 class Strict(BaseModel):
@@ -91,8 +91,25 @@ class ReplayExpert(ExpertBase):
         return f"{self.path} ({self.model})"
 
 
+BACKENDS = ("transformers", "openai", "replay")
+
+
+def _backend_of(value: object) -> str | None:
+    # `backend` may be left out: local transformers models are the common case.
+    if isinstance(value, dict):
+        return value.get("backend", "transformers")
+    return getattr(value, "backend", None)
+
+
 ExpertConfig = Annotated[
-    TransformersExpert | OpenAIExpert | ReplayExpert, Field(discriminator="backend")
+    Annotated[TransformersExpert, Tag("transformers")]
+    | Annotated[OpenAIExpert, Tag("openai")]
+    | Annotated[ReplayExpert, Tag("replay")],
+    Discriminator(
+        _backend_of,
+        custom_error_type="invalid_backend",
+        custom_error_message=f"an expert must be a mapping whose 'backend' is one of {', '.join(BACKENDS)}",
+    ),
 ]
 
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: one local Ray on 127.0.0.1 for the session, and the real model store.
+
+Ray is started with 2 logical GPUs and a custom ``gpu_node`` resource so that
+placement can be tested on this GPU-less machine; torch still sees no CUDA, so
+every model runs on the CPU.
+"""
+
+from __future__ import annotations
+
+from orchestrator.runtime import pin_loopback
+
+pin_loopback()  # before anything imports ray
+
+import asyncio  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from orchestrator.config import RayConfig  # noqa: E402
+from orchestrator.runtime import init_ray  # noqa: E402
+from workers.model_store import BUNDLED, ModelStore  # noqa: E402
+
+BENCH_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "bench-data"
+SMOLLM = "smollm2-135m-instruct"
+GEMMA = "gemma3-270m"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    init_ray(RayConfig(num_cpus=4, num_gpus=2, resources={"gpu_node": 1.0}))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def store() -> ModelStore:
+    """The default store, with both bundled models pulled (a no-op after `make models`)."""
+    ms = ModelStore()
+    for name in BUNDLED:
+        ms.pull(name)
+    return ms
+
+
+@pytest.fixture(scope="session")
+def bench_data() -> Path:
+    if not BENCH_DATA.exists():
+        pytest.skip(f"bench-data not found at {BENCH_DATA}")
+    return BENCH_DATA
+
+
+def run(coro):
+    return asyncio.run(coro)

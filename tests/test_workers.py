@@ -1,0 +1,112 @@
+"""Expert actors on real local Ray with the two real bundled models."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import GEMMA, SMOLLM, run
+from workers.config import PoolConfig, TransformersExpert
+from workers.pool import ExpertPool
+from workers.types import Prompt, SamplingParams
+
+pytestmark = pytest.mark.models
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea, with a lot of detail about the waves and the light.",
+]
+EXPERTS = [
+    TransformersExpert(name="smollm2", source=SMOLLM, threads=1),
+    TransformersExpert(name="gemma3", source=GEMMA, threads=1),
+]
+
+
+def _pool(experts=EXPERTS, **pool_kwargs) -> ExpertPool:
+    return ExpertPool.start(experts, PoolConfig(**pool_kwargs), namespace=f"t-{uuid.uuid4().hex[:8]}")
+
+
+def test_node_address_is_loopback(ray_cluster):
+    assert {n["NodeManagerAddress"] for n in ray_cluster.nodes()} == {"127.0.0.1"}
+
+
+def test_round_trip_batching_and_token_counts(ray_cluster, store):
+    """Both models through their actors: batched == one-by-one under greedy, and exact token counts."""
+    params = SamplingParams(max_new_tokens=12)
+
+    async def main():
+        pool = await _pool()
+        try:
+            out = {}
+            for name in pool.names:
+                batched = await pool.generate(name, PROMPTS, params)
+                singles = [(await pool.generate(name, [p], params)).completions[0] for p in PROMPTS]
+                out[name] = (batched, singles)
+            return out, pool.stats
+        finally:
+            pool.shutdown()
+
+    out, stats = run(main())
+    assert stats.loads == 2  # each model loaded once, then reused
+    for name, source in (("smollm2", SMOLLM), ("gemma3", GEMMA)):
+        batched, singles = out[name]
+        assert batched.batch_size == 3 and batched.expert == name
+        assert [c.text for c in batched.completions] == [c.text for c in singles]
+        tok = AutoTokenizer.from_pretrained(store.path(source))
+        for prompt, c in zip(PROMPTS, batched.completions):
+            assert c.text.strip()
+            if name == "smollm2":  # chat template, whose rendering carries its special tokens
+                text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+                expected = len(tok(text, add_special_tokens=False)["input_ids"])
+            else:  # base model: plain prompt with BOS
+                expected = len(tok(prompt)["input_ids"])
+            assert c.prompt_tokens == expected
+            assert 1 <= c.completion_tokens <= 12
+            assert c.finish_reason in {"stop", "length"}
+    # The rambling base model never stops inside 12 tokens: the cut is reported as such.
+    assert all(c.finish_reason == "length" and c.completion_tokens == 12 for c in out["gemma3"][0].completions)
+    assert out["smollm2"][0].completions[0].finish_reason == "stop"
+    assert "paris" in out["smollm2"][0].completions[0].text.lower()
+
+
+def test_sampling_is_seedable_and_differs_from_greedy(ray_cluster, store):
+    async def main():
+        pool = await _pool(EXPERTS[:1])
+        try:
+            prompt = ["Tell me a short story about a dragon."]
+            hot = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
+            a = await pool.generate("smollm2", prompt, hot)
+            b = await pool.generate("smollm2", prompt, hot)
+            other = [
+                (await pool.generate("smollm2", prompt, SamplingParams(16, 1.0, 0.95, seed))).completions[0].text
+                for seed in (1, 2, 3)
+            ]
+            return a.completions[0].text, b.completions[0].text, other
+        finally:
+            pool.shutdown()
+
+    a, b, other = run(main())
+    assert a == b
+    assert len(set(other + [a])) > 1
+
+
+def test_hidden_states_per_layer(ray_cluster, store):
+    async def main():
+        pool = await _pool()
+        try:
+            s = await pool.hidden_states("smollm2", [Prompt("Hi there"), Prompt("A longer prompt here.")], [0, 15, -1])
+            g = await pool.hidden_states("gemma3", ["Hi there"], [0, -1])
+            n = (await pool.generate("smollm2", ["A longer prompt here."], SamplingParams(max_new_tokens=1))).completions[0]
+            return s, g, n
+        finally:
+            pool.shutdown()
+
+    s, g, n = run(main())
+    assert s.layers == [0, 15, -1]
+    assert [t.shape[1] for t in s.states[0]] == [576, 576, 576]
+    assert s.states[1][0].shape[0] == n.prompt_tokens  # padding removed
+    assert s.states[0][0].shape[0] < s.states[1][0].shape[0]
+    assert [t.shape[1] for t in g.states[0]] == [640, 640]
