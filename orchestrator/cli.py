@@ -159,17 +159,13 @@ def experts(
 
     infos = _run(_with_pool(cfg, store, work))
     table = Table(title="experts")
-    for col in ("name", "backend", "source", "state", "device", "node", "memory", "tags", "cost/1k tok"):
-        table.add_column(col)
+    for col in ("name", "backend", "source", "state", "device", "memory", "node"):
+        table.add_column(col, overflow="fold")
     for info in infos:
-        ex = cfg.expert(info.name)
         mem = info.memory_bytes or int(info.details.get("estimated_bytes", 0))
         mem_s = f"{mem / 2**20:.0f} MiB" + ("" if info.memory_bytes else " (est.)") if mem else "-"
         state = info.state + (f": {info.error}" if info.error else "")
-        table.add_row(
-            info.name, info.backend, info.source, state, info.device, info.node_id[:8], mem_s,
-            ",".join(ex.tags), f"{ex.cost_per_1k_tokens:g}",
-        )
+        table.add_row(info.name, info.backend, info.source, state, info.device, mem_s, info.node_id[:8])
     out.print(table)
 
 

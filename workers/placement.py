@@ -7,6 +7,8 @@ names the expert and the missing resource.
 
 from __future__ import annotations
 
+import os
+
 from workers.config import ExpertConfig
 
 ACTOR_PREFIX = "concilium-expert-"
@@ -24,7 +26,12 @@ def demand(expert: ExpertConfig) -> dict[str, float]:
 
 
 def actor_options(expert: ExpertConfig, namespace: str) -> dict[str, object]:
-    return {
+    """Ray options for the expert's actor.
+
+    A remote expert's API key is forwarded from the driver's environment when
+    set there: actors on a running cluster do not see variables set later.
+    """
+    options: dict[str, object] = {
         "name": ACTOR_PREFIX + expert.name,
         "namespace": namespace,
         "num_cpus": expert.num_cpus,
@@ -34,6 +41,10 @@ def actor_options(expert: ExpertConfig, namespace: str) -> dict[str, object]:
         "max_task_retries": 0,
         "max_concurrency": ACTOR_CONCURRENCY,
     }
+    key_env = getattr(expert, "api_key_env", None)
+    if key_env and key_env in os.environ:
+        options["runtime_env"] = {"env_vars": {key_env: os.environ[key_env]}}
+    return options
 
 
 def check_placement(experts: list[ExpertConfig], nodes: list[dict[str, float]]) -> list[int]:

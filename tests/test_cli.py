@@ -1,0 +1,60 @@
+"""The CLI as a user runs it: a subprocess, real Ray, the real bundled models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def concilium(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("generate", "--expert", "nope", "hi"), "unknown expert 'nope'; configured experts: smollm2, gemma3"),
+        (("generate", "--expert", "smollm2", "   "), "the prompt is empty"),
+        (("ask", ""), "the prompt is empty"),
+        (("models", "pull", "nope"), "unknown model 'nope'"),
+        (("models", "pull"), "name a model to pull"),
+        (("generate", "--expert", "smollm2", "-n", "0", "hi"), "--max-new-tokens must be at least 1"),
+        (("ask", "--config", "/no/such.yaml", "hi"), "config file /no/such.yaml does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message):
+    proc = concilium(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("cmd", [(), ("models",), ("models", "pull"), ("experts",), ("generate",), ("ask",)])
+def test_every_command_has_help(cmd):
+    proc = concilium(*cmd, "--help")
+    assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+@pytest.mark.models
+def test_ask_prints_both_experts_answers(store):
+    proc = concilium("ask", "What is the capital of France?", "-n", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert "smollm2" in proc.stdout and "gemma3" in proc.stdout
+    assert proc.stdout.count("Paris") >= 2  # both models know it
+
+
+@pytest.mark.models
+def test_generate_and_experts(store):
+    proc = concilium("generate", "--expert", "smollm2", "What is the capital of France?", "-n", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "finish=" in proc.stderr
+    proc = concilium("experts")
+    assert proc.returncode == 0, proc.stderr
+    assert "smollm2" in proc.stdout and "gemma3" in proc.stdout and "unloaded" in proc.stdout
