@@ -33,6 +33,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The local model store of converted bundled models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+bench_app = typer.Typer(help="Benchmarks; record their results in docs/benchmarks.md.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True)
@@ -253,6 +255,59 @@ def ask(
     out.print(table)
     if failures == len(results):
         raise typer.Exit(1)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+@bench_app.command("models")
+@friendly
+def bench_models(
+    models: Annotated[str, typer.Option(help="comma-separated store names")] = ",".join(BUNDLED),
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,4,16",
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate per prompt (greedy)")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="runs per batch size; the median is reported")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
+    gguf: Annotated[bool, typer.Option(help="also time a load from the GGUF file (slow)")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Load times (GGUF vs store) and tokens/s per batch size of the bundled models."""
+    from orchestrator.bench.models import run_models_bench
+
+    names = [n.strip() for n in models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BUNDLED]
+    if unknown:
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; bundled: {', '.join(BUNDLED)}")
+    sizes = _int_list(batch_sizes, "--batch-sizes")
+    with err.status("benchmarking") as status:
+        results = run_models_bench(
+            names, sizes, new_tokens, repeats, threads, gguf, ModelStore(store), status.update, json_out
+        )
+    loads = Table(title="load time (s)")
+    for col in ("model", "from GGUF", "store, first load", "store, warm load", "GGUF / store"):
+        loads.add_column(col)
+    for r in results:
+        ratio = f"{r.gguf_load_s / r.store_first_load_s:.1f}x" if r.gguf_load_s else "-"
+        gguf_s = f"{r.gguf_load_s:.1f}" if r.gguf_load_s else "-"
+        loads.add_row(r.model, gguf_s, f"{r.store_first_load_s:.1f}", f"{r.store_warm_load_s:.1f}", ratio)
+    out.print(loads)
+    tput = Table(title=f"greedy generation, {new_tokens} new tokens, {threads} threads, median of {repeats}")
+    for col in ("model", "batch", "tokens", "seconds", "tokens/s", "vs batch 1"):
+        tput.add_column(col)
+    for r in results:
+        base = r.tokens_per_s[sizes[0]]
+        for bs in sizes:
+            tput.add_row(r.model, str(bs), str(r.tokens[bs]), f"{r.seconds[bs]:.2f}",
+                         f"{r.tokens_per_s[bs]:.1f}", f"{r.tokens_per_s[bs] / base:.2f}x")
+    out.print(tput)
 
 
 @app.command("check-config")

@@ -12,6 +12,7 @@ from orchestrator.runtime import pin_loopback
 pin_loopback()  # before anything imports ray
 
 import asyncio  # noqa: E402
+import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,7 +21,9 @@ from orchestrator.config import RayConfig  # noqa: E402
 from orchestrator.runtime import init_ray  # noqa: E402
 from workers.model_store import BUNDLED, ModelStore  # noqa: E402
 
-BENCH_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "bench-data"
+BENCH_DATA = Path(
+    os.environ.get("CONCILIUM_BENCH_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "bench-data")
+)
 SMOLLM = "smollm2-135m-instruct"
 GEMMA = "gemma3-270m"
 
@@ -46,7 +49,7 @@ def store() -> ModelStore:
 @pytest.fixture(scope="session")
 def bench_data() -> Path:
     if not BENCH_DATA.exists():
-        pytest.skip(f"bench-data not found at {BENCH_DATA}")
+        pytest.fail(f"bench-data not found at {BENCH_DATA}; set CONCILIUM_BENCH_DATA to its folder")
     return BENCH_DATA
 
 

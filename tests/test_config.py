@@ -103,3 +103,12 @@ def test_cli_rejects_a_malformed_config_without_traceback(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 experts (a)" in proc.stdout
+
+
+def test_the_shipped_example_config_is_valid_and_matches_the_defaults():
+    from pathlib import Path
+
+    example = load_config(Path(__file__).resolve().parents[1] / "deploy" / "concilium.example.yaml")
+    defaults = ConciliumConfig()
+    assert [e.model_dump() for e in example.experts] == [e.model_dump() for e in defaults.experts]
+    assert example.ray == defaults.ray and example.pool == defaults.pool
