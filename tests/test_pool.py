@@ -145,3 +145,33 @@ def test_budget_error_is_raised_for_an_oversized_direct_lease(ray_cluster, store
             pool.shutdown()
 
     run(main())
+
+
+def test_a_resident_expert_answers_while_another_loads(ray_cluster, store):
+    """Loading runs outside the pool lock: a slow load must not block a resident expert."""
+    import asyncio
+    import time
+
+    async def main():
+        pool = await _start(_experts())
+        try:
+            await pool.generate("smollm2", ["Say hi."], SHORT)  # smollm2 resident, gemma3 not
+            took = {}
+
+            async def timed(name):
+                started = time.perf_counter()
+                await pool.generate(name, ["Say hi."], SHORT)
+                took[name] = time.perf_counter() - started
+
+            loading = asyncio.create_task(timed("gemma3"))
+            await asyncio.sleep(0.3)  # gemma3's load (seconds) is under way
+            await timed("smollm2")
+            await loading
+            return took, pool.stats
+        finally:
+            pool.shutdown()
+
+    took, stats = run(main())
+    # Blocked behind the load, smollm2 would take about as long as gemma3's load itself.
+    assert took["smollm2"] < 0.5 * took["gemma3"], took
+    assert stats.loads_by_expert == {"smollm2": 1, "gemma3": 1}

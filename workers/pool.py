@@ -62,6 +62,7 @@ class _Slot:
     device: str = "cpu"
     size: int = 0
     resident: bool = False
+    loading: bool = False
     failed: str | None = None
     in_use: int = 0
     last_used: float = 0.0
@@ -135,8 +136,12 @@ class ExpertPool:
     def resident(self) -> list[str]:
         return [n for n, s in self.slots.items() if s.resident]
 
-    async def _evict_for(self, slot: _Slot) -> bool:
-        """Unload idle LRU residents on slot's device until it fits; False if it must wait."""
+    async def _make_room(self, slot: _Slot) -> bool:
+        """Unload idle LRU residents on slot's device until it fits; False if it must wait.
+
+        Called under the pool lock. Unloading only drops the model's references,
+        so it is quick enough to do there; loading is not, and happens outside.
+        """
         budget = self._budget(slot.device)
         if budget is None:
             return True
@@ -145,9 +150,10 @@ class ExpertPool:
                 f"expert {slot.config.name} needs {slot.size / 2**30:.2f} GiB; "
                 f"the budget for {slot.device} is {budget / 2**30:.2f} GiB"
             )
-        same_device = [s for s in self.slots.values() if s.resident and s.device == slot.device]
-        used = sum(s.size for s in same_device)
-        for victim in sorted((s for s in same_device if s.in_use == 0), key=lambda s: s.last_used):
+        held = [s for s in self.slots.values() if (s.resident or s.loading) and s.device == slot.device]
+        used = sum(s.size for s in held)
+        idle = sorted((s for s in held if s.in_use == 0 and not s.loading), key=lambda s: s.last_used)
+        for victim in idle:
             if used + slot.size <= budget:
                 break
             await self._unload(victim)
@@ -168,7 +174,6 @@ class ExpertPool:
             slot.failed = str(exc)
             self.stats.failures += 1
             raise ExpertUnavailableError(str(exc)) from None
-        slot.resident = True
         name = slot.config.name
         self.stats.loads += 1
         self.stats.loads_by_expert[name] = self.stats.loads_by_expert.get(name, 0) + 1
@@ -178,8 +183,9 @@ class ExpertPool:
     async def lease(self, name: str) -> AsyncIterator[ray.actor.ActorHandle]:
         """Hold an expert resident (loading it if needed) for the duration of the block.
 
-        A leased expert is never evicted; a load that needs room held by leased
-        experts waits until they are released.
+        A leased expert is never evicted. A load that needs room held by leased
+        experts waits until they are released. The load itself runs outside the
+        pool lock, with its memory reserved, so resident experts stay usable.
         """
         slot = self._slot(name)
         async with self._changed:
@@ -187,13 +193,22 @@ class ExpertPool:
                 if slot.failed:
                     raise ExpertUnavailableError(f"expert {name} is unavailable: {slot.failed}")
                 if slot.resident:
+                    must_load = False
                     break
-                if await self._evict_for(slot):
-                    await self._load(slot)
+                if not slot.loading and await self._make_room(slot):
+                    slot.loading, must_load = True, True
                     break
                 await self._changed.wait()
             slot.in_use += 1
         try:
+            if must_load:
+                try:
+                    await self._load(slot)
+                    slot.resident = True
+                finally:
+                    async with self._changed:
+                        slot.loading = False
+                        self._changed.notify_all()
             yield slot.actor
         finally:
             async with self._changed:
@@ -203,7 +218,8 @@ class ExpertPool:
 
     async def _call(self, name: str, method: str, *args: object) -> object:
         """Run one actor call under a lease; after an actor crash, wait for its restart and retry once."""
-        for attempt in (1, 2):
+        losses = 0
+        while True:
             try:
                 async with self.lease(name) as actor:
                     return await asyncio.wait_for(
@@ -212,11 +228,11 @@ class ExpertPool:
             except (*_ACTOR_LOST, NotLoadedError) as exc:
                 slot = self._slot(name)
                 slot.resident = False  # a restarted actor comes back with nothing loaded
+                losses += 1
                 self.stats.restarts += 1
-                log.warning("expert %s lost its actor (%s); attempt %d", name, type(exc).__name__, attempt)
-                if attempt == 2 or not await self._wait_alive(slot):
+                log.warning("expert %s lost its actor (%s); attempt %d", name, type(exc).__name__, losses)
+                if losses > 1 or not await self._wait_alive(slot):
                     raise ExpertUnavailableError(f"expert {name}'s actor died: {exc}") from None
-        raise AssertionError("unreachable")
 
     async def _wait_alive(self, slot: _Slot) -> bool:
         deadline = time.monotonic() + RESTART_WAIT_S
