@@ -276,6 +276,9 @@ def bench_models(
     repeats: Annotated[int, typer.Option(min=1, help="runs per batch size; the median is reported")] = 3,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
     gguf: Annotated[bool, typer.Option(help="also time a load from the GGUF file (slow)")] = True,
+    drop_caches: Annotated[
+        bool, typer.Option(help="drop the OS page cache before each cold load (needs root)")
+    ] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON")] = None,
     store: StoreOpt = None,
 ) -> None:
@@ -289,15 +292,16 @@ def bench_models(
     sizes = _int_list(batch_sizes, "--batch-sizes")
     with err.status("benchmarking") as status:
         results = run_models_bench(
-            names, sizes, new_tokens, repeats, threads, gguf, ModelStore(store), status.update, json_out
+            names, sizes, new_tokens, repeats, threads, gguf, drop_caches, ModelStore(store), status.update, json_out
         )
     loads = Table(title="load time (s)")
-    for col in ("model", "from GGUF", "store, first load", "store, warm load", "GGUF / store"):
+    for col in ("model", "from GGUF", "store, cold", "store, warm", "GGUF / store cold", "page cache dropped"):
         loads.add_column(col)
     for r in results:
-        ratio = f"{r.gguf_load_s / r.store_first_load_s:.1f}x" if r.gguf_load_s else "-"
+        ratio = f"{r.gguf_load_s / r.store_cold_load_s:.1f}x" if r.gguf_load_s else "-"
         gguf_s = f"{r.gguf_load_s:.1f}" if r.gguf_load_s else "-"
-        loads.add_row(r.model, gguf_s, f"{r.store_first_load_s:.1f}", f"{r.store_warm_load_s:.1f}", ratio)
+        loads.add_row(r.model, gguf_s, f"{r.store_cold_load_s:.2f}", f"{r.store_warm_load_s:.2f}", ratio,
+                      "yes" if r.caches_dropped else "no")
     out.print(loads)
     tput = Table(title=f"greedy generation, {new_tokens} new tokens, {threads} threads, median of {repeats}")
     for col in ("model", "batch", "tokens", "seconds", "tokens/s", "vs batch 1"):

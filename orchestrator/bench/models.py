@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,8 +45,10 @@ PROMPTS = [
 class ModelFigures:
     model: str
     gguf_load_s: float | None
-    store_first_load_s: float
+    store_cold_load_s: float
+    """In a fresh process; after dropping the page cache when that was allowed (see caches_dropped)."""
     store_warm_load_s: float
+    caches_dropped: bool
     tokens_per_s: dict[int, float] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
@@ -61,6 +65,36 @@ def _gguf_load_seconds(name: str) -> float:
     return time.perf_counter() - started
 
 
+_COLD_LOAD = """
+import sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+started = time.perf_counter()
+AutoTokenizer.from_pretrained(sys.argv[1])
+AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+print(time.perf_counter() - started)
+"""
+
+
+def _drop_page_cache() -> bool:
+    """Drop the OS page cache (root only), so a cold load really reads the disk."""
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def _cold_store_load_seconds(path: Path, drop_caches: bool) -> tuple[float, bool]:
+    """A load in a fresh process, timed after the imports: what an actor start costs."""
+    dropped = drop_caches and _drop_page_cache()
+    proc = subprocess.run(
+        [sys.executable, "-c", _COLD_LOAD, str(path)], capture_output=True, text=True, check=True
+    )
+    return float(proc.stdout.strip().splitlines()[-1]), dropped
+
+
 def bench_model(
     name: str,
     store: ModelStore,
@@ -69,6 +103,7 @@ def bench_model(
     repeats: int,
     threads: int,
     with_gguf: bool,
+    drop_caches: bool,
     progress: Callable[[str], None],
 ) -> ModelFigures:
     from workers.backends.transformers_backend import TransformersBackend
@@ -78,16 +113,15 @@ def bench_model(
     if with_gguf:
         progress(f"{name}: loading from GGUF")
         gguf_s = _gguf_load_seconds(name)
+    progress(f"{name}: cold load from the store, in a fresh process")
+    cold_s, dropped = _cold_store_load_seconds(store.path(name), drop_caches)
     expert = TransformersExpert(name=name, source=name, threads=threads, max_batch_size=max(batch_sizes))
-    loads = []
-    backend = None
-    for _ in range(2):
-        progress(f"{name}: loading from the store")
-        backend = TransformersBackend(expert, store.root)
-        started = time.perf_counter()
-        backend.load()
-        loads.append(time.perf_counter() - started)
-    figures = ModelFigures(name, gguf_s, loads[0], loads[1])
+    backend = TransformersBackend(expert, store.root)
+    backend.load()  # the first in-process load also pays for lazy imports; time the next one
+    progress(f"{name}: warm load from the store")
+    started = time.perf_counter()
+    backend.load()
+    figures = ModelFigures(name, gguf_s, cold_s, time.perf_counter() - started, dropped)
     params = SamplingParams(max_new_tokens=new_tokens)
     backend.generate([Prompt(PROMPTS[0])], SamplingParams(max_new_tokens=2))  # warm-up
     for bs in batch_sizes:
@@ -112,12 +146,14 @@ def run_models_bench(
     repeats: int,
     threads: int,
     with_gguf: bool,
+    drop_caches: bool,
     store: ModelStore,
     progress: Callable[[str], None],
     json_out: Path | None = None,
 ) -> list[ModelFigures]:
     results = [
-        bench_model(n, store, batch_sizes, new_tokens, repeats, threads, with_gguf, progress) for n in names
+        bench_model(n, store, batch_sizes, new_tokens, repeats, threads, with_gguf, drop_caches, progress)
+        for n in names
     ]
     if json_out is not None:
         json_out.write_text(json.dumps([asdict(r) for r in results], indent=2))
