@@ -1,0 +1,77 @@
+"""Sentence embeddings for routing (all-MiniLM-L6-v2), with an on-disk cache.
+
+Offline evaluation embeds the same thousands of questions and key phrases in
+every fold and every run; on a 2-core CPU that is minutes each time. The cache
+keys each vector by the SHA-1 of its text, so a second run costs nothing.
+The model folder is passed in: routers do not know where models are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+DIM = 384
+
+
+def _key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+class Embedder:
+    def __init__(self, model_path: Path, cache_dir: Path | None = None, batch_size: int = 64) -> None:
+        self.model_path = model_path
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self._model = None
+        self._cache: dict[str, np.ndarray] = {}
+        self._dirty: dict[str, np.ndarray] = {}
+        if cache_dir is not None:
+            self._read_cache()
+
+    def _read_cache(self) -> None:
+        assert self.cache_dir is not None
+        for shard in sorted(self.cache_dir.glob("emb-*.npz")):
+            with np.load(shard) as data:
+                for key, vec in zip(data["keys"], data["vecs"]):
+                    self._cache[str(key)] = vec
+
+    def _flush(self) -> None:
+        if self.cache_dir is None or not self._dirty:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        keys = np.array(list(self._dirty))
+        vecs = np.stack(list(self._dirty.values()))
+        name = hashlib.sha1("".join(keys.tolist()).encode()).hexdigest()[:16]
+        np.savez(self.cache_dir / f"emb-{name}.npz", keys=keys, vecs=vecs)
+        self._dirty.clear()
+
+    @property
+    def model(self):  # noqa: ANN201
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(self.model_path), device="cpu")
+        return self._model
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
+        keys = [_key(t) for t in texts]
+        missing = {k: t for k, t in zip(keys, texts) if k not in self._cache}
+        if missing:
+            vecs = self.model.encode(
+                list(missing.values()),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=progress,
+            ).astype(np.float32)
+            for k, v in zip(missing, vecs):
+                self._cache[k] = v
+                self._dirty[k] = v
+            self._flush()
+        if not texts:
+            return np.zeros((0, DIM), dtype=np.float32)
+        return np.stack([self._cache[k] for k in keys])

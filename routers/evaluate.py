@@ -1,0 +1,166 @@
+"""Offline evaluation on recorded outcomes, RouterBench-style, with k-fold cross-validation.
+
+A router sees only the training folds. Its decisions on the test fold are scored
+with the recorded outcomes of the experts it chose:
+- vote: a vote over the recorded answers, with multiplicity, each weighted by
+  the decision's score for that expert. The vote is right when the winning
+  answer is one a right expert gave. Without recorded answers, the top-scored
+  expert's outcome counts.
+- best: the top-scored recruited expert's outcome.
+Cost is the sum of the recruited calls' recorded costs (k samples cost k calls).
+The baselines run in the same call, on the same folds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet, make_router
+
+
+@dataclass
+class EvalData:
+    texts: list[str]
+    correct: np.ndarray
+    experts: list[str]
+    categories: list[str | None]
+    preds: np.ndarray | None = None
+    """[queries, experts] recorded answers (e.g. option letters), where recorded."""
+    cost: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+
+    def subset(self, idx: np.ndarray) -> EvalData:
+        def take(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[idx]
+
+        return EvalData(
+            [self.texts[i] for i in idx], self.correct[idx], self.experts,
+            [self.categories[i] for i in idx], take(self.preds), take(self.cost), take(self.vectors),
+        )
+
+    def training_set(self) -> TrainingSet:
+        return TrainingSet(self.texts, self.correct, self.experts, self.categories, self.cost, self.vectors)
+
+
+@dataclass
+class Outcome:
+    accuracy: float
+    mean_cost: float | None
+    n_queries: int
+    per_query_correct: list[float] = field(repr=False, default_factory=list)
+
+
+def folds(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
+    if k < 2:
+        raise RoutingError(f"cross-validation needs at least 2 folds, got {k}")
+    if n < k:
+        raise RoutingError(f"{n} queries cannot be split into {k} folds")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, k)]
+
+
+def score(decisions: list[Decision], data: EvalData, aggregation: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-query correctness and cost of a fold's decisions."""
+    col = {e: i for i, e in enumerate(data.experts)}
+    correct = np.zeros(len(decisions))
+    cost = None if data.cost is None else np.zeros(len(decisions))
+    for q, d in enumerate(decisions):
+        chosen = [col[e] for e in d.experts]
+        if cost is not None:
+            cost[q] = data.cost[q, chosen].sum()
+        top = max(chosen, key=lambda j: d.scores.get(data.experts[j], 0.0))
+        if aggregation == "vote" and data.preds is not None and len(chosen) > 1:
+            tally: dict[str, float] = defaultdict(float)
+            for j in chosen:
+                tally[data.preds[q, j]] += max(d.scores.get(data.experts[j], 0.0), 1e-9)
+            best = max(tally.values())
+            winners = {a for a, w in tally.items() if w == best}
+            # Ties go to the answer of the top-scored expert among the tied, else any tied answer.
+            answer = data.preds[q, top] if data.preds[q, top] in winners else sorted(winners)[0]
+            right = [j for j in chosen if data.preds[q, j] == answer]
+            correct[q] = data.correct[q, right[0]]
+        else:
+            correct[q] = data.correct[q, top]
+    return correct, cost
+
+
+def run_router(
+    make: Callable[[], Router],
+    data: EvalData,
+    options: RouteOptions,
+    aggregation: str,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    on_fold: Callable[[int], None] = lambda _i: None,
+) -> Outcome:
+    correct = np.zeros(len(data.texts))
+    cost = None if data.cost is None else np.zeros(len(data.texts))
+    for i, (train_idx, test_idx) in enumerate(splits):
+        router = make()
+        router.fit(data.subset(train_idx).training_set())
+        test = data.subset(test_idx)
+        kwargs = {"categories": test.categories} if router.name == "per_category" else {}
+        decisions = router.route(test.texts, options, test.vectors, **kwargs)
+        c, k = score(decisions, test, aggregation)
+        correct[test_idx] = c
+        if cost is not None:
+            cost[test_idx] = k
+        on_fold(i)
+    idx = np.concatenate([t for _, t in splits])
+    return Outcome(
+        accuracy=float(correct[idx].mean()),
+        mean_cost=None if cost is None else float(cost[idx].mean()),
+        n_queries=len(idx),
+        per_query_correct=correct[idx].tolist(),
+    )
+
+
+def oracle(data: EvalData, idx: np.ndarray) -> Outcome:
+    """Right whenever any expert was right, at the cheapest right expert's cost."""
+    c = data.correct[idx]
+    right = c.max(axis=1)
+    mean_cost = None
+    if data.cost is not None:
+        costs = np.where(c >= right[:, None], data.cost[idx], np.inf)
+        mean_cost = float(costs.min(axis=1).mean())
+    return Outcome(float(right.mean()), mean_cost, len(idx))
+
+
+def cross_validation_splits(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    parts = folds(n, k, seed)
+    return [(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), parts[i]) for i in range(k)]
+
+
+def baselines(
+    data: EvalData,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    k: int,
+    seed: int,
+    router_kwargs: dict[str, object],
+) -> dict[str, dict[str, object]]:
+    """best_single, per_category (top-1 and top-k vote), random and oracle, on the same splits."""
+    idx = np.concatenate([t for _, t in splits])
+    out: dict[str, dict[str, object]] = {}
+
+    def one(name: str, opts: RouteOptions, aggregation: str) -> Outcome:
+        return run_router(lambda: make_router(name, **router_kwargs), data, opts, aggregation, splits)
+
+    single = one("best_single", RouteOptions(k=1), "best")
+    # The most frequent choice across folds names the best single expert.
+    full = make_router("best_single")
+    full.fit(data.training_set())
+    out["best_single"] = {"accuracy": single.accuracy, "mean_cost": single.mean_cost,
+                          "name": full.route(["-"], RouteOptions(k=1))[0].experts[0]}
+    if any(c for c in data.categories):
+        top1 = one("per_category", RouteOptions(k=1), "best")
+        topk = one("per_category", RouteOptions(k=k), "vote")
+        out["per_category"] = {"accuracy": top1.accuracy, "mean_cost": top1.mean_cost}
+        out[f"per_category_top{k}_vote"] = {"accuracy": topk.accuracy, "mean_cost": topk.mean_cost}
+    rnd = one("random", RouteOptions(k=1, seed=seed), "best")
+    out["random"] = {"accuracy": rnd.accuracy, "mean_cost": rnd.mean_cost}
+    orc = oracle(data, idx)
+    out["oracle"] = {"accuracy": orc.accuracy, "mean_cost": orc.mean_cost}
+    return out

@@ -1,0 +1,119 @@
+"""The skill-based router of Symbolic-MoE, with the paper's sampler and two deterministic policies.
+
+- symbolic (the paper's rules): each keyword maps to its single nearest profile
+  skill. local_m is the sum of expert m's raw profile values over those skills.
+  Candidates are the experts with local_m > 0; with none, every local is shifted
+  by −min + 1. Weights are local_m × global_m, and k experts are drawn with
+  replacement.
+- topk / cost: soft mapping instead. Each keyword takes its top-m skills,
+  weighted by similarity. An expert's expected accuracy is the weighted mean of
+  its smoothed per-skill accuracies. topk takes the k best. cost takes the k
+  best by accuracy − λ·cost.
+
+A query with no keywords falls back to the experts' overall accuracy (topk,
+cost) or to a uniform draw (symbolic, as in the paper), and the decision names
+the fallback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from routers.annotators import EmbeddingAnnotator
+from routers.base import Decision, RouteOptions, TrainingSet, pick, register
+from routers.embedding import Embedder
+from routers.profiles import Profiles, build_profiles
+from routers.skill_index import Mapping, SkillIndex
+
+
+@register("skill")
+class SkillRouter:
+    name = "skill"
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        annotator: object | None = None,
+        top_m: int = 8,
+        prior: float = 4.0,
+        temperature: float = 0.5,
+        sharpness: float = 4.0,
+    ) -> None:
+        self.embedder = embedder
+        self.annotator = annotator or EmbeddingAnnotator(embedder)
+        self.top_m = top_m
+        self.prior = prior
+        self.temperature = temperature
+        self.sharpness = sharpness
+        self.profiles: Profiles | None = None
+        self.index: SkillIndex | None = None
+
+    def _annotate(self, texts: list[str], vectors: np.ndarray | None) -> list[list[str]]:
+        if isinstance(self.annotator, EmbeddingAnnotator):
+            return self.annotator.annotate(texts, vectors)
+        return self.annotator.annotate(texts)
+
+    def fit(self, train: TrainingSet) -> None:
+        keywords = self._annotate(train.texts, train.vectors)
+        self.profiles = build_profiles(keywords, train.correct, train.experts, train.cost)
+        self.index = SkillIndex(self.profiles.skills, self.embedder.encode(self.profiles.skills))
+        self._accuracy = self.profiles.smoothed_accuracy(self.prior)
+        self._global = self.profiles.global_strength(self.temperature)
+
+    def _expected_accuracy(self, mapping: Mapping) -> np.ndarray:
+        ids, sims = mapping.skill_ids.ravel(), mapping.sims.ravel()
+        keep = ids >= 0
+        weights = np.power(np.clip(sims[keep], 0, None), self.sharpness)
+        if weights.sum() <= 0:
+            return self.profiles.overall.copy()
+        return weights @ self._accuracy[ids[keep]] / weights.sum()
+
+    def _paper_weights(self, mapping: Mapping) -> np.ndarray:
+        top1 = mapping.skill_ids[:, 0]
+        local = self.profiles.score[top1[top1 >= 0]].sum(axis=0).astype(np.float64)
+        if not (local > 0).any():
+            local = local - local.min() + 1
+        local = np.where(local > 0, local, 0.0)
+        return local * self._global
+
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
+        if self.profiles is None:
+            raise RuntimeError("the skill router has no profiles: call fit() first")
+        experts = self.profiles.experts
+        keywords = self._annotate(texts, vectors)
+        flat = [kw for kws in keywords for kw in kws]
+        mappings = self.index.map_window(keywords, self.embedder.encode(flat), self.top_m)
+        rng = np.random.default_rng(options.seed)
+        decisions = []
+        for mapping in mappings:
+            fallback = None
+            if not mapping.keywords:
+                fallback = "no skills found: " + (
+                    "uniform random draw" if options.policy == "symbolic" else "overall accuracy"
+                )
+                scores = np.ones(len(experts)) if options.policy == "symbolic" else self.profiles.overall
+            elif options.policy == "symbolic":
+                scores = self._paper_weights(mapping)
+            else:
+                scores = self._expected_accuracy(mapping)
+            chosen = pick(scores, options, self.profiles.cost, rng)
+            order = np.argsort(-scores, kind="stable")
+            decisions.append(
+                Decision(
+                    experts=[experts[i] for i in chosen],
+                    scores={experts[i]: float(scores[i]) for i in range(len(experts))},
+                    aggregator=experts[int(order[0])],
+                    skills=list(mapping.keywords),
+                    fallback=fallback,
+                    trace={
+                        "mapped": {
+                            kw: [
+                                (self.profiles.skills[j], round(float(s), 3))
+                                for j, s in zip(mapping.skill_ids[i], mapping.sims[i]) if j >= 0
+                            ][:3]
+                            for i, kw in enumerate(mapping.keywords)
+                        },
+                    },
+                )
+            )
+        return decisions

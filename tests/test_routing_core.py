@@ -1,0 +1,177 @@
+"""Skill routing arithmetic checked against hand-computed examples (no models needed but MiniLM)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from routers.annotators import LLMAnnotator, agreed_keywords, candidate_phrases, parse_keywords
+from routers.base import Decision, RouteOptions, RoutingError, TrainingSet, make_router, pick
+from routers.evaluate import EvalData, cross_validation_splits, oracle, score
+from routers.profiles import ProfileError, Profiles, build_profiles
+from routers.skill_index import SkillIndex
+
+
+def test_parse_keywords_follows_the_paper_rules():
+    reply = "The question is about maths.\nKeywords: Algebra, Number Theory , a-very-long-keyword-over-twenty, algebra."
+    assert parse_keywords(reply) == ["algebra", "number theory"]
+    assert parse_keywords("keywords: optics\n\nExplanation: light, lenses") == ["optics"]
+    assert parse_keywords("calculus, limits") == ["calculus", "limits"]
+    assert parse_keywords("Keywords:") == []
+
+
+def test_keywords_need_two_of_five_samples():
+    samples = [["algebra", "geometry"], ["algebra"], ["geometry", "topology"], ["algebra", "optics"], []]
+    assert agreed_keywords(samples) == ["algebra", "geometry"]
+    assert agreed_keywords([["x", "x"], ["y"]]) == []  # a repeat inside one sample counts once
+
+
+def test_llm_annotator_samples_each_query_five_times():
+    calls = []
+
+    def fake_llm(prompts, temperature):
+        calls.append((len(prompts), temperature))
+        return ["Keywords: chemistry, acids" if "acid" in p else f"Keywords: poetry, r{i}" for i, p in enumerate(prompts)]
+
+    out = LLMAnnotator(fake_llm).annotate(["What is an acid?", "Who wrote this poem?"])
+    assert calls == [(10, 0.7)]
+    assert out == [["acids", "chemistry"], ["poetry"]]
+
+
+def _toy():
+    # q0 needs a,b; q1 needs a; q2 needs b,c. Expert 0 right on q0,q2; expert 1 right on q1,q2.
+    return build_profiles([["a", "b"], ["a"], ["b", "c"]], np.array([[1, 0], [0, 1], [1, 1]]), ["e0", "e1"])
+
+
+def test_profile_arithmetic_by_hand():
+    p = _toy()
+    assert p.skills == ["a", "b", "c"]
+    assert p.right.tolist() == [[1, 1], [2, 1], [1, 1]]
+    assert p.seen.tolist() == [[2, 2], [2, 2], [1, 1]]
+    assert p.score.tolist() == [[0, 0], [2, 0], [1, 1]]  # +1 right, -1 wrong
+    # s = [3, 1]; no negatives; s^(1/0.5) = [9, 1]; normalised.
+    assert np.allclose(p.global_strength(0.5), [0.9, 0.1])
+    # (right + prior*overall) / (seen + prior) with overall = 2/3 for both, prior 4.
+    assert np.isclose(p.smoothed_accuracy(4.0)[0, 0], (1 + 4 * 2 / 3) / 6)
+
+
+def test_global_strength_shifts_negative_sums():
+    p = build_profiles([["a"], ["a"], ["a"]], np.array([[0, 1], [0, 1], [0, 0]]), ["e0", "e1"])
+    # scores: e0 = -3, e1 = 2 - 1 = 1; shift by -min + 1 -> [1, 5]; squared -> [1, 25].
+    assert np.allclose(p.global_strength(0.5), [1 / 26, 25 / 26])
+
+
+def test_profiles_save_load_and_errors(tmp_path):
+    p = _toy()
+    p.save(tmp_path / "prof")
+    q = Profiles.load(tmp_path / "prof")
+    assert q.skills == p.skills and np.array_equal(q.right, p.right) and q.cost is None
+    with pytest.raises(ProfileError, match="profiles.json is missing"):
+        Profiles.load(tmp_path / "none")
+    with pytest.raises(ProfileError, match="validation set is empty"):
+        build_profiles([], np.zeros((0, 2)), ["a", "b"])
+    with pytest.raises(ProfileError, match=r"correctness must be \[1 questions, 2 experts\]"):
+        build_profiles([["a"]], np.zeros((2, 2)), ["a", "b"])
+
+
+def test_seeded_symbolic_sampler_draws_with_replacement_in_proportion():
+    scores = np.array([0.0, 1.0, 3.0])
+    a = pick(scores, RouteOptions(k=3, policy="symbolic", seed=1), None, np.random.default_rng(1))
+    b = pick(scores, RouteOptions(k=3, policy="symbolic", seed=1), None, np.random.default_rng(1))
+    assert a == b and 0 not in a
+    draws = pick(scores, RouteOptions(k=4000, policy="symbolic"), None, np.random.default_rng(0))
+    counts = np.bincount(draws, minlength=3) / 4000
+    assert counts[0] == 0 and abs(counts[2] - 0.75) < 0.03
+
+
+def test_topk_and_cost_policies():
+    acc = np.array([0.9, 0.8, 0.5])
+    cost = np.array([10.0, 1.0, 0.1])
+    rng = np.random.default_rng(0)
+    assert pick(acc, RouteOptions(k=2), cost, rng) == [0, 1]
+    assert pick(acc, RouteOptions(k=1, policy="cost", cost_lambda=0.0), cost, rng) == [0]
+    assert pick(acc, RouteOptions(k=1, policy="cost", cost_lambda=0.05), cost, rng) == [1]
+    assert pick(acc, RouteOptions(k=1, policy="cost", cost_lambda=10.0), cost, rng) == [2]
+    assert pick(acc, RouteOptions(k=9), cost, rng) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"k": 0}, "k must be at least 1"), ({"policy": "greedy"}, "unknown policy 'greedy'"),
+     ({"cost_lambda": -1}, "non-negative")],
+)
+def test_bad_route_options(kwargs, message):
+    with pytest.raises(RoutingError, match=message):
+        RouteOptions(**kwargs)
+
+
+def test_unknown_router_and_empty_training_set():
+    with pytest.raises(RoutingError, match="unknown router 'magic'; available: .*skill"):
+        make_router("magic")
+    with pytest.raises(RoutingError, match="training set is empty"):
+        TrainingSet([], np.zeros((0, 1)), ["a"], [])
+
+
+def test_vote_scoring_by_hand():
+    data = EvalData(
+        texts=["q0", "q1"], experts=["a", "b", "c"], categories=[None, None],
+        correct=np.array([[1, 0, 0], [0, 1, 1]], dtype=float),
+        preds=np.array([["A", "B", "B"], ["C", "D", "D"]], dtype=object),
+        cost=np.array([[3.0, 1.0, 1.0], [3.0, 1.0, 1.0]]),
+    )
+    heavy_a = {"a": 0.9, "b": 0.4, "c": 0.4}
+    decisions = [
+        Decision(experts=["a", "b", "c"], scores=heavy_a),  # B gets 0.8 < A's 0.9: A wins, right
+        Decision(experts=["a", "a", "b"], scores={"a": 0.3, "b": 0.5}),  # C: 0.6 vs D: 0.5: wrong
+    ]
+    correct, cost = score(decisions, data, "vote")
+    assert correct.tolist() == [1.0, 0.0] and cost.tolist() == [5.0, 7.0]
+    best, _ = score(decisions, data, "best")
+    assert best.tolist() == [1.0, 1.0]  # top-scored: a on q0, b on q1
+    orc = oracle(data, np.array([0, 1]))
+    assert orc.accuracy == 1.0 and orc.mean_cost == 2.0  # cheapest right expert: 3 on q0, 1 on q1
+
+
+def test_cross_validation_splits_partition_the_data():
+    splits = cross_validation_splits(103, 5, seed=3)
+    tests = np.concatenate([t for _, t in splits])
+    assert sorted(tests.tolist()) == list(range(103))
+    for train, test in splits:
+        assert not set(train) & set(test) and len(train) + len(test) == 103
+    with pytest.raises(RoutingError, match="at least 2 folds"):
+        cross_validation_splits(10, 1)
+
+
+def test_candidate_phrases_skip_stopword_edges():
+    assert candidate_phrases("What is the derivative of the sine function?") == [
+        "derivative", "sine", "function", "sine function",
+    ]
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    from routers.embedding import Embedder
+    from workers.model_store import embedder_path
+
+    return Embedder(embedder_path(), tmp_path_factory.mktemp("emb"))
+
+
+def test_faiss_maps_keywords_to_the_nearest_profile_skills(embedder):
+    skills = ["algebra", "poetry", "organic chemistry", "contract law"]
+    index = SkillIndex(skills, embedder.encode(skills))
+    assert index.kind == "flat"
+    kws = [["linear algebra", "sonnets"], [], ["tort liability"]]
+    maps = index.map_window(kws, embedder.encode([k for ks in kws for k in ks]), m=2)
+    assert [skills[i] for i in maps[0].skill_ids[:, 0]] == ["algebra", "poetry"]
+    assert maps[1].skill_ids.shape == (0, 2)
+    assert skills[maps[2].skill_ids[0, 0]] == "contract law"
+    assert maps[0].sims[0, 0] > maps[0].sims[0, 1]
+
+
+def test_embedding_cache_round_trip(embedder, tmp_path):
+    from routers.embedding import Embedder
+
+    first = embedder.encode(["cached sentence"])
+    again = Embedder(embedder.model_path, embedder.cache_dir)
+    assert np.array_equal(again.encode(["cached sentence"]), first)
+    assert again._model is None  # served from disk, the model never loaded
