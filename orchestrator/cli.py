@@ -57,12 +57,15 @@ class UsageError(ValueError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from orchestrator.runtime import RayConnectError
+    from routers.base import RoutingError
     from workers.placement import PlacementError
+    from workers.recorded import RecordedDataError
     from workers.pool import BudgetError, ExpertUnavailableError, UnknownExpertError
 
     return (
         ConfigError, ModelStoreError, EmptyPromptError, UsageError, RayConnectError,
-        PlacementError, UnknownExpertError, BudgetError, ExpertUnavailableError,
+        PlacementError, UnknownExpertError, BudgetError, ExpertUnavailableError, RoutingError,
+        RecordedDataError,
     )
 
 
@@ -312,6 +315,60 @@ def bench_models(
             tput.add_row(r.model, str(bs), str(r.tokens[bs]), f"{r.seconds[bs]:.2f}",
                          f"{r.tokens_per_s[bs]:.1f}", f"{r.tokens_per_s[bs] / base:.2f}x")
     out.print(tput)
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    train: Annotated[Path, typer.Option(help="bench-data folder (models.json + data.jsonl) to profile on")],
+    router: Annotated[str, typer.Option(help="skill, knn, per_category, best_single, random")] = "skill",
+    test: Annotated[Path | None, typer.Option(help="measure here instead of cross-validating on --train")] = None,
+    pool: Annotated[str | None, typer.Option(help="a named pool, e.g. open-small")] = None,
+    models: Annotated[str | None, typer.Option(help="comma-separated model names from the data")] = None,
+    k: Annotated[int, typer.Option(help="experts recruited per query")] = 3,
+    aggregation: Annotated[str, typer.Option(help="vote or best")] = "vote",
+    policy: Annotated[str, typer.Option(help="symbolic (the paper's sampler), topk, or cost")] = "topk",
+    cost_lambda: Annotated[float, typer.Option("--lambda", help="cost weight for --policy cost")] = 0.0,
+    budget_share: Annotated[
+        float | None, typer.Option(help="hold mean cost <= F x the most accurate single expert's (solves lambda)")
+    ] = None,
+    folds: Annotated[int, typer.Option(help="cross-validation folds")] = 5,
+    seed: Annotated[int, typer.Option(help="seed for folds and sampling")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the result as JSON")] = None,
+) -> None:
+    """Evaluate a router offline on recorded outcomes, with its baselines on the same folds."""
+    import json
+
+    from orchestrator.offline import evaluate
+    from routers.base import RouteOptions
+    from routers.embedding import Embedder
+    from workers.model_store import default_root, embedder_path
+
+    if not train.is_dir():
+        raise UsageError(f"--train {train} is not a folder")
+    if budget_share is not None:
+        policy = "cost"
+    options = RouteOptions(k=k, policy=policy, cost_lambda=cost_lambda, seed=seed)
+    embedder = Embedder(embedder_path(), default_root().parent / "embeddings")
+    names = [m.strip() for m in models.split(",")] if models else None
+    with err.status("evaluating") as status:
+        result = evaluate(
+            train, test, embedder, router, options, aggregation, folds, pool, names, budget_share, seed,
+            on_fold=lambda i: status.update(f"fold {i + 1} done"),
+        )
+    table = Table(title=f"{router} ({policy}, k={k}, {aggregation}): {result['protocol']}")
+    for col in ("method", "accuracy", "mean cost (USD)"):
+        table.add_column(col)
+
+    def row(name: str, acc: float, cost: float | None) -> None:
+        table.add_row(name, f"{acc:.2%}", "-" if cost is None else f"{cost:.6f}")
+
+    row(f"{router} router", result["accuracy"], result["mean_cost"])
+    for name, b in result["baselines"].items():
+        row(name + (f" ({b['name']})" if "name" in b else ""), b["accuracy"], b["mean_cost"])
+    out.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
 
 
 @app.command("check-config")

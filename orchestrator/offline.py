@@ -6,15 +6,17 @@ of recorded outcomes, and the routers' evaluator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from routers.base import RoutingError
+from routers.base import RouteOptions, RoutingError, make_router
 from routers.embedding import Embedder
-from routers.evaluate import EvalData
+from routers.evaluate import EvalData, baselines, cross_validation_splits, run_router
 from workers.recorded import load_recorded
 
+AGGREGATIONS = ("vote", "best")
 POOLS: dict[str, list[str]] = {
     # The project's typical self-hosted fleet: 15 open models of 7B-13B (bench-data README).
     "open-small": [
@@ -62,4 +64,62 @@ def load_eval_data(
     return EvalData(
         texts=texts, correct=correct, experts=experts, categories=[r.category for r in records],
         preds=preds, cost=cost, vectors=embedder.encode(texts, progress=True),
+    )
+
+
+def evaluate(
+    train_dir: Path,
+    test_dir: Path | None,
+    embedder: Embedder,
+    router: str,
+    options: RouteOptions,
+    aggregation: str,
+    folds: int,
+    pool: str | None = None,
+    models: list[str] | None = None,
+    budget_share: float | None = None,
+    seed: int = 0,
+    on_fold: Callable[[int], None] = lambda _i: None,
+) -> dict[str, object]:
+    """The JSON result of ``concilium eval``: the router and its baselines on the same splits."""
+    if aggregation not in AGGREGATIONS:
+        raise RoutingError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    if budget_share is not None and budget_share <= 0:
+        raise RoutingError("--budget-share must be positive")
+    make_router(router, embedder=embedder)  # reject an unknown router before any work
+    data = load_eval_data(train_dir, embedder, pool, models)
+    if test_dir is None:
+        splits = cross_validation_splits(len(data.texts), folds, seed)
+        protocol = f"{folds}-fold CV on {train_dir}"
+    else:
+        test = load_eval_data(test_dir, embedder, models=data.experts)
+        data = _concat(data, test)
+        n_train = len(data.texts) - len(test.texts)
+        splits = [(np.arange(n_train), np.arange(n_train, len(data.texts)))]
+        protocol = f"profiles on {train_dir}, measured on {test_dir}"
+    outcome = run_router(
+        lambda: make_router(router, embedder=embedder), data, options, aggregation, splits, on_fold, budget_share
+    )
+    return {
+        "router": router,
+        "policy": options.policy,
+        "k": options.k,
+        "aggregation": aggregation,
+        "budget_share": budget_share,
+        "protocol": protocol,
+        "experts": data.experts,
+        "accuracy": outcome.accuracy,
+        "mean_cost": outcome.mean_cost,
+        "n_queries": outcome.n_queries,
+        "baselines": baselines(data, splits, options.k, seed, {"embedder": embedder}),
+    }
+
+
+def _concat(a: EvalData, b: EvalData) -> EvalData:
+    def cat(x: np.ndarray | None, y: np.ndarray | None) -> np.ndarray | None:
+        return None if x is None or y is None else np.concatenate([x, y])
+
+    return EvalData(
+        a.texts + b.texts, np.concatenate([a.correct, b.correct]), a.experts, a.categories + b.categories,
+        cat(a.preds, b.preds), cat(a.cost, b.cost), cat(a.vectors, b.vectors),
     )

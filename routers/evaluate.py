@@ -95,12 +95,17 @@ def run_router(
     aggregation: str,
     splits: list[tuple[np.ndarray, np.ndarray]],
     on_fold: Callable[[int], None] = lambda _i: None,
+    budget_share: float | None = None,
 ) -> Outcome:
+    """Cross-validated accuracy and cost. With ``budget_share``, λ is solved per training fold."""
     correct = np.zeros(len(data.texts))
     cost = None if data.cost is None else np.zeros(len(data.texts))
     for i, (train_idx, test_idx) in enumerate(splits):
+        train = data.subset(train_idx)
+        if budget_share is not None:
+            options = _budgeted(make, train, options, budget_share)
         router = make()
-        router.fit(data.subset(train_idx).training_set())
+        router.fit(train.training_set())
         test = data.subset(test_idx)
         kwargs = {"categories": test.categories} if router.name == "per_category" else {}
         decisions = router.route(test.texts, options, test.vectors, **kwargs)
@@ -116,6 +121,16 @@ def run_router(
         n_queries=len(idx),
         per_query_correct=correct[idx].tolist(),
     )
+
+
+def _budgeted(make: Callable[[], Router], train: EvalData, options: RouteOptions, share: float) -> RouteOptions:
+    """Options whose λ holds mean cost ≤ share × the cost of the most accurate single expert (on train)."""
+    if train.cost is None:
+        raise RoutingError("a budget needs cost data, and this file records none")
+    best = int(np.argmax(train.correct.mean(axis=0)))
+    budget = share * float(train.cost[:, best].mean())
+    lam = solve_lambda(make, train, options, budget)
+    return RouteOptions(k=options.k, policy="cost", cost_lambda=lam, seed=options.seed)
 
 
 def oracle(data: EvalData, idx: np.ndarray) -> Outcome:
@@ -164,3 +179,36 @@ def baselines(
     orc = oracle(data, idx)
     out["oracle"] = {"accuracy": orc.accuracy, "mean_cost": orc.mean_cost}
     return out
+
+
+def solve_lambda(
+    make: Callable[[], Router],
+    train: EvalData,
+    options: RouteOptions,
+    budget: float,
+    steps: int = 24,
+) -> float:
+    """The smallest cost weight λ whose routing of the training data keeps mean cost within ``budget``.
+
+    Bisection on λ over the training folds only. Mean cost falls as λ grows, so
+    the smallest λ that fits the budget is the most accurate choice that does.
+    """
+    router = make()
+    router.fit(train.training_set())
+
+    def mean_cost(lam: float) -> float:
+        opts = RouteOptions(k=options.k, policy="cost", cost_lambda=lam, seed=options.seed)
+        return float(score(router.route(train.texts, opts, train.vectors), train, "best")[1].mean())
+
+    if mean_cost(0.0) <= budget:
+        return 0.0
+    hi = 1.0
+    while mean_cost(hi) > budget:
+        hi *= 4
+        if hi > 1e12:
+            raise RoutingError(f"no cost weight brings the mean cost under the budget {budget:g}")
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if mean_cost(mid) <= budget else (mid, hi)
+    return hi

@@ -1,0 +1,85 @@
+"""`concilium eval` on slices of the real bench-data files, as other tools call it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+MMLU_SLICE = 400
+
+
+def concilium(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture(scope="module")
+def mmlu_slice(bench_data, tmp_path_factory):
+    """The first 400 dev questions: small enough to embed in seconds, real outcomes all the same."""
+    folder = tmp_path_factory.mktemp("mmlu-slice")
+    src = bench_data / "mmlu-pro-28llm"
+    (folder / "models.json").write_text((src / "models.json").read_text())
+    with (src / "data.jsonl").open() as fh:
+        lines = [next(fh) for _ in range(MMLU_SLICE)]
+    (folder / "data.jsonl").write_text("".join(lines))
+    return folder
+
+
+@pytest.mark.parametrize("router", ["skill", "knn"])
+def test_eval_writes_the_contract_json(mmlu_slice, tmp_path, router):
+    out = tmp_path / "r.json"
+    proc = concilium("eval", "--train", str(mmlu_slice), "--pool", "open-small", "--router", router,
+                     "--k", "3", "--folds", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["n_queries"] == MMLU_SLICE and result["k"] == 3 and result["router"] == router
+    assert result["mean_cost"] is None and len(result["experts"]) == 15
+    b = result["baselines"]
+    assert {"best_single", "per_category", "random", "oracle"} <= set(b)
+    assert b["random"]["accuracy"] < result["accuracy"] <= b["oracle"]["accuracy"]
+    assert b["best_single"]["name"] in result["experts"]
+    assert f"{router} router" in proc.stdout
+
+
+def test_symbolic_policy_is_seeded(mmlu_slice, tmp_path):
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"s{i}.json"
+        proc = concilium("eval", "--train", str(mmlu_slice), "--models", "gemma-7b,Yi-6B,mathstral-7B",
+                         "--policy", "symbolic", "--folds", "2", "--seed", "5", "--json", str(out))
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(out.read_text())["accuracy"])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--pool", "huge"), "unknown pool 'huge'; named pools: open-small"),
+        (("--models", "gemma-7b,gpt-9"), "the data has no model(s) gpt-9"),
+        (("--k", "0"), "k must be at least 1"),
+        (("--router", "magic"), "unknown router 'magic'"),
+        (("--aggregation", "mean"), "unknown aggregation 'mean'"),
+        (("--folds", "1"), "at least 2 folds"),
+        (("--budget-share", "0.5"), "a budget needs cost data"),
+    ],
+)
+def test_eval_bad_input(mmlu_slice, args, message):
+    proc = concilium("eval", "--train", str(mmlu_slice), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_names_the_broken_line(tmp_path):
+    (tmp_path / "models.json").write_text('["a", "b"]')
+    (tmp_path / "data.jsonl").write_text('{"question_id": 1, "question": "q", "correct": [1]}\n')
+    proc = concilium("eval", "--train", str(tmp_path))
+    assert proc.returncode == 2
+    assert "data.jsonl:1: 'correct' must be a list of 2 values" in " ".join(proc.stderr.split())
