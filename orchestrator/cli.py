@@ -12,6 +12,7 @@ from orchestrator.runtime import pin_loopback
 pin_loopback()  # before anything imports ray
 
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from functools import wraps  # noqa: E402
@@ -337,8 +338,6 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the result as JSON")] = None,
 ) -> None:
     """Evaluate a router offline on recorded outcomes, with its baselines on the same folds."""
-    import json
-
     from orchestrator.offline import evaluate
     from routers.base import RouteOptions
     from routers.embedding import Embedder
@@ -369,6 +368,67 @@ def eval_(
     out.print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
+
+
+@app.command("profile")
+@friendly
+def profile(
+    out_dir: Annotated[Path, typer.Option("--out", help="artifacts folder; each run adds a version")] = Path(
+        "artifacts/profiles"
+    ),
+    data: Annotated[Path | None, typer.Option(help="imported: a bench-data folder of recorded outcomes")] = None,
+    pool: Annotated[str | None, typer.Option(help="imported: a named pool, e.g. open-small")] = None,
+    models: Annotated[str | None, typer.Option(help="imported: comma-separated model names")] = None,
+    tasks: Annotated[Path | None, typer.Option(help="live: a task file with gold answers (*_train.json)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="live: use only the first N questions")] = None,
+    max_new_tokens: MaxTokOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Build expert profiles and the FAISS skill index from recorded outcomes (--data) or a live run (--tasks)."""
+    from orchestrator.offline import load_eval_data
+    from orchestrator.profiling import live_outcomes, load_tasks, save_artifacts
+    from routers.embedding import Embedder
+    from workers.model_store import default_root, embedder_path
+
+    if (data is None) == (tasks is None):
+        raise UsageError("give exactly one source: --data DIR (imported) or --tasks FILE (live)")
+    embedder = Embedder(embedder_path(), default_root().parent / "embeddings")
+    if data is not None:
+        names = [m.strip() for m in models.split(",")] if models else None
+        with err.status("embedding the questions"):
+            ev = load_eval_data(data, embedder, pool, names)
+        texts, correct, experts, cost = ev.texts, ev.correct, ev.experts, ev.cost
+        source: dict[str, object] = {"kind": "imported", "data": str(data), "pool": pool}
+    else:
+        cfg = load_config(config)
+        questions, gold = load_tasks(tasks, limit)
+
+        async def work(pool_):  # noqa: ANN001, ANN202
+            from rich.progress import Progress
+
+            with Progress(console=err) as bar:
+                task = bar.add_task("experts answering", total=len(pool_.names))
+
+                async def gen(name: str, prompts: list[str]):  # noqa: ANN202
+                    return await pool_.generate(name, prompts, _params(cfg, name, max_new_tokens, None))
+
+                return await live_outcomes(
+                    gen, pool_.names, questions, gold, on_expert=lambda _e: bar.advance(task)
+                )
+
+        correct, _ = _run(_with_pool(cfg, store, work))
+        texts, experts, cost = questions, [e.name for e in cfg.experts], None
+        source = {"kind": "live", "tasks": str(tasks), "limit": limit}
+    with err.status("annotating skills and building the index"):
+        folder = save_artifacts(texts, correct, experts, cost, embedder, out_dir, source)
+    summary = (folder / "summary.json").read_text()
+    table = Table(title=f"profiles saved to {folder}")
+    for col in ("expert", "accuracy", "global strength", "best skills"):
+        table.add_column(col, overflow="fold")
+    for name, e in json.loads(summary)["experts"].items():
+        table.add_row(name, f"{e['accuracy']:.1%}", f"{e['global_strength']:.3f}", ", ".join(e["best_skills"]))
+    out.print(table)
 
 
 @app.command("check-config")

@@ -17,6 +17,8 @@ the fallback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from routers.annotators import EmbeddingAnnotator
@@ -48,6 +50,18 @@ class SkillRouter:
         self.profiles: Profiles | None = None
         self.index: SkillIndex | None = None
 
+    @classmethod
+    def from_artifacts(cls, folder: Path, embedder: Embedder, **kwargs: object) -> SkillRouter:
+        """A router over profiles and an index saved by ``concilium profile``."""
+        router = cls(embedder, **kwargs)
+        router._use(Profiles.load(folder), SkillIndex.load(folder))
+        return router
+
+    def _use(self, profiles: Profiles, index: SkillIndex) -> None:
+        self.profiles, self.index = profiles, index
+        self._accuracy = profiles.smoothed_accuracy(self.prior)
+        self._global = profiles.global_strength(self.temperature)
+
     def _annotate(self, texts: list[str], vectors: np.ndarray | None) -> list[list[str]]:
         if isinstance(self.annotator, EmbeddingAnnotator):
             return self.annotator.annotate(texts, vectors)
@@ -55,10 +69,8 @@ class SkillRouter:
 
     def fit(self, train: TrainingSet) -> None:
         keywords = self._annotate(train.texts, train.vectors)
-        self.profiles = build_profiles(keywords, train.correct, train.experts, train.cost)
-        self.index = SkillIndex(self.profiles.skills, self.embedder.encode(self.profiles.skills))
-        self._accuracy = self.profiles.smoothed_accuracy(self.prior)
-        self._global = self.profiles.global_strength(self.temperature)
+        profiles = build_profiles(keywords, train.correct, train.experts, train.cost)
+        self._use(profiles, SkillIndex(profiles.skills, self.embedder.encode(profiles.skills)))
 
     def _expected_accuracy(self, mapping: Mapping) -> np.ndarray:
         ids, sims = mapping.skill_ids.ravel(), mapping.sims.ravel()

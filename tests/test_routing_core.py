@@ -175,3 +175,24 @@ def test_embedding_cache_round_trip(embedder, tmp_path):
     again = Embedder(embedder.model_path, embedder.cache_dir)
     assert np.array_equal(again.encode(["cached sentence"]), first)
     assert again._model is None  # served from disk, the model never loaded
+
+
+@pytest.mark.parametrize(
+    ("text", "gold", "right"),
+    [
+        ("Let me think. (A) is wrong, (C) fits. The answer is (C).", "C", True),
+        ("The answer is B", "B", True),
+        ("I think it is D.", "D", True),  # the pronoun I is not option I
+        ("Options (B) and (E) fail; so (F)", "F", True),
+        ("Answer: J", "J", True),
+        ("no letter here", "A", False),
+        ("We get \\boxed{040}.", "40", True),
+        ("So the total is 1,200 and then 33", "33", True),
+        ("\\boxed{12} but later I say 13", "12", True),
+        ("nothing numeric", "7", False),
+    ],
+)
+def test_grading_rules(text, gold, right):
+    from routers.grading import is_correct
+
+    assert is_correct(text, gold) is right

@@ -1,0 +1,121 @@
+"""``concilium profile``: build expert profiles and the skill index, and save them as versioned artifacts.
+
+There are two sources of outcomes:
+- imported: recorded outcomes in the bench-data format;
+- live: the configured experts answer a validation file with gold answers, and
+  the answers are graded.
+
+Either way the questions are annotated with skills, and the profiles and the
+FAISS index are saved in ``<out>/<version>/``. ``<out>/LATEST`` names the newest
+version. The router loads them from there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from routers.annotators import EmbeddingAnnotator
+from routers.base import RoutingError
+from routers.embedding import Embedder
+from routers.grading import is_correct
+from routers.profiles import Profiles, build_profiles
+from routers.skill_index import SkillIndex
+
+LIVE_PROMPT = (
+    "Answer the following question. Think briefly, then finish with 'The answer is (X)' for a "
+    "multiple-choice question, or with \\boxed{{N}} for a numeric one.\n\n{question}"
+)
+
+
+def save_artifacts(
+    texts: list[str],
+    correct: np.ndarray,
+    experts: list[str],
+    cost: np.ndarray | None,
+    embedder: Embedder,
+    out_dir: Path,
+    source: dict[str, object],
+) -> Path:
+    if len(texts) == 0:
+        raise RoutingError("the validation set is empty: nothing to profile")
+    keywords = EmbeddingAnnotator(embedder).annotate(texts, embedder.encode(texts))
+    profiles = build_profiles(keywords, correct, experts, cost)
+    index = SkillIndex(profiles.skills, embedder.encode(profiles.skills))
+    version = time.strftime("%Y%m%d-%H%M%S")
+    folder = out_dir / version
+    profiles.save(folder)
+    index.save(folder)
+    (folder / "summary.json").write_text(json.dumps(summarise(profiles, index, source), indent=2))
+    (out_dir / "LATEST").write_text(version + "\n")
+    return folder
+
+
+def summarise(profiles: Profiles, index: SkillIndex, source: dict[str, object]) -> dict[str, object]:
+    strength = profiles.global_strength()
+    acc = profiles.smoothed_accuracy()
+    seen_enough = profiles.seen[:, 0] >= 3
+    top_skills = {}
+    for j, expert in enumerate(profiles.experts):
+        order = [i for i in np.argsort(-acc[:, j]) if seen_enough[i]][:5]
+        top_skills[expert] = [profiles.skills[i] for i in order]
+    ranking = sorted(profiles.experts, key=lambda e: -profiles.overall[profiles.experts.index(e)])
+    return {
+        "source": source,
+        "n_questions": int(round(profiles.seen[:, 0].max())) if len(profiles.skills) else 0,
+        "n_skills": len(profiles.skills),
+        "index": index.kind,
+        "experts": {
+            e: {
+                "accuracy": float(profiles.overall[j]),
+                "global_strength": float(strength[j]),
+                "mean_cost": None if profiles.cost is None else float(profiles.cost[j]),
+                "best_skills": top_skills[e],
+            }
+            for j, e in enumerate(profiles.experts)
+        },
+        # No synthesis test has been run, so aggregators are ranked by accuracy alone.
+        "aggregator_ranking": ranking,
+        "aggregator_ranking_method": "overall accuracy",
+    }
+
+
+def load_tasks(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
+    """Questions and gold answers from a Symbolic-MoE task file (a JSON list of {question, gold_answer})."""
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RoutingError(f"cannot read task file {path}: {exc}") from None
+    if not isinstance(items, list):
+        raise RoutingError(f"{path}: expected a JSON list of {{question, gold_answer}} objects")
+    items = items[:limit] if limit else items
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "question" not in item or "gold_answer" not in item:
+            raise RoutingError(f"{path}: item {i} needs 'question' and 'gold_answer'")
+    if not items:
+        raise RoutingError(f"{path}: the validation set is empty")
+    return [str(x["question"]) for x in items], [str(x["gold_answer"]) for x in items]
+
+
+async def live_outcomes(
+    generate: Callable[[str, list[str]], object],
+    experts: list[str],
+    questions: list[str],
+    gold: list[str],
+    on_expert: Callable[[str], None] = lambda _e: None,
+) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Every expert answers every question in one batched call; answers are graded against gold."""
+    prompts = [LIVE_PROMPT.format(question=q) for q in questions]
+    correct = np.zeros((len(questions), len(experts)))
+    answers: dict[str, list[str]] = {}
+    for j, expert in enumerate(experts):
+        result = await generate(expert, prompts)
+        texts = [c.text for c in result.completions]
+        answers[expert] = texts
+        correct[:, j] = [is_correct(t, g) for t, g in zip(texts, gold)]
+        on_expert(expert)
+    return correct, answers
