@@ -318,6 +318,38 @@ def bench_models(
     out.print(tput)
 
 
+@bench_app.command("router")
+@friendly
+def bench_router(
+    questions: Annotated[Path, typer.Option(help="bench-data folder whose questions are routed")] = Path(
+        "../shared/bench-data/mmlu-pro-28llm"
+    ),
+    experts: Annotated[str, typer.Option(help="comma-separated expert counts")] = "16,28",
+    skills: Annotated[str, typer.Option(help="comma-separated profile-skill counts")] = "1000,10000,100000",
+    windows: Annotated[str, typer.Option(help="comma-separated window sizes")] = "1,32,256",
+    repeats: Annotated[int, typer.Option(min=1, help="windows per setting; the median is reported")] = 5,
+) -> None:
+    """Routing latency per query (median), cold (new texts) and warm (embeddings cached)."""
+    from orchestrator.bench.router import run_router_bench
+    from routers.embedding import Embedder
+    from workers.model_store import embedder_path
+    from workers.recorded import load_recorded
+
+    texts = [r.text for r in load_recorded(questions).records]
+    with err.status("benchmarking the router") as status:
+        results = run_router_bench(
+            lambda: Embedder(embedder_path()), texts, _int_list(experts, "--experts"),
+            _int_list(skills, "--skills"), _int_list(windows, "--windows"), repeats, status.update,
+        )
+    table = Table(title=f"skill router, topk k=3: ms per query, median of {repeats} windows")
+    for col in ("skills", "index", "experts", "window", "cold (new texts)", "warm (cached embeddings)"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(str(r.skills), r.index, str(r.experts), str(r.window),
+                      f"{r.cold_ms_per_query:.2f}", f"{r.warm_ms_per_query:.3f}")
+    out.print(table)
+
+
 @app.command("eval")
 @friendly
 def eval_(
