@@ -234,12 +234,14 @@ def ask(
     cfg = load_config(config)
     Prompt.of(question)
 
+    from workers.pool import reason
+
     async def work(pool):  # noqa: ANN001, ANN202
         async def one(name: str):  # noqa: ANN202
             try:
                 return await pool.generate(name, [question], _params(cfg, name, max_new_tokens, temperature))
             except Exception as exc:  # one expert's failure must not hide the others' answers
-                return exc
+                return RuntimeError(reason(exc))
 
         names = pool.names
         return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))

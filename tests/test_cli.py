@@ -9,10 +9,10 @@ import sys
 import pytest
 
 
-def concilium(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def concilium(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **env},
     )
 
 
@@ -58,3 +58,12 @@ def test_generate_and_experts(store):
     proc = concilium("experts")
     assert proc.returncode == 0, proc.stderr
     assert "smollm2" in proc.stdout and "gemma3" in proc.stdout and "unloaded" in proc.stdout
+
+
+def test_ask_with_no_models_pulled_names_the_fix_without_traceback(tmp_path):
+    proc = concilium("ask", "hi", "-n", "4", CONCILIUM_MODEL_STORE=str(tmp_path / "empty"))
+    assert proc.returncode == 1  # no expert could answer
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert "run `concilium models pull smollm2-135m-instruct`" in text
+    assert "run `concilium models pull gemma3-270m`" in text
+    assert 'File "' not in text and "Traceback" not in text

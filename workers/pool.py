@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from workers.actor import ExpertLoadError, ExpertWorker, NotLoadedError
 from workers.config import ExpertConfig, PoolConfig
@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 RESTART_WAIT_S = 60.0
+
+
+def reason(exc: BaseException) -> str:
+    """The original error's message; a RayTaskError's own text embeds the remote traceback."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return str(exc) if isinstance(exc, RuntimeError | ValueError | KeyError) else f"{type(exc).__name__}: {exc}"
 
 
 class UnknownExpertError(KeyError):
@@ -104,7 +111,7 @@ class ExpertPool:
             slot.device = info.device
             slot.size = await slot.actor.estimate_memory_bytes.remote()
         except Exception as exc:  # a bad source marks this expert only
-            slot.failed = f"{type(exc).__name__}: {exc}"
+            slot.failed = reason(exc)
             log.warning("expert %s is unavailable: %s", slot.config.name, slot.failed)
             return
         budget = self._budget(slot.device)
@@ -171,9 +178,9 @@ class ExpertPool:
         try:
             await asyncio.wait_for(slot.actor.load.remote(), self.config.load_timeout_s)
         except ExpertLoadError as exc:
-            slot.failed = str(exc)
+            slot.failed = reason(exc)
             self.stats.failures += 1
-            raise ExpertUnavailableError(str(exc)) from None
+            raise ExpertUnavailableError(slot.failed) from None
         name = slot.config.name
         self.stats.loads += 1
         self.stats.loads_by_expert[name] = self.stats.loads_by_expert.get(name, 0) + 1
@@ -232,7 +239,7 @@ class ExpertPool:
                 self.stats.restarts += 1
                 log.warning("expert %s lost its actor (%s); attempt %d", name, type(exc).__name__, losses)
                 if losses > 1 or not await self._wait_alive(slot):
-                    raise ExpertUnavailableError(f"expert {name}'s actor died: {exc}") from None
+                    raise ExpertUnavailableError(f"expert {name}'s actor died: {reason(exc)}") from None
 
     async def _wait_alive(self, slot: _Slot) -> bool:
         deadline = time.monotonic() + RESTART_WAIT_S
