@@ -254,7 +254,7 @@ def ask(
     for name, res in results.items():
         if isinstance(res, Exception):
             failures += 1
-            table.add_row(name, f"[red]unavailable: {res}[/]", "-", "-")
+            table.add_row(name, f"[red]{res}[/]", "-", "-")
         else:
             c = res.completions[0]
             table.add_row(name, c.text, f"{c.prompt_tokens}+{c.completion_tokens}", f"{res.generate_s:.2f}")
