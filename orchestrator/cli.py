@@ -289,7 +289,7 @@ def bench_models(
     store: StoreOpt = None,
 ) -> None:
     """Load times (GGUF vs store) and tokens/s per batch size of the bundled models."""
-    from orchestrator.bench.models import run_models_bench
+    from orchestrator.bench.models import ModelsBenchSettings, run_models_bench
 
     names = [n.strip() for n in models.split(",") if n.strip()]
     unknown = [n for n in names if n not in BUNDLED]
@@ -297,9 +297,8 @@ def bench_models(
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; bundled: {', '.join(BUNDLED)}")
     sizes = _int_list(batch_sizes, "--batch-sizes")
     with err.status("benchmarking") as status:
-        results = run_models_bench(
-            names, sizes, new_tokens, repeats, threads, gguf, drop_caches, ModelStore(store), status.update, json_out
-        )
+        settings = ModelsBenchSettings(sizes, new_tokens, repeats, threads, gguf, drop_caches)
+        results = run_models_bench(names, settings, ModelStore(store), status.update, json_out)
     loads = Table(title="load time (s)")
     for col in ("model", "from GGUF", "store, cold", "store, warm", "GGUF / store cold", "page cache dropped"):
         loads.add_column(col)

@@ -120,6 +120,7 @@ def _concat(a: EvalData, b: EvalData) -> EvalData:
         return None if x is None or y is None else np.concatenate([x, y])
 
     return EvalData(
-        a.texts + b.texts, np.concatenate([a.correct, b.correct]), a.experts, a.categories + b.categories,
-        cat(a.preds, b.preds), cat(a.cost, b.cost), cat(a.vectors, b.vectors),
+        texts=a.texts + b.texts, correct=np.concatenate([a.correct, b.correct]), experts=a.experts,
+        categories=a.categories + b.categories, cost=cat(a.cost, b.cost), vectors=cat(a.vectors, b.vectors),
+        preds=cat(a.preds, b.preds),
     )

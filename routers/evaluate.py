@@ -23,27 +23,21 @@ from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingS
 
 
 @dataclass
-class EvalData:
-    texts: list[str]
-    correct: np.ndarray
-    experts: list[str]
-    categories: list[str | None]
+class EvalData(TrainingSet):
+    """A training set plus what scoring needs: the recorded answers."""
+
     preds: np.ndarray | None = None
     """[queries, experts] recorded answers (e.g. option letters), where recorded."""
-    cost: np.ndarray | None = None
-    vectors: np.ndarray | None = None
 
     def subset(self, idx: np.ndarray) -> EvalData:
         def take(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[idx]
 
         return EvalData(
-            [self.texts[i] for i in idx], self.correct[idx], self.experts,
-            [self.categories[i] for i in idx], take(self.preds), take(self.cost), take(self.vectors),
+            texts=[self.texts[i] for i in idx], correct=self.correct[idx], experts=self.experts,
+            categories=[self.categories[i] for i in idx], cost=take(self.cost), vectors=take(self.vectors),
+            preds=take(self.preds),
         )
-
-    def training_set(self) -> TrainingSet:
-        return TrainingSet(self.texts, self.correct, self.experts, self.categories, self.cost, self.vectors)
 
 
 @dataclass
@@ -105,7 +99,7 @@ def run_router(
         if budget_share is not None:
             options = _budgeted(make, train, options, budget_share)
         router = make()
-        router.fit(train.training_set())
+        router.fit(train)
         test = data.subset(test_idx)
         kwargs = {"categories": test.categories} if router.name == "per_category" else {}
         decisions = router.route(test.texts, options, test.vectors, **kwargs)
@@ -166,7 +160,7 @@ def baselines(
     single = one("best_single", RouteOptions(k=1), "best")
     # The most frequent choice across folds names the best single expert.
     full = make_router("best_single")
-    full.fit(data.training_set())
+    full.fit(data)
     out["best_single"] = {"accuracy": single.accuracy, "mean_cost": single.mean_cost,
                           "name": full.route(["-"], RouteOptions(k=1))[0].experts[0]}
     if any(c for c in data.categories):
@@ -194,7 +188,7 @@ def solve_lambda(
     the smallest λ that fits the budget is the most accurate choice that does.
     """
     router = make()
-    router.fit(train.training_set())
+    router.fit(train)
 
     def mean_cost(lam: float) -> float:
         opts = RouteOptions(k=options.k, policy="cost", cost_lambda=lam, seed=options.seed)

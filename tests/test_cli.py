@@ -67,3 +67,25 @@ def test_ask_with_no_models_pulled_names_the_fix_without_traceback(tmp_path):
     assert "run `concilium models pull smollm2-135m-instruct`" in text
     assert "run `concilium models pull gemma3-270m`" in text
     assert 'File "' not in text and "Traceback" not in text
+
+
+@pytest.mark.models
+def test_bench_models_reports_loads_and_throughput(store, tmp_path):
+    out = tmp_path / "b.json"
+    proc = concilium("bench", "models", "--models", "smollm2-135m-instruct", "--batch-sizes", "1,2",
+                     "--new-tokens", "3", "--repeats", "1", "--no-gguf", "--no-drop-caches", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    (fig,) = json.loads(out.read_text())
+    assert fig["gguf_load_s"] is None and fig["store_cold_load_s"] > 0 and not fig["caches_dropped"]
+    assert set(fig["tokens"]) == {"1", "2"} and 1 <= fig["tokens"]["1"] <= 3
+    assert fig["tokens_per_s"]["2"] > 0
+
+
+def test_bench_router_runs_cold_and_warm(bench_data):
+    proc = concilium("bench", "router", "--questions", str(bench_data / "mmlu-pro-28llm"), "--experts", "4",
+                     "--skills", "300", "--windows", "1,4", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "│ 300" in line]
+    assert len(rows) == 2 and all("flat" in r for r in rows)

@@ -41,6 +41,16 @@ PROMPTS = [
 ]
 
 
+@dataclass(frozen=True)
+class ModelsBenchSettings:
+    batch_sizes: list[int]
+    new_tokens: int = 32
+    repeats: int = 3
+    threads: int = 2
+    with_gguf: bool = True
+    drop_caches: bool = True
+
+
 @dataclass
 class ModelFigures:
     model: str
@@ -96,33 +106,28 @@ def _cold_store_load_seconds(path: Path, drop_caches: bool) -> tuple[float, bool
 
 
 def bench_model(
-    name: str,
-    store: ModelStore,
-    batch_sizes: list[int],
-    new_tokens: int,
-    repeats: int,
-    threads: int,
-    with_gguf: bool,
-    drop_caches: bool,
-    progress: Callable[[str], None],
+    name: str, store: ModelStore, settings: ModelsBenchSettings, progress: Callable[[str], None]
 ) -> ModelFigures:
     from workers.backends.transformers_backend import TransformersBackend
 
     store.pull(name)
+    batch_sizes, repeats = settings.batch_sizes, settings.repeats
     gguf_s = None
-    if with_gguf:
+    if settings.with_gguf:
         progress(f"{name}: loading from GGUF")
         gguf_s = _gguf_load_seconds(name)
     progress(f"{name}: cold load from the store, in a fresh process")
-    cold_s, dropped = _cold_store_load_seconds(store.path(name), drop_caches)
-    expert = TransformersExpert(name=name, source=name, threads=threads, max_batch_size=max(batch_sizes))
+    cold_s, dropped = _cold_store_load_seconds(store.path(name), settings.drop_caches)
+    expert = TransformersExpert(
+        name=name, source=name, threads=settings.threads, max_batch_size=max(batch_sizes)
+    )
     backend = TransformersBackend(expert, store.root)
     backend.load()  # the first in-process load also pays for lazy imports; time the next one
     progress(f"{name}: warm load from the store")
     started = time.perf_counter()
     backend.load()
     figures = ModelFigures(name, gguf_s, cold_s, time.perf_counter() - started, dropped)
-    params = SamplingParams(max_new_tokens=new_tokens)
+    params = SamplingParams(max_new_tokens=settings.new_tokens)
     backend.generate([Prompt(PROMPTS[0])], SamplingParams(max_new_tokens=2))  # warm-up
     for bs in batch_sizes:
         prompts = [Prompt(PROMPTS[i % len(PROMPTS)]) for i in range(bs)]
@@ -141,20 +146,12 @@ def bench_model(
 
 def run_models_bench(
     names: list[str],
-    batch_sizes: list[int],
-    new_tokens: int,
-    repeats: int,
-    threads: int,
-    with_gguf: bool,
-    drop_caches: bool,
+    settings: ModelsBenchSettings,
     store: ModelStore,
     progress: Callable[[str], None],
     json_out: Path | None = None,
 ) -> list[ModelFigures]:
-    results = [
-        bench_model(n, store, batch_sizes, new_tokens, repeats, threads, with_gguf, drop_caches, progress)
-        for n in names
-    ]
+    results = [bench_model(n, store, settings, progress) for n in names]
     if json_out is not None:
         json_out.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return results
