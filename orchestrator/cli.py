@@ -369,6 +369,7 @@ def eval_(
     folds: Annotated[int, typer.Option(help="cross-validation folds")] = 5,
     seed: Annotated[int, typer.Option(help="seed for folds and sampling")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the result as JSON")] = None,
+    plots: Annotated[Path | None, typer.Option(help="write PNG plots here: accuracy vs k, cost frontier")] = None,
 ) -> None:
     """Evaluate a router offline on recorded outcomes, with its baselines on the same folds."""
     from orchestrator.offline import evaluate
@@ -386,7 +387,7 @@ def eval_(
     with err.status("evaluating") as status:
         result = evaluate(
             train, test, embedder, router, options, aggregation, folds, pool, names, budget_share, seed,
-            on_fold=lambda i: status.update(f"fold {i + 1} done"),
+            on_fold=lambda i: status.update(f"fold {i + 1} done"), plots=plots,
         )
     table = Table(title=f"{router} ({policy}, k={k}, {aggregation}): {result['protocol']}")
     for col in ("method", "accuracy", "mean cost (USD)"):
@@ -399,6 +400,12 @@ def eval_(
     for name, b in result["baselines"].items():
         row(name + (f" ({b['name']})" if "name" in b else ""), b["accuracy"], b["mean_cost"])
     out.print(table)
+    if result.get("consensus_rate") is not None:
+        out.print(f"consensus (aggregator skipped): {result['consensus_rate']:.1%} of queries")
+    if "aiq" in result:
+        a = result["aiq"]
+        out.print(f"AIQ over the single models' cost range: router {a['router']:.4f}, "
+                  f"single models {a['single_models']:.4f}")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
 

@@ -13,7 +13,9 @@ import numpy as np
 
 from routers.base import RouteOptions, RoutingError, make_router
 from routers.embedding import Embedder
+from orchestrator.plots import plot_accuracy_vs_k, plot_frontier
 from routers.evaluate import EvalData, baselines, cross_validation_splits, run_router
+from routers.frontier import aiq
 from workers.recorded import load_recorded
 
 AGGREGATIONS = ("vote", "best")
@@ -80,6 +82,7 @@ def evaluate(
     budget_share: float | None = None,
     seed: int = 0,
     on_fold: Callable[[int], None] = lambda _i: None,
+    plots: Path | None = None,
 ) -> dict[str, object]:
     """The JSON result of ``concilium eval``: the router and its baselines on the same splits."""
     if aggregation not in AGGREGATIONS:
@@ -97,10 +100,9 @@ def evaluate(
         n_train = len(data.texts) - len(test.texts)
         splits = [(np.arange(n_train), np.arange(n_train, len(data.texts)))]
         protocol = f"profiles on {train_dir}, measured on {test_dir}"
-    outcome = run_router(
-        lambda: make_router(router, embedder=embedder), data, options, aggregation, splits, on_fold, budget_share
-    )
-    return {
+    make = lambda: make_router(router, embedder=embedder)  # noqa: E731
+    outcome = run_router(make, data, options, aggregation, splits, on_fold, budget_share)
+    result: dict[str, object] = {
         "router": router,
         "policy": options.policy,
         "k": options.k,
@@ -111,8 +113,62 @@ def evaluate(
         "accuracy": outcome.accuracy,
         "mean_cost": outcome.mean_cost,
         "n_queries": outcome.n_queries,
+        "consensus_rate": outcome.consensus_rate,
         "baselines": baselines(data, splits, options.k, seed, {"embedder": embedder}),
     }
+    if data.cost is not None:
+        result.update(cost_frontier(make, data, splits, options.seed))
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        by_k = accuracy_by_k(make, data, splits, options, result["baselines"]["best_single"]["accuracy"])
+        result["accuracy_by_k"] = by_k
+        plot_accuracy_vs_k(by_k, router, plots / "accuracy_vs_k.png")
+        if data.cost is not None:
+            plot_frontier([tuple(p) for p in result["frontier"]], result["single_models"], router,
+                          result["aiq"], plots / "cost_frontier.png")
+    return result
+
+
+LAMBDAS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 1e5)
+
+
+def cost_frontier(
+    make: Callable[[], object], data: EvalData, splits: list, seed: int | None
+) -> dict[str, object]:
+    """The router's (cost, accuracy) points over a λ sweep, the single models' points, and both AIQs.
+
+    AIQ is taken over the single models' cost range, so that routers and
+    single models are compared over the same budgets.
+    """
+    points = []
+    for lam in LAMBDAS:
+        o = run_router(make, data, RouteOptions(k=1, policy="cost", cost_lambda=lam, seed=seed), "best", splits)
+        points.append((o.mean_cost, o.accuracy))
+    idx = np.concatenate([t for _, t in splits])
+    singles = {
+        e: (float(data.cost[idx, j].mean()), float(data.correct[idx, j].mean()))
+        for j, e in enumerate(data.experts)
+    }
+    cost_range = (min(c for c, _ in singles.values()), max(c for c, _ in singles.values()))
+    return {
+        "frontier": points,
+        "single_models": singles,
+        "aiq": {"router": aiq(points, cost_range), "single_models": aiq(list(singles.values()), cost_range),
+                "cost_range": cost_range},
+    }
+
+
+def accuracy_by_k(
+    make: Callable[[], object], data: EvalData, splits: list, options: RouteOptions, best_single: float
+) -> list[dict[str, float]]:
+    rows = []
+    for k in range(1, 6):
+        opts = RouteOptions(k=k, policy=options.policy if options.policy != "cost" else "topk", seed=options.seed)
+        agg = "vote" if k > 1 else "best"
+        r = run_router(make, data, opts, agg, splits)
+        pc = run_router(lambda: make_router("per_category"), data, RouteOptions(k=k), agg, splits)
+        rows.append({"k": k, "router": r.accuracy, "per_category_vote": pc.accuracy, "best_single": best_single})
+    return rows
 
 
 def _concat(a: EvalData, b: EvalData) -> EvalData:

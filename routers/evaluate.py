@@ -45,7 +45,16 @@ class Outcome:
     accuracy: float
     mean_cost: float | None
     n_queries: int
+    consensus_rate: float | None = None
+    """Share of queries whose recruited experts all gave one answer: the aggregator call is skipped there."""
     per_query_correct: list[float] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class FoldScore:
+    correct: np.ndarray
+    cost: np.ndarray | None
+    consensus: np.ndarray
 
 
 def folds(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
@@ -57,15 +66,18 @@ def folds(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, k)]
 
 
-def score(decisions: list[Decision], data: EvalData, aggregation: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-query correctness and cost of a fold's decisions."""
+def score(decisions: list[Decision], data: EvalData, aggregation: str) -> FoldScore:
+    """Per-query correctness, cost and consensus of a fold's decisions."""
     col = {e: i for i, e in enumerate(data.experts)}
     correct = np.zeros(len(decisions))
+    consensus = np.zeros(len(decisions), dtype=bool)
     cost = None if data.cost is None else np.zeros(len(decisions))
     for q, d in enumerate(decisions):
         chosen = [col[e] for e in d.experts]
         if cost is not None:
             cost[q] = data.cost[q, chosen].sum()
+        if data.preds is not None and len(chosen) > 1:
+            consensus[q] = len({data.preds[q, j] for j in chosen}) == 1
         top = max(chosen, key=lambda j: d.scores.get(data.experts[j], 0.0))
         if aggregation == "vote" and data.preds is not None and len(chosen) > 1:
             tally: dict[str, float] = defaultdict(float)
@@ -79,7 +91,7 @@ def score(decisions: list[Decision], data: EvalData, aggregation: str) -> tuple[
             correct[q] = data.correct[q, right[0]]
         else:
             correct[q] = data.correct[q, top]
-    return correct, cost
+    return FoldScore(correct, cost, consensus)
 
 
 def run_router(
@@ -93,6 +105,7 @@ def run_router(
 ) -> Outcome:
     """Cross-validated accuracy and cost. With ``budget_share``, λ is solved per training fold."""
     correct = np.zeros(len(data.texts))
+    consensus = np.zeros(len(data.texts), dtype=bool)
     cost = None if data.cost is None else np.zeros(len(data.texts))
     for i, (train_idx, test_idx) in enumerate(splits):
         train = data.subset(train_idx)
@@ -103,16 +116,18 @@ def run_router(
         test = data.subset(test_idx)
         kwargs = {"categories": test.categories} if router.name == "per_category" else {}
         decisions = router.route(test.texts, options, test.vectors, **kwargs)
-        c, k = score(decisions, test, aggregation)
-        correct[test_idx] = c
+        fold = score(decisions, test, aggregation)
+        correct[test_idx] = fold.correct
+        consensus[test_idx] = fold.consensus
         if cost is not None:
-            cost[test_idx] = k
+            cost[test_idx] = fold.cost
         on_fold(i)
     idx = np.concatenate([t for _, t in splits])
     return Outcome(
         accuracy=float(correct[idx].mean()),
         mean_cost=None if cost is None else float(cost[idx].mean()),
         n_queries=len(idx),
+        consensus_rate=float(consensus[idx].mean()) if data.preds is not None and options.k > 1 else None,
         per_query_correct=correct[idx].tolist(),
     )
 
@@ -192,7 +207,7 @@ def solve_lambda(
 
     def mean_cost(lam: float) -> float:
         opts = RouteOptions(k=options.k, policy="cost", cost_lambda=lam, seed=options.seed)
-        return float(score(router.route(train.texts, opts, train.vectors), train, "best")[1].mean())
+        return float(score(router.route(train.texts, opts, train.vectors), train, "best").cost.mean())
 
     if mean_cost(0.0) <= budget:
         return 0.0

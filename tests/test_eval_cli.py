@@ -83,3 +83,33 @@ def test_eval_names_the_broken_line(tmp_path):
     proc = concilium("eval", "--train", str(tmp_path))
     assert proc.returncode == 2
     assert "data.jsonl:1: 'correct' must be a list of 2 values" in " ".join(proc.stderr.split())
+
+
+@pytest.fixture(scope="module")
+def routerbench_slice(bench_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rb-slice")
+    src = bench_data / "routerbench-arc-wino-mbpp"
+    (folder / "models.json").write_text((src / "models.json").read_text())
+    with (src / "data.jsonl").open() as fh:
+        lines = fh.readlines()
+    (folder / "data.jsonl").write_text("".join(lines[::7]))  # every task, ~320 queries
+    return folder
+
+
+def test_cost_frontier_aiq_and_plots(routerbench_slice, tmp_path):
+    out, plots = tmp_path / "r.json", tmp_path / "plots"
+    proc = concilium("eval", "--train", str(routerbench_slice), "--router", "knn", "--k", "1",
+                     "--aggregation", "best", "--budget-share", "0.5", "--folds", "3",
+                     "--json", str(out), "--plots", str(plots))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["policy"] == "cost" and r["mean_cost"] is not None
+    gpt4 = r["baselines"]["best_single"]
+    assert gpt4["name"] == "gpt-4-1106-preview"
+    assert 0 < r["aiq"]["router"] <= 1 and 0 < r["aiq"]["single_models"] <= 1
+    lo, hi = r["aiq"]["cost_range"]
+    costs = [c for c, _ in r["single_models"].values()]
+    assert (lo, hi) == (min(costs), max(costs))
+    assert len(r["frontier"]) == 11 and len(r["accuracy_by_k"]) == 5
+    for name in ("accuracy_vs_k.png", "cost_frontier.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -124,10 +124,12 @@ def test_vote_scoring_by_hand():
         Decision(experts=["a", "b", "c"], scores=heavy_a),  # B gets 0.8 < A's 0.9: A wins, right
         Decision(experts=["a", "a", "b"], scores={"a": 0.3, "b": 0.5}),  # C: 0.6 vs D: 0.5: wrong
     ]
-    correct, cost = score(decisions, data, "vote")
-    assert correct.tolist() == [1.0, 0.0] and cost.tolist() == [5.0, 7.0]
-    best, _ = score(decisions, data, "best")
-    assert best.tolist() == [1.0, 1.0]  # top-scored: a on q0, b on q1
+    fold = score(decisions, data, "vote")
+    assert fold.correct.tolist() == [1.0, 0.0] and fold.cost.tolist() == [5.0, 7.0]
+    assert fold.consensus.tolist() == [False, False]
+    assert score(decisions, data, "best").correct.tolist() == [1.0, 1.0]  # top-scored: a on q0, b on q1
+    agree = score([Decision(experts=["b", "c"], scores={"b": 0.5, "c": 0.5})] * 2, data, "vote")
+    assert agree.consensus.tolist() == [True, True]
     orc = oracle(data, np.array([0, 1]))
     assert orc.accuracy == 1.0 and orc.mean_cost == 2.0  # cheapest right expert: 3 on q0, 1 on q1
 
@@ -196,3 +198,15 @@ def test_grading_rules(text, gold, right):
     from routers.grading import is_correct
 
     assert is_correct(text, gold) is right
+
+
+def test_frontier_and_aiq_by_hand():
+    from routers.frontier import aiq, frontier
+
+    pts = [(1.0, 0.5), (2.0, 0.55), (3.0, 0.9), (4.0, 0.8), (0.5, 0.2)]
+    # (2, .55) lies under the chord from (1, .5) to (3, .9); (4, .8) is dominated.
+    assert frontier(pts) == [(0.5, 0.2), (1.0, 0.5), (3.0, 0.9)]
+    # Over [0.5, 4]: 0.5*(0.2+0.5)/2 + 2*(0.5+0.9)/2 + 1*0.9 = 0.175 + 1.4 + 0.9 = 2.475; / 3.5
+    assert abs(aiq(pts, (0.5, 4.0)) - 2.475 / 3.5) < 1e-3
+    # Starting before the cheapest point counts that stretch as zero accuracy.
+    assert aiq([(1.0, 1.0)], (0.0, 2.0)) == pytest.approx(0.5, abs=1e-3)
