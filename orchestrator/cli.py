@@ -421,19 +421,29 @@ def profile(
     models: Annotated[str | None, typer.Option(help="imported: comma-separated model names")] = None,
     tasks: Annotated[Path | None, typer.Option(help="live: a task file with gold answers (*_train.json)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="live: use only the first N questions")] = None,
+    annotator: Annotated[
+        str | None, typer.Option(help="live: a configured expert that names each question's skills (5 samples)")
+    ] = None,
+    select_aggregator: Annotated[
+        bool, typer.Option(help="live: rank aggregators by the synthesis test (one right, two wrong answers)")
+    ] = True,
     max_new_tokens: MaxTokOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Build expert profiles and the FAISS skill index from recorded outcomes (--data) or a live run (--tasks)."""
     from orchestrator.offline import load_eval_data
-    from orchestrator.profiling import live_outcomes, load_tasks, save_artifacts
+    from orchestrator.profiling import live_outcomes, llm_keywords, load_tasks, rank_aggregators, save_artifacts
+    from routers.annotators import LLMAnnotator
     from routers.embedding import Embedder
     from workers.model_store import default_root, embedder_path
 
     if (data is None) == (tasks is None):
         raise UsageError("give exactly one source: --data DIR (imported) or --tasks FILE (live)")
+    if annotator is not None and tasks is None:
+        raise UsageError("--annotator needs a live run (--tasks): recorded outcomes carry no expert to ask")
     embedder = Embedder(embedder_path(), default_root().parent / "embeddings")
+    keywords, agg_accuracy = None, None
     if data is not None:
         names = [m.strip() for m in models.split(",")] if models else None
         with err.status("embedding the questions"):
@@ -442,26 +452,41 @@ def profile(
         source: dict[str, object] = {"kind": "imported", "data": str(data), "pool": pool}
     else:
         cfg = load_config(config)
+        if annotator is not None:
+            cfg.expert(annotator)
         questions, gold = load_tasks(tasks, limit)
 
         async def work(pool_):  # noqa: ANN001, ANN202
             from rich.progress import Progress
 
+            async def gen(name: str, prompts: list[str]):  # noqa: ANN202
+                return await pool_.generate(name, prompts, _params(cfg, name, max_new_tokens, None))
+
             with Progress(console=err) as bar:
                 task = bar.add_task("experts answering", total=len(pool_.names))
-
-                async def gen(name: str, prompts: list[str]):  # noqa: ANN202
-                    return await pool_.generate(name, prompts, _params(cfg, name, max_new_tokens, None))
-
-                return await live_outcomes(
+                correct_, answers = await live_outcomes(
                     gen, pool_.names, questions, gold, on_expert=lambda _e: bar.advance(task)
                 )
+            kws, ranking = None, None
+            if annotator is not None:
+                llm = LLMAnnotator()
 
-        correct, _ = _run(_with_pool(cfg, store, work))
+                async def sample(prompts: list[str], temperature: float):  # noqa: ANN202
+                    params = _params(cfg, annotator, 32, temperature)
+                    return await pool_.generate(annotator, prompts, params)
+
+                with err.status(f"{annotator} is naming skills ({llm.samples} samples each)"):
+                    kws = await llm_keywords(sample, questions, llm)
+            if select_aggregator:
+                with err.status("synthesis test for the aggregator ranking"):
+                    ranking = await rank_aggregators(gen, pool_.names, questions, gold, answers, correct_)
+            return correct_, kws, ranking
+
+        correct, keywords, agg_accuracy = _run(_with_pool(cfg, store, work))
         texts, experts, cost = questions, [e.name for e in cfg.experts], None
-        source = {"kind": "live", "tasks": str(tasks), "limit": limit}
+        source = {"kind": "live", "tasks": str(tasks), "limit": limit, "annotator": annotator or "embedding"}
     with err.status("annotating skills and building the index"):
-        folder = save_artifacts(texts, correct, experts, cost, embedder, out_dir, source)
+        folder = save_artifacts(texts, correct, experts, cost, embedder, out_dir, source, keywords, agg_accuracy)
     summary = (folder / "summary.json").read_text()
     table = Table(title=f"profiles saved to {folder}")
     for col in ("expert", "accuracy", "global strength", "best skills"):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from routers.annotators import EmbeddingAnnotator
+from routers.aggregation import selection_items, synthesis_prompt
+from routers.annotators import EmbeddingAnnotator, LLMAnnotator
 from routers.base import RoutingError
 from routers.embedding import Embedder
 from routers.grading import is_correct
@@ -40,22 +41,32 @@ def save_artifacts(
     embedder: Embedder,
     out_dir: Path,
     source: dict[str, object],
+    keywords: list[list[str]] | None = None,
+    aggregator_accuracy: dict[str, float] | None = None,
 ) -> Path:
+    """Annotate (unless keywords are given), build profiles and the index, and save them with a summary."""
     if len(texts) == 0:
         raise RoutingError("the validation set is empty: nothing to profile")
-    keywords = EmbeddingAnnotator(embedder).annotate(texts, embedder.encode(texts))
+    if keywords is None:
+        keywords = EmbeddingAnnotator(embedder).annotate(texts, embedder.encode(texts))
     profiles = build_profiles(keywords, correct, experts, cost)
     index = SkillIndex(profiles.skills, embedder.encode(profiles.skills))
     version = time.strftime("%Y%m%d-%H%M%S")
     folder = out_dir / version
     profiles.save(folder)
     index.save(folder)
-    (folder / "summary.json").write_text(json.dumps(summarise(profiles, index, source), indent=2))
+    summary = summarise(profiles, index, {**source, "n_questions": len(texts)}, aggregator_accuracy)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "LATEST").write_text(version + "\n")
     return folder
 
 
-def summarise(profiles: Profiles, index: SkillIndex, source: dict[str, object]) -> dict[str, object]:
+def summarise(
+    profiles: Profiles,
+    index: SkillIndex,
+    source: dict[str, object],
+    aggregator_accuracy: dict[str, float] | None = None,
+) -> dict[str, object]:
     strength = profiles.global_strength()
     acc = profiles.smoothed_accuracy()
     seen_enough = profiles.seen[:, 0] >= 3
@@ -63,10 +74,15 @@ def summarise(profiles: Profiles, index: SkillIndex, source: dict[str, object]) 
     for j, expert in enumerate(profiles.experts):
         order = [i for i in np.argsort(-acc[:, j]) if seen_enough[i]][:5]
         top_skills[expert] = [profiles.skills[i] for i in order]
-    ranking = sorted(profiles.experts, key=lambda e: -profiles.overall[profiles.experts.index(e)])
+    if aggregator_accuracy:
+        ranking = sorted(aggregator_accuracy, key=lambda e: -aggregator_accuracy[e])
+        method = f"synthesis test: accuracy {aggregator_accuracy}"
+    else:
+        # Without a synthesis test, aggregators are ranked by answering accuracy alone.
+        ranking = sorted(profiles.experts, key=lambda e: -profiles.overall[profiles.experts.index(e)])
+        method = "overall accuracy (no synthesis test was run)"
     return {
         "source": source,
-        "n_questions": int(round(profiles.seen[:, 0].max())) if len(profiles.skills) else 0,
         "n_skills": len(profiles.skills),
         "index": index.kind,
         "experts": {
@@ -78,9 +94,8 @@ def summarise(profiles: Profiles, index: SkillIndex, source: dict[str, object]) 
             }
             for j, e in enumerate(profiles.experts)
         },
-        # No synthesis test has been run, so aggregators are ranked by accuracy alone.
         "aggregator_ranking": ranking,
-        "aggregator_ranking_method": "overall accuracy",
+        "aggregator_ranking_method": method,
     }
 
 
@@ -119,3 +134,34 @@ async def live_outcomes(
         correct[:, j] = [is_correct(t, g) for t, g in zip(texts, gold)]
         on_expert(expert)
     return correct, answers
+
+
+AGGREGATOR_FORMAT = "Finish with 'The answer is (X)' or, for a numeric answer, \\boxed{N}."
+
+
+async def llm_keywords(
+    generate: Callable[[list[str], float], object], questions: list[str], annotator: LLMAnnotator
+) -> list[list[str]]:
+    """The paper's annotation with a live expert: all samples of all questions in one batched call."""
+    result = await generate(annotator.prompts(questions), annotator.temperature)
+    return annotator.keywords(len(questions), [c.text for c in result.completions])
+
+
+async def rank_aggregators(
+    generate: Callable[[str, list[str]], object],
+    experts: list[str],
+    questions: list[str],
+    gold: list[str],
+    answers: dict[str, list[str]],
+    correct: np.ndarray,
+) -> dict[str, float]:
+    """Each candidate aggregator synthesises one right and two wrong answers per question; its accuracy."""
+    graded = {e: [bool(x) for x in correct[:, j]] for j, e in enumerate(experts)}
+    items = selection_items(questions, gold, answers, graded)
+    prompts = [synthesis_prompt(it.question, it.candidates, AGGREGATOR_FORMAT) for it in items]
+    scores = {}
+    for expert in experts:
+        result = await generate(expert, prompts)
+        right = [is_correct(c.text, it.gold) for c, it in zip(result.completions, items)]
+        scores[expert] = sum(right) / len(right)
+    return scores

@@ -66,12 +66,13 @@ class LLMAnnotator:
     """Symbolic-MoE's annotator: ``samples`` replies at ``temperature``, keywords kept by agreement.
 
     ``generate(prompts, temperature)`` returns one reply per prompt. The caller
-    binds it to a real expert.
+    binds it to a real expert. An async caller uses :meth:`prompts` and
+    :meth:`keywords` around its own generation call instead.
     """
 
     def __init__(
         self,
-        generate: Callable[[list[str], float], list[str]],
+        generate: Callable[[list[str], float], list[str]] | None = None,
         samples: int = 5,
         temperature: float = 0.7,
         min_agree: int = 2,
@@ -81,14 +82,23 @@ class LLMAnnotator:
         self.temperature = temperature
         self.min_agree = min_agree
 
-    def annotate(self, queries: list[str]) -> list[list[str]]:
-        prompts = [ANNOTATION_PROMPT.format(question=q) for q in queries]
-        replies = self.generate(prompts * self.samples, self.temperature)
-        n = len(queries)
+    def prompts(self, queries: list[str]) -> list[str]:
+        """Every query's annotation prompt, ``samples`` times over (sample-major)."""
+        return [ANNOTATION_PROMPT.format(question=q) for q in queries] * self.samples
+
+    def keywords(self, n_queries: int, replies: list[str]) -> list[list[str]]:
+        """Reduce the replies to :meth:`prompts` to each query's agreed keywords."""
         return [
-            agreed_keywords([parse_keywords(replies[s * n + i]) for s in range(self.samples)], self.min_agree)
-            for i in range(n)
+            agreed_keywords(
+                [parse_keywords(replies[s * n_queries + i]) for s in range(self.samples)], self.min_agree
+            )
+            for i in range(n_queries)
         ]
+
+    def annotate(self, queries: list[str]) -> list[list[str]]:
+        if self.generate is None:
+            raise RuntimeError("this annotator has no generate callable; use prompts() and keywords()")
+        return self.keywords(len(queries), self.generate(self.prompts(queries), self.temperature))
 
 
 def candidate_phrases(text: str, max_ngram: int = 2, limit: int = 24) -> list[str]:

@@ -41,6 +41,7 @@ def test_imported_profiles_load_into_a_working_router(mmlu_slice, tmp_path):  # 
     [
         ((), "give exactly one source"),
         (("--tasks", "/no/such.json"), "cannot read task file /no/such.json"),
+        (("--data", "/tmp", "--annotator", "smollm2"), "--annotator needs a live run"),
     ],
 )
 def test_profile_bad_input(args, message):
@@ -53,11 +54,16 @@ def test_profile_bad_input(args, message):
 def test_live_profiles_from_the_bundled_experts(bench_data, store, tmp_path):
     out = tmp_path / "live"
     tasks = bench_data / "symbolic-moe-tasks" / "MMLU_Pro_train.json"
-    proc = concilium("profile", "--tasks", str(tasks), "--limit", "6", "-n", "24", "--out", str(out))
+    proc = concilium("profile", "--tasks", str(tasks), "--limit", "6", "-n", "24", "--annotator", "smollm2",
+                     "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     folder = out / (out / "LATEST").read_text().strip()
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["source"] == {"kind": "live", "tasks": str(tasks), "limit": 6}
+    assert summary["source"] == {
+        "kind": "live", "tasks": str(tasks), "limit": 6, "annotator": "smollm2", "n_questions": 6,
+    }
+    assert summary["aggregator_ranking_method"].startswith("synthesis test")
+    assert sorted(summary["aggregator_ranking"]) == ["gemma3", "smollm2"]
     assert set(summary["experts"]) == {"smollm2", "gemma3"}
     from routers.profiles import Profiles
 
