@@ -40,6 +40,7 @@ class SkillRouter:
         prior: float = 4.0,
         temperature: float = 0.5,
         sharpness: float = 4.0,
+        soft: bool = True,
     ) -> None:
         self.embedder = embedder
         self.annotator = annotator or EmbeddingAnnotator(embedder)
@@ -47,6 +48,7 @@ class SkillRouter:
         self.prior = prior
         self.temperature = temperature
         self.sharpness = sharpness
+        self.soft = soft
         self.profiles: Profiles | None = None
         self.index: SkillIndex | None = None
 
@@ -104,7 +106,7 @@ class SkillRouter:
                     "uniform random draw" if options.policy == "symbolic" else "overall accuracy"
                 )
                 scores = np.ones(len(experts)) if options.policy == "symbolic" else self.profiles.overall
-            elif options.policy == "symbolic":
+            elif options.policy == "symbolic" or not self.soft:
                 scores = self._paper_weights(mapping)
             else:
                 scores = self._expected_accuracy(mapping)
@@ -129,3 +131,17 @@ class SkillRouter:
                 )
             )
         return decisions
+
+
+@register("skill_paper")
+class PaperSkillRouter(SkillRouter):
+    """The paper's scoring for every policy: top-1 mapping, raw ±1 counts × global strength.
+
+    For ablation against the soft, smoothed default: with ``topk`` it picks
+    deterministically by the paper's weights instead of sampling.
+    """
+
+    name = "skill_paper"
+
+    def __init__(self, embedder: Embedder, **kwargs: object) -> None:
+        super().__init__(embedder, soft=False, **kwargs)
