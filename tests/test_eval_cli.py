@@ -113,3 +113,28 @@ def test_cost_frontier_aiq_and_plots(routerbench_slice, tmp_path):
     assert len(r["frontier"]) == 11 and len(r["accuracy_by_k"]) == 5
     for name in ("accuracy_vs_k.png", "cost_frontier.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_test_split_profiles_on_train_only(mmlu_slice, bench_data, tmp_path):
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    src = bench_data / "mmlu-pro-28llm"
+    (test_dir / "models.json").write_text((src / "models.json").read_text())
+    with (src / "data.jsonl").open() as fh:
+        lines = fh.readlines()[MMLU_SLICE : MMLU_SLICE + 150]
+    (test_dir / "data.jsonl").write_text("".join(lines))
+    out = tmp_path / "r.json"
+    proc = concilium("eval", "--train", str(mmlu_slice), "--test", str(test_dir), "--pool", "open-small",
+                     "--router", "knn", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["n_queries"] == 150 and r["protocol"].startswith("profiles on")
+    assert r["baselines"]["oracle"]["accuracy"] >= r["accuracy"]
+
+
+def test_empty_validation_set_is_rejected(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    proc = concilium("profile", "--tasks", str(empty))
+    assert proc.returncode == 2
+    assert "the validation set is empty" in proc.stderr
