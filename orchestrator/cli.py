@@ -58,6 +58,7 @@ class UsageError(ValueError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from orchestrator.runtime import RayConnectError
+    from orchestrator.scheduler import RequestError
     from routers.base import RoutingError
     from workers.placement import PlacementError
     from workers.recorded import RecordedDataError
@@ -66,7 +67,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         ConfigError, ModelStoreError, EmptyPromptError, UsageError, RayConnectError,
         PlacementError, UnknownExpertError, BudgetError, ExpertUnavailableError, RoutingError,
-        RecordedDataError,
+        RecordedDataError, RequestError,
     )
 
 
@@ -225,42 +226,68 @@ def generate(
 @friendly
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
+    k: Annotated[int | None, typer.Option(help="experts recruited (default: routing.k)")] = None,
+    aggregation: Annotated[str | None, typer.Option(help="synthesize, vote or best")] = None,
+    policy: Annotated[str | None, typer.Option(help="symbolic, topk or cost")] = None,
+    experts: Annotated[str | None, typer.Option(help="comma-separated allow-list of experts")] = None,
     max_new_tokens: MaxTokOpt = None,
     temperature: TempOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Ask every configured expert and print their answers side by side."""
+    """Route the question to experts, run them batched, aggregate, and print the answer with its trace."""
+    from orchestrator.pipeline import Pipeline
+    from orchestrator.scheduler import AllExpertsFailed, QueryRequest
+    from routers.base import RouteOptions
+
     cfg = load_config(config)
     Prompt.of(question)
+    r = cfg.routing
+    params = None
+    if max_new_tokens is not None or temperature is not None:
+        params = _params(cfg, cfg.experts[0].name, max_new_tokens, temperature)
+    request = QueryRequest(
+        query=question,
+        options=RouteOptions(k=k or r.k, policy=policy or r.policy),
+        aggregation=aggregation or r.aggregation,
+        experts=[e.strip() for e in experts.split(",")] if experts else None,
+        params=params,
+    )
 
-    from workers.pool import reason
+    async def main():  # noqa: ANN202
+        pipeline = await Pipeline.start(cfg, store)
+        try:
+            with err.status("routing, solving, aggregating"):
+                return await pipeline.ask(request)
+        finally:
+            await pipeline.close()
 
-    async def work(pool):  # noqa: ANN001, ANN202
-        async def one(name: str):  # noqa: ANN202
-            try:
-                return await pool.generate(name, [question], _params(cfg, name, max_new_tokens, temperature))
-            except Exception as exc:  # one expert's failure must not hide the others' answers
-                return RuntimeError(reason(exc))
-
-        names = pool.names
-        return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
-
-    results = _run(_with_pool(cfg, store, work))
-    table = Table(title=question, show_lines=True)
-    for col in ("expert", "answer", "tokens (prompt+completion)", "seconds"):
-        table.add_column(col)
-    failures = 0
-    for name, res in results.items():
-        if isinstance(res, Exception):
-            failures += 1
-            table.add_row(name, f"[red]{res}[/]", "-", "-")
-        else:
-            c = res.completions[0]
-            table.add_row(name, c.text, f"{c.prompt_tokens}+{c.completion_tokens}", f"{res.generate_s:.2f}")
+    try:
+        answer = _run(main())
+    except AllExpertsFailed as exc:  # work failed, the input was fine: exit 1
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    d = answer.decision
+    out.print(f"[bold]{question}[/]", highlight=False)
+    out.print(answer.text, highlight=False)
+    table = Table(title="expert answers", show_lines=True)
+    for col in ("expert", "answer", "tokens (prompt+completion)", "score"):
+        table.add_column(col, overflow="fold")
+    for a in answer.answers:
+        table.add_row(a.expert, a.text, f"{a.prompt_tokens}+{a.completion_tokens}", f"{d.scores.get(a.expert, 0):.3f}")
     out.print(table)
-    if failures == len(results):
-        raise typer.Exit(1)
+    agg = answer.aggregator or f"skipped ({answer.aggregation_skipped})"
+    err.print(f"aggregation: {answer.aggregation}, aggregator: {agg}", highlight=False)
+    err.print(f"routing: experts {d.experts}, skills {d.skills or '-'}"
+              + (f", fallback: {d.fallback}" if d.fallback else ""), highlight=False)
+    for note in answer.degraded:
+        err.print(f"[yellow]degraded:[/] {note}", highlight=False)
+    t = answer.timings
+    err.print(
+        f"cost ${answer.cost_usd:.6f}; queue {t['queue_s']:.2f} s, route {t['route_s']:.2f} s, "
+        f"solve {t['solve_s']:.2f} s, aggregate {t['aggregate_s']:.2f} s, total {t['total_s']:.2f} s",
+        highlight=False,
+    )
 
 
 def _int_list(text: str, what: str) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -29,6 +30,22 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs for local Ray")
     num_gpus: int | None = Field(None, ge=0, description="logical GPUs for local Ray (placement tests)")
     resources: dict[str, float] = {}
+
+
+class RoutingConfig(Strict):
+    """How the pipeline routes and batches; a request may override k, policy and aggregation."""
+
+    profiles: Path = Field(
+        Path("artifacts/profiles"),
+        description="profile artifacts from `concilium profile`; without profiles for the configured experts, "
+        "every expert answers",
+    )
+    k: int = Field(3, ge=1, le=64)
+    policy: Literal["symbolic", "topk", "cost"] = "topk"
+    aggregation: Literal["synthesize", "vote", "best"] = "synthesize"
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(20.0, ge=0.0, le=10_000)
+    expert_timeout_s: float = Field(300.0, gt=0)
 
 
 def _bundled_experts() -> list[ExpertConfig]:
@@ -52,6 +69,7 @@ class ConciliumConfig(Strict):
     model_store: Path | None = Field(None, description="defaults to $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models")
     ray: RayConfig = RayConfig()
     pool: PoolConfig = PoolConfig()
+    routing: RoutingConfig = RoutingConfig()
     experts: list[ExpertConfig] = Field(default_factory=_bundled_experts, min_length=1)
 
     @model_validator(mode="after")

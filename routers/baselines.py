@@ -122,3 +122,23 @@ class KnnRouter:
             scores = (self.correct[row].sum(axis=0) + self.prior * self.overall) / (len(row) + self.prior)
             out.append(_decision(self.experts, pick(scores, options, self.cost, rng), scores))
         return out
+
+
+@register("all")
+class AllExpertsRouter:
+    """Every expert answers once. The pipeline's fallback when no profiles exist for its experts."""
+
+    def __init__(self, experts: list[str] | None = None, fallback: str | None = None, **_: object) -> None:
+        self.experts = list(experts or [])
+        self.fallback = fallback
+
+    def fit(self, train: TrainingSet) -> None:
+        self.experts = train.experts
+
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
+        if not self.experts:
+            raise RuntimeError("the all-experts router has no experts: call fit() or pass experts")
+        scores = np.linspace(1.0, 0.5, len(self.experts))  # config order breaks ties
+        return [
+            _decision(self.experts, list(range(len(self.experts))), scores, fallback=self.fallback) for _ in texts
+        ]

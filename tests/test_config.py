@@ -111,4 +111,4 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults():
     example = load_config(Path(__file__).resolve().parents[1] / "deploy" / "concilium.example.yaml")
     defaults = ConciliumConfig()
     assert [e.model_dump() for e in example.experts] == [e.model_dump() for e in defaults.experts]
-    assert example.ray == defaults.ray and example.pool == defaults.pool
+    assert example.ray == defaults.ray and example.pool == defaults.pool and example.routing == defaults.routing

@@ -1,0 +1,348 @@
+"""The batched-by-expert scheduler: the only place that decides what runs when.
+
+Requests wait at most ``max_wait_ms`` or until ``max_batch`` are queued. Then
+the whole window is processed in phases:
+1. route: one router call per distinct routing setting in the window;
+2. solve: the (request, expert) pairs are grouped by expert and sampling
+   settings, so each expert gets one batched call, and duplicates from
+   sampling with replacement are extra rows of that call. Different experts
+   run concurrently, resident experts first. An expert that must be loaded is
+   leased once for all its work in the window, so it loads at most once per
+   window;
+3. re-route: a request that lost every expert goes to its next-ranked healthy
+   expert, and the answer is marked degraded;
+4. aggregate: synthesis prompts are grouped by aggregator and batched the same
+   way. vote and best need no call, and synthesis is skipped on consensus.
+
+Windows run one after another, so these invariants hold per window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from orchestrator.aggregate import AGGREGATIONS, Aggregated, aggregate_without_call, synthesis_request
+from routers.base import Decision, RouteOptions, Router, pick
+from workers.pool import ExpertPool, reason
+from workers.types import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request rejected before it queues: unknown aggregation or expert, empty query."""
+
+
+class AllExpertsFailed(RuntimeError):
+    """Every expert recruited for a request failed, and so did the re-route."""
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    max_batch: int = 32
+    max_wait_ms: float = 20.0
+    expert_timeout_s: float = 300.0
+
+
+@dataclass
+class QueryRequest:
+    query: str
+    options: RouteOptions = field(default_factory=RouteOptions)
+    aggregation: str = "synthesize"
+    experts: list[str] | None = None
+    """An allow-list: only these experts may be recruited."""
+    params: SamplingParams | None = None
+
+
+@dataclass
+class ExpertAnswer:
+    expert: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Answer:
+    text: str
+    answers: list[ExpertAnswer]
+    aggregation: str
+    aggregator: str | None
+    aggregation_skipped: str | None
+    decision: Decision
+    usage: dict[str, dict[str, int]]
+    cost_usd: float
+    timings: dict[str, float]
+    degraded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerStats:
+    windows: int = 0
+    requests: int = 0
+    expert_calls: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    loads_per_window: list[int] = field(default_factory=list)
+    distinct_experts_per_window: list[int] = field(default_factory=list)
+    queue_wait_s: list[float] = field(default_factory=list)
+    overhead_s: list[float] = field(default_factory=list)
+    """Per window: wall time minus the time spent inside expert calls, divided by its requests."""
+
+
+@dataclass
+class _Pending:
+    request: QueryRequest
+    future: asyncio.Future
+    enqueued: float
+    decision: Decision | None = None
+    answers: list[ExpertAnswer] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(
+        self, router: Router, pool: ExpertPool, settings: SchedulerSettings, costs: dict[str, float]
+    ) -> None:
+        self.router = router
+        self.pool = pool
+        self.settings = settings
+        self.costs = costs
+        self.stats = SchedulerStats()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def validate(self, request: QueryRequest) -> None:
+        if not request.query.strip():
+            raise RequestError("the query is empty")
+        if request.aggregation not in AGGREGATIONS:
+            raise RequestError(
+                f"unknown aggregation {request.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
+            )
+        unknown = [e for e in request.experts or [] if e not in self.pool.names]
+        if unknown:
+            raise RequestError(f"unknown expert(s) {', '.join(unknown)}; configured: {', '.join(self.pool.names)}")
+        if request.experts is not None and not request.experts:
+            raise RequestError("the expert allow-list is empty")
+
+    async def submit(self, request: QueryRequest) -> Answer:
+        """Queue a request and wait for its answer; a cancelled caller's request is dropped from its window."""
+        self.validate(request)
+        pending = _Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
+        await self._queue.put(pending)
+        return await pending.future
+
+    async def _collect(self) -> list[_Pending]:
+        window = [await self._queue.get()]
+        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+        while len(window) < self.settings.max_batch:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                window.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return window
+
+    async def _loop(self) -> None:
+        while True:
+            window = await self._collect()
+            try:
+                await self._run_window(window)
+            except Exception as exc:  # a bug in one window must not stop the service
+                log.exception("window failed")
+                for p in window:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+
+    async def _run_window(self, window: list[_Pending]) -> None:
+        started = time.perf_counter()
+        live = [p for p in window if not p.future.cancelled()]
+        if not live:
+            return
+        loads_before = self.pool.stats.loads
+        for p in live:
+            p.timings["queue_s"] = started - p.enqueued
+            self.stats.queue_wait_s.append(p.timings["queue_s"])
+        await self._route(live)
+        routed = time.perf_counter()
+        expert_time = await self._solve(live, {i: p.decision.experts for i, p in enumerate(live)})
+        orphans = {i: self._reroute(p) for i, p in enumerate(live) if not p.answers}
+        orphans = {i: e for i, e in orphans.items() if e}
+        if orphans:
+            expert_time += await self._solve(live, orphans)
+        solved = time.perf_counter()
+        expert_time += await self._aggregate(live, routed, solved)
+        done = time.perf_counter()
+        self.stats.windows += 1
+        self.stats.requests += len(live)
+        self.stats.loads_per_window.append(self.pool.stats.loads - loads_before)
+        self.stats.distinct_experts_per_window.append(
+            len({e for p in live for e in p.decision.experts} | {a.expert for p in live for a in p.answers})
+        )
+        self.stats.overhead_s.append(max(0.0, (done - started) - expert_time) / len(live))
+
+    async def _route(self, live: list[_Pending]) -> None:
+        groups: dict[tuple, list[_Pending]] = defaultdict(list)
+        for p in live:
+            o = p.request.options
+            groups[(o.k, o.policy, o.cost_lambda, o.seed)].append(p)
+        for members in groups.values():
+            options = members[0].request.options
+            texts = [p.request.query for p in members]
+            t0 = time.perf_counter()
+            # Routing embeds text: CPU work that must not stall the event loop.
+            decisions = await asyncio.to_thread(self.router.route, texts, options)
+            elapsed = (time.perf_counter() - t0) / len(members)
+            for p, d in zip(members, decisions):
+                p.decision = self._restrict(d, p.request, options)
+                p.timings["route_s"] = elapsed
+
+    def _restrict(self, decision: Decision, request: QueryRequest, options: RouteOptions) -> Decision:
+        """Apply the request's allow-list by re-picking among allowed experts with the router's scores."""
+        if request.experts is None:
+            return decision
+        allowed = [e for e in self.pool.names if e in request.experts]
+        scores = np.array([decision.scores.get(e, 0.0) for e in allowed])
+        chosen = pick(scores, options, None, np.random.default_rng(options.seed))
+        decision.experts = [allowed[i] for i in chosen]
+        if decision.aggregator not in allowed:
+            decision.aggregator = allowed[int(np.argmax(scores))]
+        decision.trace["allow_list"] = allowed
+        return decision
+
+    def _reroute(self, p: _Pending) -> list[str]:
+        healthy = self.pool.healthy()
+        ranked = sorted(p.decision.scores, key=lambda e: -p.decision.scores[e])
+        allowed = p.request.experts or self.pool.names
+        for expert in ranked:
+            if expert in allowed and healthy.get(expert) and expert not in p.failed:
+                p.degraded.append(f"re-routed to {expert} after {', '.join(sorted(set(p.failed)))} failed")
+                return [expert]
+        return []
+
+    def _params(self, p: _Pending, expert: str) -> SamplingParams:
+        if p.request.params is not None:
+            return p.request.params
+        gen = self.pool.config_of(expert).generation
+        return SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.seed)
+
+    def _order(self, experts: list[str]) -> list[str]:
+        resident = set(self.pool.resident())
+        return sorted(experts, key=lambda e: (e not in resident, e))
+
+    async def _solve(self, live: list[_Pending], assignment: dict[int, list[str]]) -> float:
+        """One batched call per (expert, settings); returns the seconds spent inside expert calls."""
+        groups: dict[tuple[str, SamplingParams], list[int]] = defaultdict(list)
+        for i, experts in assignment.items():
+            for expert in experts:
+                groups[(expert, self._params(live[i], expert))].append(i)
+        by_expert: dict[str, list[tuple[SamplingParams, list[int]]]] = defaultdict(list)
+        for (expert, params), rows in groups.items():
+            by_expert[expert].append((params, rows))
+
+        async def run_expert(expert: str) -> float:
+            spent = 0.0
+            for params, rows in by_expert[expert]:
+                prompts = [live[i].request.query for i in rows]
+                t0 = time.perf_counter()
+                try:
+                    result = await asyncio.wait_for(
+                        self.pool.generate(expert, prompts, params), self.settings.expert_timeout_s
+                    )
+                except Exception as exc:
+                    why = "timed out" if isinstance(exc, TimeoutError) else reason(exc)
+                    for i in rows:
+                        live[i].failed.append(expert)
+                        live[i].degraded.append(f"{expert} failed: {why}")
+                    continue
+                finally:
+                    spent += time.perf_counter() - t0
+                self.stats.expert_calls += 1
+                self.stats.batch_sizes.append(len(rows))
+                for i, c in zip(rows, result.completions):
+                    live[i].answers.append(ExpertAnswer(expert, c.text, c.prompt_tokens, c.completion_tokens))
+            return spent
+
+        # Resident experts start first; the pool's leases hold each expert resident for all its rows.
+        tasks = [asyncio.create_task(run_expert(e)) for e in self._order(list(by_expert))]
+        return sum(await asyncio.gather(*tasks))
+
+    async def _aggregate(self, live: list[_Pending], routed: float, solved: float) -> float:
+        calls: dict[tuple[str, SamplingParams], list[tuple[int, str]]] = defaultdict(list)
+        results: dict[int, Aggregated] = {}
+        for i, p in enumerate(live):
+            if not p.answers:
+                continue
+            done = aggregate_without_call(p.request.aggregation, p.answers, p.decision)
+            if done is not None:
+                results[i] = done
+            else:
+                aggregator, prompt = synthesis_request(p.request.query, p.answers, p.decision, self.pool.healthy())
+                calls[(aggregator, self._params(p, aggregator))].append((i, prompt))
+        spent = 0.0
+        for (aggregator, params), items in calls.items():
+            t0 = time.perf_counter()
+            try:
+                out = await asyncio.wait_for(
+                    self.pool.generate(aggregator, [prompt for _, prompt in items], params),
+                    self.settings.expert_timeout_s,
+                )
+                self.stats.expert_calls += 1
+                self.stats.batch_sizes.append(len(items))
+                for (i, _), c in zip(items, out.completions):
+                    results[i] = Aggregated(c.text, aggregator, None, {aggregator: (c.prompt_tokens, c.completion_tokens)})
+            except Exception as exc:
+                for i, _ in items:
+                    fallback = aggregate_without_call("best", live[i].answers, live[i].decision)
+                    live[i].degraded.append(f"aggregator {aggregator} failed ({reason(exc)}); returned the best answer")
+                    results[i] = fallback
+            spent += time.perf_counter() - t0
+        finished = time.perf_counter()
+        for i, p in enumerate(live):
+            if p.future.done():
+                continue
+            if i not in results:
+                p.future.set_exception(AllExpertsFailed(
+                    "every recruited expert failed: " + "; ".join(p.degraded or ["no expert was available"])
+                ))
+                continue
+            p.timings.update(solve_s=solved - routed, aggregate_s=finished - solved, total_s=finished - p.enqueued)
+            p.future.set_result(self._answer(p, results[i]))
+        return spent
+
+    def _answer(self, p: _Pending, agg: Aggregated) -> Answer:
+        usage: dict[str, dict[str, int]] = defaultdict(lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+        for a in p.answers:
+            usage[a.expert]["prompt_tokens"] += a.prompt_tokens
+            usage[a.expert]["completion_tokens"] += a.completion_tokens
+        for expert, (pt, ct) in agg.usage.items():
+            usage[expert]["prompt_tokens"] += pt
+            usage[expert]["completion_tokens"] += ct
+        cost = sum(
+            (u["prompt_tokens"] + u["completion_tokens"]) / 1000 * self.costs.get(e, 0.0) for e, u in usage.items()
+        )
+        return Answer(
+            text=agg.text, answers=p.answers, aggregation=p.request.aggregation, aggregator=agg.aggregator,
+            aggregation_skipped=agg.skipped, decision=p.decision, usage=dict(usage), cost_usd=cost,
+            timings=p.timings, degraded=p.degraded,
+        )
+

@@ -1,0 +1,214 @@
+"""The batched-by-expert scheduler with the real pool and real models, under a budget that fits one model.
+
+The router here is a fixed table of assignments, a test double for routing
+only. It makes the windows' contents exact, so the invariants can be checked
+exactly. The pool, the actors and the models are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from orchestrator.scheduler import AllExpertsFailed, QueryRequest, RequestError, Scheduler, SchedulerSettings
+from routers.base import Decision, RouteOptions
+from tests.conftest import GEMMA, SMOLLM, run
+from workers.config import PoolConfig, TransformersExpert
+from workers.pool import ExpertPool
+from workers.types import SamplingParams
+
+pytestmark = pytest.mark.models
+
+SHORT = SamplingParams(max_new_tokens=6)
+
+
+class TableRouter:
+    """Routes each query by a fixed table: query text → recruited experts (duplicates allowed)."""
+
+    name = "table"
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.windows: list[list[str]] = []
+
+    def fit(self, train) -> None:  # noqa: ANN001
+        raise NotImplementedError
+
+    def route(self, texts, options, vectors=None):  # noqa: ANN001, ANN201
+        self.windows.append(list(texts))
+        return [
+            Decision(experts=list(self.table[t]), scores={"smollm2": 0.9, "gemma3": 0.4}, aggregator="smollm2")
+            for t in texts
+        ]
+
+
+EXPERTS = [
+    TransformersExpert(name="smollm2", source=SMOLLM, threads=1),
+    TransformersExpert(name="gemma3", source=GEMMA, threads=1),
+]
+
+
+async def _scheduler(table, budget_gb=1.2, experts=EXPERTS, **settings):
+    pool = await ExpertPool.start(experts, PoolConfig(memory_budget_gb={"cpu": budget_gb}),
+                                  namespace=f"t-{uuid.uuid4().hex[:8]}")
+    router = TableRouter(table)
+    sched = Scheduler(router, pool, SchedulerSettings(**settings), {"smollm2": 0.1, "gemma3": 0.2})
+    sched.start()
+    return sched, router, pool
+
+
+def test_one_load_per_expert_per_window_every_request_once_duplicates_in_one_call(ray_cluster, store):
+    table = {
+        "What is 2+2?": ["smollm2", "gemma3"],
+        "Name a colour.": ["gemma3", "gemma3", "smollm2"],  # a duplicate: two samples, one call
+        "What is the capital of Italy?": ["smollm2"],
+        "Name a fruit.": ["gemma3"],
+        "Say hello.": ["smollm2", "smollm2"],
+        "Count to three.": ["gemma3", "smollm2"],
+    }
+
+    async def main():
+        sched, router, pool = await _scheduler(table, max_batch=64, max_wait_ms=300)
+        try:
+            requests = [QueryRequest(q, aggregation="best", params=SHORT) for q in table]
+            answers = await asyncio.gather(*(sched.submit(r) for r in requests))
+            return answers, sched.stats, router.windows, pool.stats
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    answers, stats, windows, pool_stats = run(main())
+    assert len(windows) == 1 and sorted(windows[0]) == sorted(table)  # one window, one routing call
+    # Each request answered exactly once, by exactly the experts it was routed to (with multiplicity).
+    assert len(answers) == len(table)
+    for (query, experts), ans in zip(table.items(), answers):
+        assert sorted(a.expert for a in ans.answers) == sorted(experts)
+        assert ans.text and ans.aggregation_skipped in {"strategy best", "a single answer"}
+    # One batched call per expert; the duplicates are rows of those calls.
+    assert stats.expert_calls == 2
+    rows = Counter(e for experts in table.values() for e in experts)  # smollm2: 6, gemma3: 5 (one duplicate)
+    assert sorted(stats.batch_sizes) == sorted(rows.values()) == [5, 6]
+    # The budget fits one model: each expert loaded exactly once in the window, never twice.
+    assert stats.loads_per_window == [2] == stats.distinct_experts_per_window
+    assert pool_stats.loads_by_expert == {"smollm2": 1, "gemma3": 1}
+    assert all(a.cost_usd > 0 and a.timings["total_s"] >= a.timings["queue_s"] for a in answers)
+
+
+def test_windows_close_at_max_batch(ray_cluster, store):
+    table = {f"Say the number {i}.": ["smollm2"] for i in range(5)}
+
+    async def main():
+        sched, router, pool = await _scheduler(table, max_batch=2, max_wait_ms=200)
+        try:
+            await asyncio.gather(*(sched.submit(QueryRequest(q, aggregation="best", params=SHORT)) for q in table))
+            return router.windows, sched.stats
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    windows, stats = run(main())
+    assert [len(w) for w in windows] == [2, 2, 1]
+    assert stats.requests == 5 and stats.windows == 3
+
+
+def test_synthesis_batches_by_aggregator_and_consensus_skips(ray_cluster, store):
+    table = {"What is the capital of France?": ["smollm2", "gemma3"], "Say yes.": ["smollm2", "smollm2"]}
+
+    async def main():
+        sched, _, pool = await _scheduler(table, budget_gb=4.0, max_wait_ms=200)
+        try:
+            return await asyncio.gather(
+                *(sched.submit(QueryRequest(q, aggregation="synthesize", params=SHORT)) for q in table)
+            ), sched.stats
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    (france, yes), stats = run(main())
+    # Two identical greedy samples agree: no aggregator call, and the answer says why.
+    assert yes.aggregator is None and yes.aggregation_skipped.startswith("consensus")
+    if france.aggregation_skipped is None:  # the two models disagreed: smollm2 synthesised
+        assert france.aggregator == "smollm2" and "smollm2" in france.usage
+        assert stats.expert_calls == 3  # two solve calls + one aggregation call
+    else:
+        assert stats.expert_calls == 2
+
+
+def test_bad_requests_are_rejected_before_queueing(ray_cluster, store):
+    async def main():
+        sched, router, pool = await _scheduler({})
+        try:
+            for req, msg in [
+                (QueryRequest("hi", aggregation="median"), "unknown aggregation 'median'"),
+                (QueryRequest("hi", experts=["gpt-9"]), "unknown expert(s) gpt-9"),
+                (QueryRequest("   "), "the query is empty"),
+                (QueryRequest("hi", experts=[]), "allow-list is empty"),
+            ]:
+                with pytest.raises(RequestError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+                    await sched.submit(req)
+            return router.windows
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    assert run(main()) == []  # nothing reached a window
+
+
+def test_failed_expert_degrades_and_reroutes(ray_cluster, store, tmp_path):
+    """A broken expert fails its rows; a request that lost every expert goes to the next-ranked one."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "nope"}')
+    experts = [EXPERTS[0], TransformersExpert(name="gemma3", source=str(broken), memory_gb=0.1)]
+    table = {"Say hi.": ["smollm2", "gemma3"], "Say bye.": ["gemma3"]}
+
+    async def main():
+        sched, _, pool = await _scheduler(table, budget_gb=4.0, experts=experts, max_wait_ms=200)
+        try:
+            return await asyncio.gather(
+                *(sched.submit(QueryRequest(q, aggregation="best", params=SHORT)) for q in table)
+            )
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    hi, bye = run(main())
+    assert [a.expert for a in hi.answers] == ["smollm2"] and any("gemma3 failed" in d for d in hi.degraded)
+    assert [a.expert for a in bye.answers] == ["smollm2"]
+    assert any("re-routed to smollm2" in d for d in bye.degraded)
+
+
+def test_a_request_that_loses_every_expert_fails_clearly(ray_cluster, store, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "nope"}')
+    experts = [TransformersExpert(name="gemma3", source=str(broken), memory_gb=0.1)]
+
+    async def main():
+        sched, _, pool = await _scheduler({"Say hi.": ["gemma3"]}, experts=experts, max_wait_ms=50)
+        try:
+            with pytest.raises(AllExpertsFailed, match="every recruited expert failed: gemma3 failed"):
+                await sched.submit(QueryRequest("Say hi.", aggregation="best", params=SHORT))
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    run(main())
+
+
+def test_allow_list_restricts_recruitment(ray_cluster, store):
+    async def main():
+        sched, _, pool = await _scheduler({"Say hi.": ["smollm2", "gemma3"]}, budget_gb=4.0, max_wait_ms=50)
+        try:
+            return await sched.submit(QueryRequest("Say hi.", RouteOptions(k=1), "best", ["gemma3"], SHORT))
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    ans = run(main())
+    assert [a.expert for a in ans.answers] == ["gemma3"] and ans.decision.trace["allow_list"] == ["gemma3"]
+    assert np.isclose(ans.decision.scores["gemma3"], 0.4)
