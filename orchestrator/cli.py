@@ -378,6 +378,42 @@ def bench_router(
     out.print(table)
 
 
+@bench_app.command("scheduler")
+@friendly
+def bench_scheduler(
+    n: Annotated[int, typer.Option(min=1, help="queries in the burst")] = 128,
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer (greedy)")] = 8,
+    budget_one_gb: Annotated[float, typer.Option(help="a CPU memory budget that fits only one expert")] = 1.2,
+    max_batch: Annotated[int, typer.Option(min=1, help="the scheduler's window size")] = 64,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Batched-by-expert vs naive per-query (load/generate/unload) vs resident without batching."""
+    from dataclasses import asdict
+
+    from orchestrator.bench.scheduler import run_scheduler_bench
+    from orchestrator.runtime import init_ray
+
+    cfg = load_config(config)
+    init_ray(cfg.ray)
+    with err.status("benchmarking the scheduler") as status:
+        results = _run(run_scheduler_bench(cfg.experts, n, new_tokens, budget_one_gb, max_batch, status.update))
+    table = Table(title=f"scheduler, N={n}, {new_tokens} new tokens per answer, experts {[e.name for e in cfg.experts]}")
+    for col in ("budget", "variant", "loads", "wall s", "queries/s", "tokens/s", "p50 s", "p95 s", "overhead ms/q"):
+        table.add_column(col)
+    for r in results:
+        overhead = "-" if r.overhead_ms_per_query is None else f"{r.overhead_ms_per_query:.2f}"
+        table.add_row(r.budget, r.variant, str(r.loads), f"{r.wall_s:.1f}", f"{r.queries_per_s:.2f}",
+                      f"{r.tokens_per_s:.1f}", f"{r.p50_s:.1f}", f"{r.p95_s:.1f}", overhead)
+    out.print(table)
+    by = {(r.budget, r.variant): r for r in results}
+    for budget, other in (("fits one", "naive"), ("fits all", "resident")):
+        ratio = by[(budget, "batched")].queries_per_s / by[(budget, other)].queries_per_s
+        out.print(f"{budget}: batched / {other} throughput = {ratio:.1f}x")
+    if json_out is not None:
+        json_out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
 @app.command("eval")
 @friendly
 def eval_(

@@ -93,7 +93,8 @@ class SchedulerStats:
     distinct_experts_per_window: list[int] = field(default_factory=list)
     queue_wait_s: list[float] = field(default_factory=list)
     overhead_s: list[float] = field(default_factory=list)
-    """Per window: wall time minus the time spent inside expert calls, divided by its requests."""
+    """Per window and request: wall time minus the solve phase and the aggregation calls (routing,
+    grouping and bookkeeping)."""
 
 
 @dataclass
@@ -184,14 +185,16 @@ class Scheduler:
             self.stats.queue_wait_s.append(p.timings["queue_s"])
         await self._route(live)
         routed = time.perf_counter()
-        expert_time = await self._solve(live, {i: p.decision.experts for i, p in enumerate(live)})
+        await self._solve(live, {i: p.decision.experts for i, p in enumerate(live)})
         orphans = {i: self._reroute(p) for i, p in enumerate(live) if not p.answers}
         orphans = {i: e for i, e in orphans.items() if e}
         if orphans:
-            expert_time += await self._solve(live, orphans)
+            await self._solve(live, orphans)
         solved = time.perf_counter()
-        expert_time += await self._aggregate(live, routed, solved)
+        aggregate_calls_s = await self._aggregate(live, routed, solved)
         done = time.perf_counter()
+        # Expert time is the solve phase's wall time (calls run concurrently) plus the aggregation calls.
+        expert_time = (solved - routed) + aggregate_calls_s
         self.stats.windows += 1
         self.stats.requests += len(live)
         self.stats.loads_per_window.append(self.pool.stats.loads - loads_before)
@@ -249,8 +252,8 @@ class Scheduler:
         resident = set(self.pool.resident())
         return sorted(experts, key=lambda e: (e not in resident, e))
 
-    async def _solve(self, live: list[_Pending], assignment: dict[int, list[str]]) -> float:
-        """One batched call per (expert, settings); returns the seconds spent inside expert calls."""
+    async def _solve(self, live: list[_Pending], assignment: dict[int, list[str]]) -> None:
+        """One batched call per (expert, settings), experts concurrently, resident ones first."""
         groups: dict[tuple[str, SamplingParams], list[int]] = defaultdict(list)
         for i, experts in assignment.items():
             for expert in experts:
@@ -259,11 +262,9 @@ class Scheduler:
         for (expert, params), rows in groups.items():
             by_expert[expert].append((params, rows))
 
-        async def run_expert(expert: str) -> float:
-            spent = 0.0
+        async def run_expert(expert: str) -> None:
             for params, rows in by_expert[expert]:
                 prompts = [live[i].request.query for i in rows]
-                t0 = time.perf_counter()
                 try:
                     result = await asyncio.wait_for(
                         self.pool.generate(expert, prompts, params), self.settings.expert_timeout_s
@@ -274,17 +275,13 @@ class Scheduler:
                         live[i].failed.append(expert)
                         live[i].degraded.append(f"{expert} failed: {why}")
                     continue
-                finally:
-                    spent += time.perf_counter() - t0
                 self.stats.expert_calls += 1
                 self.stats.batch_sizes.append(len(rows))
                 for i, c in zip(rows, result.completions):
                     live[i].answers.append(ExpertAnswer(expert, c.text, c.prompt_tokens, c.completion_tokens))
-            return spent
 
         # Resident experts start first; the pool's leases hold each expert resident for all its rows.
-        tasks = [asyncio.create_task(run_expert(e)) for e in self._order(list(by_expert))]
-        return sum(await asyncio.gather(*tasks))
+        await asyncio.gather(*(asyncio.create_task(run_expert(e)) for e in self._order(list(by_expert))))
 
     async def _aggregate(self, live: list[_Pending], routed: float, solved: float) -> float:
         calls: dict[tuple[str, SamplingParams], list[tuple[int, str]]] = defaultdict(list)
