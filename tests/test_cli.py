@@ -89,3 +89,21 @@ def test_bench_router_runs_cold_and_warm(bench_data):
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "│ 300" in line]
     assert len(rows) == 2 and all("flat" in r for r in rows)
+
+
+@pytest.mark.models
+def test_bench_scheduler_compares_the_three_variants(store, tmp_path):
+    out = tmp_path / "s.json"
+    proc = concilium("bench", "scheduler", "--n", "3", "--new-tokens", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    rows = {(r["budget"], r["variant"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {("fits one", "batched"), ("fits one", "naive"), ("fits all", "batched"),
+                         ("fits all", "resident")}
+    assert all(r["n"] == 3 for r in rows.values())
+    # Naive reloads per query; batched loads each expert at most once; with all resident nothing loads.
+    assert rows[("fits one", "naive")]["loads"] > rows[("fits one", "batched")]["loads"]
+    assert rows[("fits one", "batched")]["loads"] <= 2
+    assert rows[("fits all", "batched")]["loads"] == rows[("fits all", "resident")]["loads"] == 0
+    assert "throughput =" in proc.stdout

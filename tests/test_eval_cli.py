@@ -19,16 +19,19 @@ def concilium(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def mmlu_slice(bench_data, tmp_path_factory):
-    """The first 400 dev questions: small enough to embed in seconds, real outcomes all the same."""
-    folder = tmp_path_factory.mktemp("mmlu-slice")
-    src = bench_data / "mmlu-pro-28llm"
+def write_slice(src, folder, rows):
+    """A bench-data folder holding the given rows (a slice object) of ``src``: real outcomes, fewer of them."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "models.json").write_text((src / "models.json").read_text())
     with (src / "data.jsonl").open() as fh:
-        lines = [next(fh) for _ in range(MMLU_SLICE)]
-    (folder / "data.jsonl").write_text("".join(lines))
+        (folder / "data.jsonl").write_text("".join(fh.readlines()[rows]))
     return folder
+
+
+@pytest.fixture(scope="module")
+def mmlu_slice(bench_data, tmp_path_factory):
+    """The first 400 dev questions: small enough to embed in seconds."""
+    return write_slice(bench_data / "mmlu-pro-28llm", tmp_path_factory.mktemp("mmlu-slice"), slice(MMLU_SLICE))
 
 
 @pytest.mark.parametrize("router", ["skill", "knn"])
@@ -87,13 +90,8 @@ def test_eval_names_the_broken_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def routerbench_slice(bench_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rb-slice")
-    src = bench_data / "routerbench-arc-wino-mbpp"
-    (folder / "models.json").write_text((src / "models.json").read_text())
-    with (src / "data.jsonl").open() as fh:
-        lines = fh.readlines()
-    (folder / "data.jsonl").write_text("".join(lines[::7]))  # every task, ~320 queries
-    return folder
+    """Every 7th query: all three tasks, about 320 queries."""
+    return write_slice(bench_data / "routerbench-arc-wino-mbpp", tmp_path_factory.mktemp("rb"), slice(None, None, 7))
 
 
 def test_cost_frontier_aiq_and_plots(routerbench_slice, tmp_path):
@@ -116,13 +114,7 @@ def test_cost_frontier_aiq_and_plots(routerbench_slice, tmp_path):
 
 
 def test_train_test_split_profiles_on_train_only(mmlu_slice, bench_data, tmp_path):
-    test_dir = tmp_path / "test"
-    test_dir.mkdir()
-    src = bench_data / "mmlu-pro-28llm"
-    (test_dir / "models.json").write_text((src / "models.json").read_text())
-    with (src / "data.jsonl").open() as fh:
-        lines = fh.readlines()[MMLU_SLICE : MMLU_SLICE + 150]
-    (test_dir / "data.jsonl").write_text("".join(lines))
+    test_dir = write_slice(bench_data / "mmlu-pro-28llm", tmp_path / "test", slice(MMLU_SLICE, MMLU_SLICE + 150))
     out = tmp_path / "r.json"
     proc = concilium("eval", "--train", str(mmlu_slice), "--test", str(test_dir), "--pool", "open-small",
                      "--router", "knn", "--json", str(out))
