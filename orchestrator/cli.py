@@ -17,7 +17,7 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from functools import wraps  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated, TypeVar  # noqa: E402
+from typing import TYPE_CHECKING, Annotated, TypeVar  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -26,6 +26,9 @@ from rich.table import Table  # noqa: E402
 from orchestrator.config import ConciliumConfig, ConfigError, load_config  # noqa: E402
 from workers.model_store import BUNDLED, ModelStore, ModelStoreError  # noqa: E402
 from workers.types import EmptyPromptError, Prompt, SamplingParams  # noqa: E402
+
+if TYPE_CHECKING:  # sentence-transformers is slow to import; commands that need it import it themselves
+    from routers.embedding import Embedder
 
 app = typer.Typer(
     help="Concilium: one endpoint over many expert LLMs, routed per query and batched by expert.",
@@ -60,6 +63,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from orchestrator.runtime import RayConnectError
     from orchestrator.scheduler import RequestError
     from routers.base import RoutingError
+    from routers.profiles import ProfileError
     from workers.placement import PlacementError
     from workers.recorded import RecordedDataError
     from workers.pool import BudgetError, ExpertUnavailableError, UnknownExpertError
@@ -67,7 +71,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         ConfigError, ModelStoreError, EmptyPromptError, UsageError, RayConnectError,
         PlacementError, UnknownExpertError, BudgetError, ExpertUnavailableError, RoutingError,
-        RecordedDataError, RequestError,
+        RecordedDataError, RequestError, ProfileError,
     )
 
 
@@ -127,19 +131,11 @@ def models_pull(
         out.print(f"[green]✓[/] {name}: {verdict} → {path}")
 
 
-def _run(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 async def _with_pool(config: ConciliumConfig, store: Path | None, work: Callable) -> object:
-    from orchestrator.runtime import init_ray
-    from workers.pool import ExpertPool
+    from orchestrator.runtime import start_pool
 
-    init_ray(config.ray)
     with err.status("starting expert actors"):
-        pool = await ExpertPool.start(
-            config.experts, config.pool, _store_root(config, store), namespace=config.ray.namespace
-        )
+        pool = await start_pool(config, store)
     try:
         return await work(pool)
     finally:
@@ -164,7 +160,7 @@ def experts(
                         pass
         return await pool.info()
 
-    infos = _run(_with_pool(cfg, store, work))
+    infos = asyncio.run(_with_pool(cfg, store, work))
     table = Table(title="experts")
     for col in ("name", "backend", "source", "state", "device", "memory", "node"):
         table.add_column(col, overflow="fold")
@@ -213,7 +209,7 @@ def generate(
     async def work(pool):  # noqa: ANN001, ANN202
         return await pool.generate(expert, [prompt], params)
 
-    result = _run(_with_pool(single, store, work))
+    result = asyncio.run(_with_pool(single, store, work))
     c = result.completions[0]
     out.print(c.text, highlight=False)
     err.print(
@@ -243,15 +239,13 @@ def ask(
     cfg = load_config(config)
     Prompt.of(question)
     r = cfg.routing
-    params = None
-    if max_new_tokens is not None or temperature is not None:
-        params = _params(cfg, cfg.experts[0].name, max_new_tokens, temperature)
     request = QueryRequest(
         query=question,
         options=RouteOptions(k=k or r.k, policy=policy or r.policy),
         aggregation=aggregation or r.aggregation,
-        experts=[e.strip() for e in experts.split(",")] if experts else None,
-        params=params,
+        experts=_names(experts),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
     )
 
     async def main():  # noqa: ANN202
@@ -263,7 +257,7 @@ def ask(
             await pipeline.close()
 
     try:
-        answer = _run(main())
+        answer = asyncio.run(main())
     except AllExpertsFailed as exc:  # work failed, the input was fine: exit 1
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -288,6 +282,19 @@ def ask(
         f"solve {t['solve_s']:.2f} s, aggregate {t['aggregate_s']:.2f} s, total {t['total_s']:.2f} s",
         highlight=False,
     )
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option as a list of names; None when the option was not given."""
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def _offline_embedder() -> Embedder:
+    """MiniLM with the disk cache that makes repeated offline runs over the same questions cheap."""
+    from routers.embedding import Embedder
+    from workers.model_store import default_root, embedder_path
+
+    return Embedder(embedder_path(), default_root().parent / "embeddings")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -318,7 +325,7 @@ def bench_models(
     """Load times (GGUF vs store) and tokens/s per batch size of the bundled models."""
     from orchestrator.bench.models import ModelsBenchSettings, run_models_bench
 
-    names = [n.strip() for n in models.split(",") if n.strip()]
+    names = _names(models) or []
     unknown = [n for n in names if n not in BUNDLED]
     if unknown:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; bundled: {', '.join(BUNDLED)}")
@@ -397,7 +404,7 @@ def bench_scheduler(
     cfg = load_config(config)
     init_ray(cfg.ray)
     with err.status("benchmarking the scheduler") as status:
-        results = _run(run_scheduler_bench(cfg.experts, n, new_tokens, budget_one_gb, max_batch, status.update))
+        results = asyncio.run(run_scheduler_bench(cfg.experts, n, new_tokens, budget_one_gb, max_batch, status.update))
     table = Table(title=f"scheduler, N={n}, {new_tokens} new tokens per answer, experts {[e.name for e in cfg.experts]}")
     for col in ("budget", "variant", "loads", "wall s", "queries/s", "tokens/s", "p50 s", "p95 s", "overhead ms/q"):
         table.add_column(col)
@@ -437,19 +444,16 @@ def eval_(
     """Evaluate a router offline on recorded outcomes, with its baselines on the same folds."""
     from orchestrator.offline import evaluate
     from routers.base import RouteOptions
-    from routers.embedding import Embedder
-    from workers.model_store import default_root, embedder_path
 
     if not train.is_dir():
         raise UsageError(f"--train {train} is not a folder")
     if budget_share is not None:
         policy = "cost"
     options = RouteOptions(k=k, policy=policy, cost_lambda=cost_lambda, seed=seed)
-    embedder = Embedder(embedder_path(), default_root().parent / "embeddings")
-    names = [m.strip() for m in models.split(",")] if models else None
     with err.status("evaluating") as status:
         result = evaluate(
-            train, test, embedder, router, options, aggregation, folds, pool, names, budget_share, seed,
+            train, test, _offline_embedder(), router, options, aggregation, folds, pool, _names(models),
+            budget_share, seed,
             on_fold=lambda i: status.update(f"fold {i + 1} done"), plots=plots,
         )
     table = Table(title=f"{router} ({policy}, k={k}, {aggregation}): {result['protocol']}")
@@ -498,19 +502,16 @@ def profile(
     from orchestrator.offline import load_eval_data
     from orchestrator.profiling import live_outcomes, llm_keywords, load_tasks, rank_aggregators, save_artifacts
     from routers.annotators import LLMAnnotator
-    from routers.embedding import Embedder
-    from workers.model_store import default_root, embedder_path
 
     if (data is None) == (tasks is None):
         raise UsageError("give exactly one source: --data DIR (imported) or --tasks FILE (live)")
     if annotator is not None and tasks is None:
         raise UsageError("--annotator needs a live run (--tasks): recorded outcomes carry no expert to ask")
-    embedder = Embedder(embedder_path(), default_root().parent / "embeddings")
+    embedder = _offline_embedder()
     keywords, agg_accuracy = None, None
     if data is not None:
-        names = [m.strip() for m in models.split(",")] if models else None
         with err.status("embedding the questions"):
-            ev = load_eval_data(data, embedder, pool, names)
+            ev = load_eval_data(data, embedder, pool, _names(models))
         texts, correct, experts, cost = ev.texts, ev.correct, ev.experts, ev.cost
         source: dict[str, object] = {"kind": "imported", "data": str(data), "pool": pool}
     else:
@@ -545,16 +546,17 @@ def profile(
                     ranking = await rank_aggregators(gen, pool_.names, questions, gold, answers, correct_)
             return correct_, kws, ranking
 
-        correct, keywords, agg_accuracy = _run(_with_pool(cfg, store, work))
+        correct, keywords, agg_accuracy = asyncio.run(_with_pool(cfg, store, work))
         texts, experts, cost = questions, [e.name for e in cfg.experts], None
         source = {"kind": "live", "tasks": str(tasks), "limit": limit, "annotator": annotator or "embedding"}
     with err.status("annotating skills and building the index"):
-        folder = save_artifacts(texts, correct, experts, cost, embedder, out_dir, source, keywords, agg_accuracy)
-    summary = (folder / "summary.json").read_text()
+        folder, summary = save_artifacts(
+            texts, correct, experts, cost, embedder, out_dir, source, keywords, agg_accuracy
+        )
     table = Table(title=f"profiles saved to {folder}")
     for col in ("expert", "accuracy", "global strength", "best skills"):
         table.add_column(col, overflow="fold")
-    for name, e in json.loads(summary)["experts"].items():
+    for name, e in summary["experts"].items():
         table.add_row(name, f"{e['accuracy']:.1%}", f"{e['global_strength']:.3f}", ", ".join(e["best_skills"]))
     out.print(table)
 

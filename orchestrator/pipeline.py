@@ -6,36 +6,36 @@ used by the CLI now and by the API later.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from orchestrator.config import ConciliumConfig
-from orchestrator.runtime import init_ray
+from orchestrator.runtime import start_pool
 from orchestrator.scheduler import Answer, QueryRequest, Scheduler, SchedulerSettings
 from routers.base import Router, make_router
 from routers.embedding import Embedder
 from routers.symbolic import SkillRouter
-from workers.model_store import default_root, embedder_path
+from workers.model_store import embedder_path
 from workers.pool import ExpertPool
 
 log = logging.getLogger(__name__)
 
 
 def load_router(config: ConciliumConfig, experts: list[str]) -> Router:
-    """The skill router over the newest profiles for exactly these experts, else every expert answers."""
+    """The skill router over the newest profiles for exactly these experts, else every expert answers.
+
+    The embedder gets no disk cache: live queries are new text, and the profile
+    index keeps its own skill vectors, so reading the offline cache would only
+    slow the start.
+    """
     root = config.routing.profiles
     latest = root / "LATEST"
     if latest.exists():
         folder = root / latest.read_text().strip()
-        try:
-            profiled = json.loads((folder / "profiles.json").read_text())["experts"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise RuntimeError(f"profile artifacts in {folder} are unreadable: {exc}") from None
-        if sorted(profiled) == sorted(experts):
-            embedder = Embedder(embedder_path(), default_root().parent / "embeddings")
-            return SkillRouter.from_artifacts(folder, embedder)
-        log.warning("profiles in %s cover %s, not the configured experts %s", folder, profiled, experts)
+        router = SkillRouter.from_artifacts(folder, Embedder(embedder_path()))
+        if sorted(router.profiles.experts) == sorted(experts):
+            return router
+        log.warning("profiles in %s cover %s, not the configured experts %s", folder, router.profiles.experts, experts)
     return make_router(
         "all",
         experts=experts,
@@ -51,10 +51,7 @@ class Pipeline:
 
     @classmethod
     async def start(cls, config: ConciliumConfig, model_store: Path | None = None) -> Pipeline:
-        init_ray(config.ray)
-        pool = await ExpertPool.start(
-            config.experts, config.pool, model_store or config.model_store, namespace=config.ray.namespace
-        )
+        pool = await start_pool(config, model_store)
         r = config.routing
         scheduler = Scheduler(
             load_router(config, pool.names),

@@ -43,8 +43,8 @@ def save_artifacts(
     source: dict[str, object],
     keywords: list[list[str]] | None = None,
     aggregator_accuracy: dict[str, float] | None = None,
-) -> Path:
-    """Annotate (unless keywords are given), build profiles and the index, and save them with a summary."""
+) -> tuple[Path, dict[str, object]]:
+    """Annotate (unless keywords are given), build profiles and the index; save them; (folder, summary)."""
     if len(texts) == 0:
         raise RoutingError("the validation set is empty: nothing to profile")
     if keywords is None:
@@ -58,7 +58,7 @@ def save_artifacts(
     summary = summarise(profiles, index, {**source, "n_questions": len(texts)}, aggregator_accuracy)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "LATEST").write_text(version + "\n")
-    return folder
+    return folder, summary
 
 
 def summarise(

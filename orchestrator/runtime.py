@@ -11,8 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from orchestrator.config import RayConfig
+from orchestrator.config import ConciliumConfig, RayConfig
+
+if TYPE_CHECKING:  # importing workers.pool imports ray, which must wait for pin_loopback()
+    from workers.pool import ExpertPool
 
 LOOPBACK = "127.0.0.1"
 
@@ -59,3 +64,13 @@ def init_ray(config: RayConfig) -> None:
                 f"local Ray bound to {sorted(addresses)}, not {LOOPBACK}: set "
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before anything imports ray"
             )
+
+
+async def start_pool(config: ConciliumConfig, model_store: Path | None = None) -> ExpertPool:
+    """Ray, then the configured experts' actors: the one way the CLI and the pipeline start a pool."""
+    from workers.pool import ExpertPool
+
+    init_ray(config.ray)
+    return await ExpertPool.start(
+        config.experts, config.pool, model_store or config.model_store, namespace=config.ray.namespace
+    )

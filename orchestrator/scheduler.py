@@ -58,7 +58,9 @@ class QueryRequest:
     aggregation: str = "synthesize"
     experts: list[str] | None = None
     """An allow-list: only these experts may be recruited."""
-    params: SamplingParams | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    """Overrides; each expert's own generation defaults fill in the rest."""
 
 
 @dataclass
@@ -142,6 +144,10 @@ class Scheduler:
             raise RequestError(f"unknown expert(s) {', '.join(unknown)}; configured: {', '.join(self.pool.names)}")
         if request.experts is not None and not request.experts:
             raise RequestError("the expert allow-list is empty")
+        if request.max_new_tokens is not None and request.max_new_tokens < 1:
+            raise RequestError("max_new_tokens must be at least 1")
+        if request.temperature is not None and request.temperature < 0:
+            raise RequestError("temperature must be 0 (greedy) or positive")
 
     async def submit(self, request: QueryRequest) -> Answer:
         """Queue a request and wait for its answer; a cancelled caller's request is dropped from its window."""
@@ -243,10 +249,14 @@ class Scheduler:
         return []
 
     def _params(self, p: _Pending, expert: str) -> SamplingParams:
-        if p.request.params is not None:
-            return p.request.params
         gen = self.pool.config_of(expert).generation
-        return SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.seed)
+        r = p.request
+        return SamplingParams(
+            max_new_tokens=r.max_new_tokens or gen.max_new_tokens,
+            temperature=gen.temperature if r.temperature is None else r.temperature,
+            top_p=gen.top_p,
+            seed=gen.seed,
+        )
 
     def _order(self, experts: list[str]) -> list[str]:
         resident = set(self.pool.resident())

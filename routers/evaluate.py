@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet, make_router
+from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet, make_router, pick
 
 
 @dataclass
@@ -47,7 +47,6 @@ class Outcome:
     n_queries: int
     consensus_rate: float | None = None
     """Share of queries whose recruited experts all gave one answer: the aggregator call is skipped there."""
-    per_query_correct: list[float] = field(repr=False, default_factory=list)
 
 
 @dataclass
@@ -55,15 +54,6 @@ class FoldScore:
     correct: np.ndarray
     cost: np.ndarray | None
     consensus: np.ndarray
-
-
-def folds(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
-    if k < 2:
-        raise RoutingError(f"cross-validation needs at least 2 folds, got {k}")
-    if n < k:
-        raise RoutingError(f"{n} queries cannot be split into {k} folds")
-    order = np.random.default_rng(seed).permutation(n)
-    return [np.sort(part) for part in np.array_split(order, k)]
 
 
 def score(decisions: list[Decision], data: EvalData, aggregation: str) -> FoldScore:
@@ -109,10 +99,10 @@ def run_router(
     cost = None if data.cost is None else np.zeros(len(data.texts))
     for i, (train_idx, test_idx) in enumerate(splits):
         train = data.subset(train_idx)
-        if budget_share is not None:
-            options = _budgeted(make, train, options, budget_share)
         router = make()
         router.fit(train)
+        if budget_share is not None:
+            options = _budgeted(router, train, options, budget_share)
         test = data.subset(test_idx)
         kwargs = {"categories": test.categories} if router.name == "per_category" else {}
         decisions = router.route(test.texts, options, test.vectors, **kwargs)
@@ -128,17 +118,16 @@ def run_router(
         mean_cost=None if cost is None else float(cost[idx].mean()),
         n_queries=len(idx),
         consensus_rate=float(consensus[idx].mean()) if data.preds is not None and options.k > 1 else None,
-        per_query_correct=correct[idx].tolist(),
     )
 
 
-def _budgeted(make: Callable[[], Router], train: EvalData, options: RouteOptions, share: float) -> RouteOptions:
+def _budgeted(router: Router, train: EvalData, options: RouteOptions, share: float) -> RouteOptions:
     """Options whose λ holds mean cost ≤ share × the cost of the most accurate single expert (on train)."""
     if train.cost is None:
         raise RoutingError("a budget needs cost data, and this file records none")
     best = int(np.argmax(train.correct.mean(axis=0)))
     budget = share * float(train.cost[:, best].mean())
-    lam = solve_lambda(make, train, options, budget)
+    lam = solve_lambda(router, train, options, budget)
     return RouteOptions(k=options.k, policy="cost", cost_lambda=lam, seed=options.seed)
 
 
@@ -154,7 +143,12 @@ def oracle(data: EvalData, idx: np.ndarray) -> Outcome:
 
 
 def cross_validation_splits(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    parts = folds(n, k, seed)
+    """(train, test) index pairs of a seeded k-fold split; every query is tested exactly once."""
+    if k < 2:
+        raise RoutingError(f"cross-validation needs at least 2 folds, got {k}")
+    if n < k:
+        raise RoutingError(f"{n} queries cannot be split into {k} folds")
+    parts = [np.sort(p) for p in np.array_split(np.random.default_rng(seed).permutation(n), k)]
     return [(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), parts[i]) for i in range(k)]
 
 
@@ -191,7 +185,7 @@ def baselines(
 
 
 def solve_lambda(
-    make: Callable[[], Router],
+    router: Router,
     train: EvalData,
     options: RouteOptions,
     budget: float,
@@ -201,13 +195,18 @@ def solve_lambda(
 
     Bisection on λ over the training folds only. Mean cost falls as λ grows, so
     the smallest λ that fits the budget is the most accurate choice that does.
+    The fitted router scores the training queries once. Every router's cost
+    policy picks by those scores − λ × each expert's mean training cost, so
+    each step of the bisection only re-picks.
     """
-    router = make()
-    router.fit(train)
+    decisions = router.route(train.texts, RouteOptions(k=options.k, seed=options.seed), train.vectors)
+    scores = np.array([[d.scores.get(e, 0.0) for e in train.experts] for d in decisions])
+    unit_cost = train.cost.mean(axis=0)
+    rng = np.random.default_rng(options.seed)
 
     def mean_cost(lam: float) -> float:
-        opts = RouteOptions(k=options.k, policy="cost", cost_lambda=lam, seed=options.seed)
-        return float(score(router.route(train.texts, opts, train.vectors), train, "best").cost.mean())
+        opts = RouteOptions(k=options.k, policy="cost", cost_lambda=lam)
+        return float(np.mean([train.cost[q, pick(s, opts, unit_cost, rng)].sum() for q, s in enumerate(scores)]))
 
     if mean_cost(0.0) <= budget:
         return 0.0

@@ -19,11 +19,7 @@ from routers.base import Decision, RouteOptions
 from tests.conftest import GEMMA, SMOLLM, run
 from workers.config import PoolConfig, TransformersExpert
 from workers.pool import ExpertPool
-from workers.types import SamplingParams
-
 pytestmark = pytest.mark.models
-
-SHORT = SamplingParams(max_new_tokens=6)
 
 
 class TableRouter:
@@ -74,7 +70,7 @@ def test_one_load_per_expert_per_window_every_request_once_duplicates_in_one_cal
     async def main():
         sched, router, pool = await _scheduler(table, max_batch=64, max_wait_ms=300)
         try:
-            requests = [QueryRequest(q, aggregation="best", params=SHORT) for q in table]
+            requests = [QueryRequest(q, aggregation="best", max_new_tokens=6) for q in table]
             answers = await asyncio.gather(*(sched.submit(r) for r in requests))
             return answers, sched.stats, router.windows, pool.stats
         finally:
@@ -104,7 +100,7 @@ def test_windows_close_at_max_batch(ray_cluster, store):
     async def main():
         sched, router, pool = await _scheduler(table, max_batch=2, max_wait_ms=200)
         try:
-            await asyncio.gather(*(sched.submit(QueryRequest(q, aggregation="best", params=SHORT)) for q in table))
+            await asyncio.gather(*(sched.submit(QueryRequest(q, aggregation="best", max_new_tokens=6)) for q in table))
             return router.windows, sched.stats
         finally:
             await sched.stop()
@@ -122,7 +118,7 @@ def test_synthesis_batches_by_aggregator_and_consensus_skips(ray_cluster, store)
         sched, _, pool = await _scheduler(table, budget_gb=4.0, max_wait_ms=200)
         try:
             return await asyncio.gather(
-                *(sched.submit(QueryRequest(q, aggregation="synthesize", params=SHORT)) for q in table)
+                *(sched.submit(QueryRequest(q, aggregation="synthesize", max_new_tokens=6)) for q in table)
             ), sched.stats
         finally:
             await sched.stop()
@@ -147,6 +143,8 @@ def test_bad_requests_are_rejected_before_queueing(ray_cluster, store):
                 (QueryRequest("hi", experts=["gpt-9"]), "unknown expert(s) gpt-9"),
                 (QueryRequest("   "), "the query is empty"),
                 (QueryRequest("hi", experts=[]), "allow-list is empty"),
+                (QueryRequest("hi", max_new_tokens=0), "max_new_tokens must be at least 1"),
+                (QueryRequest("hi", temperature=-1.0), "temperature must be 0"),
             ]:
                 with pytest.raises(RequestError, match=msg.replace("(", r"\(").replace(")", r"\)")):
                     await sched.submit(req)
@@ -170,7 +168,7 @@ def test_failed_expert_degrades_and_reroutes(ray_cluster, store, tmp_path):
         sched, _, pool = await _scheduler(table, budget_gb=4.0, experts=experts, max_wait_ms=200)
         try:
             return await asyncio.gather(
-                *(sched.submit(QueryRequest(q, aggregation="best", params=SHORT)) for q in table)
+                *(sched.submit(QueryRequest(q, aggregation="best", max_new_tokens=6)) for q in table)
             )
         finally:
             await sched.stop()
@@ -192,7 +190,7 @@ def test_a_request_that_loses_every_expert_fails_clearly(ray_cluster, store, tmp
         sched, _, pool = await _scheduler({"Say hi.": ["gemma3"]}, experts=experts, max_wait_ms=50)
         try:
             with pytest.raises(AllExpertsFailed, match="every recruited expert failed: gemma3 failed"):
-                await sched.submit(QueryRequest("Say hi.", aggregation="best", params=SHORT))
+                await sched.submit(QueryRequest("Say hi.", aggregation="best", max_new_tokens=6))
         finally:
             await sched.stop()
             pool.shutdown()
@@ -204,7 +202,7 @@ def test_allow_list_restricts_recruitment(ray_cluster, store):
     async def main():
         sched, _, pool = await _scheduler({"Say hi.": ["smollm2", "gemma3"]}, budget_gb=4.0, max_wait_ms=50)
         try:
-            return await sched.submit(QueryRequest("Say hi.", RouteOptions(k=1), "best", ["gemma3"], SHORT))
+            return await sched.submit(QueryRequest("Say hi.", RouteOptions(k=1), "best", ["gemma3"], max_new_tokens=6))
         finally:
             await sched.stop()
             pool.shutdown()

@@ -89,7 +89,9 @@ async def _batched(pool: ExpertPool, work: dict[str, list[str]], params: Samplin
     latencies: list[float] = []
 
     async def one(q: str) -> int:
-        ans = await sched.submit(QueryRequest(q, aggregation="best", params=params))
+        request = QueryRequest(q, aggregation="best", max_new_tokens=params.max_new_tokens,
+                               temperature=params.temperature)
+        ans = await sched.submit(request)
         latencies.append(time.perf_counter() - t0)
         return sum(a.completion_tokens for a in ans.answers)
 
