@@ -7,6 +7,14 @@
 - synthesize: an aggregator LLM reads the answers, quoted as data, and writes
   one better answer. The call is skipped when the extracted answers agree,
   and the trace says so.
+- moa: layered Mixture-of-Agents. The recruited experts answer, then answer
+  again for each further layer with the previous layer's answers as
+  references; the last layer is synthesised.
+- self-moa: k sampled answers from the single best expert, synthesised by
+  that expert ("Rethinking Mixture-of-Agents").
+
+The scheduler runs the extra proposer layers and samples; here the last
+layer's answers are turned into one.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from routers.aggregation import synthesis_prompt
 from routers.base import Decision
 from routers.grading import extract_choice, extract_integer
 
-AGGREGATIONS = ("synthesize", "vote", "best")
+AGGREGATIONS = ("synthesize", "vote", "best", "moa", "self-moa")
+SYNTHESISING = ("synthesize", "moa", "self-moa")
 _NON_WORD = re.compile(r"[^a-z0-9]+")
 
 
@@ -61,7 +70,7 @@ def aggregate_without_call(strategy: str, answers: Sequence[_Answer], decision: 
         why = "strategy best" if strategy == "best" else "a single answer"
         return Aggregated(_best(answers, decision).text, None, why)
     keys = [extract(a.text) for a in answers]
-    if strategy == "synthesize":
+    if strategy in SYNTHESISING:
         if None not in keys and len(set(keys)) == 1:
             return Aggregated(_best(answers, decision).text, None, f"consensus: every expert answered {keys[0]!r}")
         return None

@@ -20,6 +20,7 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Annotated, TypeVar  # noqa: E402
 
 import typer  # noqa: E402
+import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -223,7 +224,7 @@ def generate(
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
     k: Annotated[int | None, typer.Option(help="experts recruited (default: routing.k)")] = None,
-    aggregation: Annotated[str | None, typer.Option(help="synthesize, vote or best")] = None,
+    aggregation: Annotated[str | None, typer.Option(help="synthesize, vote, best, moa or self-moa")] = None,
     policy: Annotated[str | None, typer.Option(help="symbolic, topk or cost")] = None,
     experts: Annotated[str | None, typer.Option(help="comma-separated allow-list of experts")] = None,
     max_new_tokens: MaxTokOpt = None,
@@ -271,7 +272,10 @@ def ask(
         table.add_row(a.expert, a.text, f"{a.prompt_tokens}+{a.completion_tokens}", f"{d.scores.get(a.expert, 0):.3f}")
     out.print(table)
     agg = answer.aggregator or f"skipped ({answer.aggregation_skipped})"
-    err.print(f"aggregation: {answer.aggregation}, aggregator: {agg}", highlight=False)
+    err.print(f"aggregation: {answer.aggregation}, aggregator: {agg}; chosen by {d.trace.get('aggregator_choice')}",
+              highlight=False)
+    if "moa_layers" in d.trace:
+        err.print(f"moa proposers per layer: {d.trace['moa_layers']}", highlight=False)
     err.print(f"routing: experts {d.experts}, skills {d.skills or '-'}"
               + (f", fallback: {d.fallback}" if d.fallback else ""), highlight=False)
     for note in answer.degraded:
@@ -282,6 +286,33 @@ def ask(
         f"solve {t['solve_s']:.2f} s, aggregate {t['aggregate_s']:.2f} s, total {t['total_s']:.2f} s",
         highlight=False,
     )
+
+
+@app.command()
+@friendly
+def serve(
+    host: Annotated[str | None, typer.Option(help="interface to bind (default: server.host, 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="port (default: server.port, 8000)")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run the HTTP API (plain and OpenAI-compatible) until interrupted; Ctrl-C drains and stops it."""
+    import uvicorn
+
+    from orchestrator.app import create_app
+
+    cfg = load_config(config)
+    server = cfg.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    cfg = cfg.model_copy(update={"server": server})
+    url = f"http://{server.host}:{server.port}"
+    err.print(f"Concilium on [bold]{url}[/] (API docs: {url}/docs). Try:", highlight=False)
+    err.print(
+        f"  curl -s {url}/v1/query -H 'content-type: application/json' "
+        "-d '{\"query\": \"What is the capital of France?\", \"max_tokens\": 32}'",
+        highlight=False, soft_wrap=True,
+    )
+    uvicorn.run(create_app(cfg, store), host=server.host, port=server.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=30)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -388,37 +419,88 @@ def bench_router(
 @bench_app.command("scheduler")
 @friendly
 def bench_scheduler(
-    n: Annotated[int, typer.Option(min=1, help="queries in the burst")] = 128,
+    n: Annotated[str, typer.Option(help="queries per burst; a comma list runs each size, e.g. 64,128,256")] = "128",
     new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer (greedy)")] = 8,
-    budget_one_gb: Annotated[float, typer.Option(help="a CPU memory budget that fits only one expert")] = 1.2,
+    budget_gb: Annotated[float, typer.Option(min=0.001, help="a tight memory budget, e.g. one that fits one expert")]
+    = 1.2,
+    device: Annotated[str, typer.Option(help="the device the tight budget applies to: cpu or cuda:N")] = "cpu",
     max_batch: Annotated[int, typer.Option(min=1, help="the scheduler's window size")] = 64,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Batched-by-expert vs naive per-query (load/generate/unload) vs resident without batching."""
+    """Batched-by-expert vs naive per-query (load/generate/unload) vs resident without batching.
+
+    With a config of simulated experts (from `concilium bench calibrate`, or a projection such as
+    deploy/projection-16x8b.yaml) the same comparison runs on the cost model.
+    """
     from dataclasses import asdict
 
-    from orchestrator.bench.scheduler import run_scheduler_bench
+    from orchestrator.bench.scheduler import run_scheduler_bench, time_scale
     from orchestrator.runtime import init_ray
 
+    sizes = _int_list(n, "--n")
     cfg = load_config(config)
+    scale = time_scale(cfg.experts)
     init_ray(cfg.ray)
     with err.status("benchmarking the scheduler") as status:
-        results = asyncio.run(run_scheduler_bench(cfg.experts, n, new_tokens, budget_one_gb, max_batch, status.update))
-    table = Table(title=f"scheduler, N={n}, {new_tokens} new tokens per answer, experts {[e.name for e in cfg.experts]}")
-    for col in ("budget", "variant", "loads", "wall s", "queries/s", "tokens/s", "p50 s", "p95 s", "overhead ms/q"):
+        results = asyncio.run(
+            run_scheduler_bench(cfg.experts, sizes, new_tokens, budget_gb, device, max_batch, status.update)
+        )
+    kind = "" if scale == 1.0 else f", SIMULATED (time scale {scale:g}; clock figures in modelled seconds)"
+    table = Table(title=f"scheduler, {new_tokens} new tokens per answer, {len(cfg.experts)} experts{kind}")
+    for col in ("N", "budget", "variant", "loads", "wall s", "device s", "q/s", "q/s one device", "tok/s",
+                "p50 s", "p95 s", "overhead ms/q"):
         table.add_column(col)
     for r in results:
         overhead = "-" if r.overhead_ms_per_query is None else f"{r.overhead_ms_per_query:.2f}"
-        table.add_row(r.budget, r.variant, str(r.loads), f"{r.wall_s:.1f}", f"{r.queries_per_s:.2f}",
-                      f"{r.tokens_per_s:.1f}", f"{r.p50_s:.1f}", f"{r.p95_s:.1f}", overhead)
+        table.add_row(str(r.n), r.budget, r.variant, str(r.loads), f"{r.wall_s:.1f}", f"{r.device_s:.1f}",
+                      f"{r.queries_per_s:.2f}", f"{r.serial_queries_per_s:.2f}", f"{r.tokens_per_s:.1f}",
+                      f"{r.p50_s:.1f}", f"{r.p95_s:.1f}", overhead)
     out.print(table)
-    by = {(r.budget, r.variant): r for r in results}
-    for budget, other in (("fits one", "naive"), ("fits all", "resident")):
-        ratio = by[(budget, "batched")].queries_per_s / by[(budget, other)].queries_per_s
-        out.print(f"{budget}: batched / {other} throughput = {ratio:.1f}x")
+    by = {(r.n, r.budget, r.variant): r for r in results}
+    for size in sizes:
+        for (_, budget, variant) in [k for k in by if k[0] == size and k[2] != "batched"]:
+            b, o = by[(size, budget, "batched")], by[(size, budget, variant)]
+            out.print(f"N={size}, {budget}: batched / {variant} throughput = {b.queries_per_s / o.queries_per_s:.1f}x"
+                      f" (on one shared device: {b.serial_queries_per_s / o.serial_queries_per_s:.1f}x)")
     if json_out is not None:
-        json_out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        json_out.write_text(json.dumps(
+            [{**asdict(r), "serial_queries_per_s": r.serial_queries_per_s} for r in results], indent=2
+        ))
+
+
+@bench_app.command("calibrate")
+@friendly
+def bench_calibrate(
+    out_file: Annotated[Path, typer.Option("--out", help="write the simulated config here (YAML)")],
+    batch_sizes: Annotated[str, typer.Option(help="batch sizes to time")] = "1,4,16",
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens per timed call")] = 8,
+    repeats: Annotated[int, typer.Option(min=1, help="timed repeats per point (medians are kept)")] = 3,
+    time_scale: Annotated[float, typer.Option(min=1e-6, max=1.0, help="the simulated experts' time scale")] = 1.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Time each real expert's load and batched decoding, and write a config of simulated copies of them."""
+    from orchestrator.bench.calibrate import calibrate, simulated_config
+    from orchestrator.runtime import init_ray
+
+    sizes = _int_list(batch_sizes, "--batch-sizes")
+    cfg = load_config(config)
+    init_ray(cfg.ray)
+    with err.status("calibrating") as status:
+        results = asyncio.run(calibrate(cfg.experts, sizes, new_tokens, repeats, status.update))
+    table = Table(title="calibrated cost model (medians)")
+    for col in ("expert", "device", "memory GB", "load s", "step ms by batch", "step ms", "ms per extra row"):
+        table.add_column(col)
+    for c in results:
+        steps = ", ".join(f"{b}: {t * 1000:.1f}" for b, t in c.step_s_by_batch.items())
+        table.add_row(c.expert, c.device, f"{c.memory_gb:.2f}", f"{c.load_s:.2f}", steps,
+                      f"{c.step_s * 1000:.2f}", f"{c.step_s_per_row * 1000:.2f}")
+    out.print(table)
+    out_file.write_text(
+        "# Written by `concilium bench calibrate`: simulated copies of the configured experts.\n"
+        + yaml.safe_dump(simulated_config(cfg, results, time_scale), sort_keys=False)
+    )
+    err.print(f"wrote {out_file}; run: concilium bench scheduler --config {out_file}", highlight=False)
 
 
 @app.command("eval")

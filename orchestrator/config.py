@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from workers.config import BACKENDS, ExpertConfig, PoolConfig, Strict, TransformersExpert
 
@@ -42,10 +42,48 @@ class RoutingConfig(Strict):
     )
     k: int = Field(3, ge=1, le=64)
     policy: Literal["symbolic", "topk", "cost"] = "topk"
-    aggregation: Literal["synthesize", "vote", "best"] = "synthesize"
+    aggregation: Literal["synthesize", "vote", "best", "moa", "self-moa"] = "synthesize"
+    aggregator: str | None = Field(
+        None,
+        description="the expert that synthesises; None takes the first allowed expert of the profiles' "
+        "aggregator ranking, or the router's top-scored expert without profiles",
+    )
+    moa_layers: int = Field(2, ge=1, le=8, description="proposer layers of the moa strategy, the first included")
+    self_moa_temperature: float = Field(
+        0.7, gt=0.0, le=5.0, description="sampling temperature of self-moa when the request sets none"
+    )
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(20.0, ge=0.0, le=10_000)
     expert_timeout_s: float = Field(300.0, gt=0)
+
+
+class ServerConfig(Strict):
+    """The API service: where it listens, its store, its limits and its keys."""
+
+    host: str = Field("127.0.0.1", description="loopback by default; bind elsewhere only on purpose")
+    port: int = Field(8000, ge=1, le=65535)
+    redis_url: str | None = Field(
+        None, pattern=r"^rediss?://", description="the shared store; $REDIS_URL overrides; None: in-process store"
+    )
+    api_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="SHA-256 hex digests of accepted API keys; with none here or in $CONCILIUM_API_KEYS, no auth",
+    )
+    cache_ttl_s: float = Field(300.0, ge=0.0, description="response cache lifetime; 0 turns the cache off")
+    job_ttl_s: float = Field(7 * 24 * 3600.0, gt=0.0)
+    max_query_chars: int = Field(8000, ge=1)
+    max_tokens: int = Field(1024, ge=1, description="the most max_tokens a request may ask for")
+    max_k: int = Field(16, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="per API key (or client address)")
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, v: list[str]) -> list[str]:
+        for digest in v:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError("each entry must be a lowercase SHA-256 hex digest (64 characters)")
+        return v
 
 
 def _bundled_experts() -> list[ExpertConfig]:
@@ -70,6 +108,7 @@ class ConciliumConfig(Strict):
     ray: RayConfig = RayConfig()
     pool: PoolConfig = PoolConfig()
     routing: RoutingConfig = RoutingConfig()
+    server: ServerConfig = ServerConfig()
     experts: list[ExpertConfig] = Field(default_factory=_bundled_experts, min_length=1)
 
     @model_validator(mode="after")
@@ -79,6 +118,10 @@ class ConciliumConfig(Strict):
             if expert.name in seen:
                 raise ValueError(f"expert name {expert.name!r} is used twice")
             seen.add(expert.name)
+        if self.routing.aggregator is not None and self.routing.aggregator not in seen:
+            raise ValueError(
+                f"routing.aggregator {self.routing.aggregator!r} is not a configured expert ({', '.join(seen)})"
+            )
         return self
 
     def expert(self, name: str) -> ExpertConfig:

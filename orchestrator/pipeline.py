@@ -6,6 +6,7 @@ used by the CLI now and by the API later.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,26 +22,42 @@ from workers.pool import ExpertPool
 log = logging.getLogger(__name__)
 
 
-def load_router(config: ConciliumConfig, experts: list[str]) -> Router:
-    """The skill router over the newest profiles for exactly these experts, else every expert answers.
+def _latest_profiles(config: ConciliumConfig) -> Path | None:
+    latest = config.routing.profiles / "LATEST"
+    return config.routing.profiles / latest.read_text().strip() if latest.exists() else None
+
+
+def load_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
+    """Routers by name, the default first: the skill router over the newest profiles for exactly these
+    experts, and ``all`` (every expert answers), which is the default when there are no such profiles.
 
     The embedder gets no disk cache: live queries are new text, and the profile
     index keeps its own skill vectors, so reading the offline cache would only
     slow the start.
     """
-    root = config.routing.profiles
-    latest = root / "LATEST"
-    if latest.exists():
-        folder = root / latest.read_text().strip()
+    fallback = None
+    folder = _latest_profiles(config)
+    if folder is not None:
         router = SkillRouter.from_artifacts(folder, Embedder(embedder_path()))
         if sorted(router.profiles.experts) == sorted(experts):
-            return router
+            return {"skill": router, "all": make_router("all", experts=experts)}
         log.warning("profiles in %s cover %s, not the configured experts %s", folder, router.profiles.experts, experts)
-    return make_router(
-        "all",
-        experts=experts,
-        fallback=f"no profiles for these experts in {root}: every expert answers (run `concilium profile`)",
-    )
+        fallback = f"the profiles in {folder} are for other experts: every expert answers (run `concilium profile`)"
+    fallback = fallback or f"no profiles in {config.routing.profiles}: every expert answers (run `concilium profile`)"
+    return {"all": make_router("all", experts=experts, fallback=fallback)}
+
+
+def aggregator_preference(config: ConciliumConfig) -> tuple[tuple[str, ...], str]:
+    """Who synthesises: the configured expert, else the ranking stored with the newest profiles."""
+    if config.routing.aggregator is not None:
+        return (config.routing.aggregator,), "fixed in config (routing.aggregator)"
+    folder = _latest_profiles(config)
+    summary = folder / "summary.json" if folder is not None else None
+    if summary is not None and summary.exists():
+        ranking = json.loads(summary.read_text()).get("aggregator_ranking") or []
+        configured = {e.name for e in config.experts}
+        return tuple(e for e in ranking if e in configured), f"profiles' aggregator ranking ({summary})"
+    return (), "router's top-scored expert"
 
 
 class Pipeline:
@@ -53,10 +70,14 @@ class Pipeline:
     async def start(cls, config: ConciliumConfig, model_store: Path | None = None) -> Pipeline:
         pool = await start_pool(config, model_store)
         r = config.routing
+        aggregators, source = aggregator_preference(config)
+        settings = SchedulerSettings(
+            r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers, r.self_moa_temperature, aggregators, source
+        )
         scheduler = Scheduler(
-            load_router(config, pool.names),
+            load_routers(config, pool.names),
             pool,
-            SchedulerSettings(r.max_batch, r.max_wait_ms, r.expert_timeout_s),
+            settings,
             {e.name: e.cost_per_1k_tokens for e in config.experts},
         )
         scheduler.start()

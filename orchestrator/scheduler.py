@@ -2,7 +2,8 @@
 
 Requests wait at most ``max_wait_ms`` or until ``max_batch`` are queued. Then
 the whole window is processed in phases:
-1. route: one router call per distinct routing setting in the window;
+1. route: one router call per distinct router and routing setting in the
+   window;
 2. solve: the (request, expert) pairs are grouped by expert and sampling
    settings, so each expert gets one batched call, and duplicates from
    sampling with replacement are extra rows of that call. Different experts
@@ -11,7 +12,9 @@ the whole window is processed in phases:
    window;
 3. re-route: a request that lost every expert goes to its next-ranked healthy
    expert, and the answer is marked degraded;
-4. aggregate: synthesis prompts are grouped by aggregator and batched the same
+4. moa layers: requests with the moa strategy run their further proposer
+   layers, each layer batched by expert like the solve phase;
+5. aggregate: synthesis prompts are grouped by aggregator and batched the same
    way. vote and best need no call, and synthesis is skipped on consensus.
 
 Windows run one after another, so these invariants hold per window.
@@ -24,14 +27,16 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from orchestrator.aggregate import AGGREGATIONS, Aggregated, aggregate_without_call, synthesis_request
+from routers.aggregation import proposer_prompt
 from routers.base import Decision, RouteOptions, Router, pick
 from workers.pool import ExpertPool, reason
-from workers.types import SamplingParams
+from workers.types import Message, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +54,17 @@ class SchedulerSettings:
     max_batch: int = 32
     max_wait_ms: float = 20.0
     expert_timeout_s: float = 300.0
+    moa_layers: int = 2
+    self_moa_temperature: float = 0.7
+    aggregators: tuple[str, ...] = ()
+    """Aggregator preference: the first allowed one synthesises. Empty: the router's top-scored expert."""
+    aggregator_source: str = "router's top-scored expert"
 
 
 @dataclass
 class QueryRequest:
     query: str
+    """What is routed: the question, or a conversation's last user turn."""
     options: RouteOptions = field(default_factory=RouteOptions)
     aggregation: str = "synthesize"
     experts: list[str] | None = None
@@ -61,6 +72,16 @@ class QueryRequest:
     max_new_tokens: int | None = None
     temperature: float | None = None
     """Overrides; each expert's own generation defaults fill in the rest."""
+    router: str | None = None
+    """A router by name; None: the scheduler's default."""
+    messages: tuple[Message, ...] = ()
+    """A whole conversation for the experts; empty: they see ``query`` alone."""
+    budget_usd: float | None = None
+    """Most estimated cost: the costliest recruits are dropped until the estimate fits (one always stays)."""
+
+    @property
+    def prompt(self) -> str | Prompt:
+        return Prompt(messages=self.messages) if self.messages else self.query
 
 
 @dataclass
@@ -90,6 +111,8 @@ class SchedulerStats:
     windows: int = 0
     requests: int = 0
     expert_calls: int = 0
+    generate_s: float = 0.0
+    """The experts' own time inside calls, summed over calls (they may overlap in wall time)."""
     batch_sizes: list[int] = field(default_factory=list)
     loads_per_window: list[int] = field(default_factory=list)
     distinct_experts_per_window: list[int] = field(default_factory=list)
@@ -106,6 +129,9 @@ class _Pending:
     enqueued: float
     decision: Decision | None = None
     answers: list[ExpertAnswer] = field(default_factory=list)
+    """The latest layer's answers: what gets aggregated."""
+    spent: list[ExpertAnswer] = field(default_factory=list)
+    """Every expert call of every layer, for usage and cost."""
     failed: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -113,9 +139,13 @@ class _Pending:
 
 class Scheduler:
     def __init__(
-        self, router: Router, pool: ExpertPool, settings: SchedulerSettings, costs: dict[str, float]
+        self, routers: dict[str, Router], pool: ExpertPool, settings: SchedulerSettings, costs: dict[str, float]
     ) -> None:
-        self.router = router
+        """``routers`` by name; the first is the default."""
+        if not routers:
+            raise ValueError("the scheduler needs at least one router")
+        self.routers = routers
+        self.default_router = next(iter(routers))
         self.pool = pool
         self.settings = settings
         self.costs = costs
@@ -132,9 +162,15 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
     def validate(self, request: QueryRequest) -> None:
         if not request.query.strip():
             raise RequestError("the query is empty")
+        if request.router is not None and request.router not in self.routers:
+            raise RequestError(f"unknown router {request.router!r}; available: {', '.join(self.routers)}")
         if request.aggregation not in AGGREGATIONS:
             raise RequestError(
                 f"unknown aggregation {request.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
@@ -148,6 +184,13 @@ class Scheduler:
             raise RequestError("max_new_tokens must be at least 1")
         if request.temperature is not None and request.temperature < 0:
             raise RequestError("temperature must be 0 (greedy) or positive")
+
+    async def explain(self, request: QueryRequest) -> Decision:
+        """The decision a request would get, at once and outside any window; nothing is generated."""
+        self.validate(request)
+        pending = _Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
+        await self._decide([pending], self._router_of(request), request.options)
+        return pending.decision
 
     async def submit(self, request: QueryRequest) -> Answer:
         """Queue a request and wait for its answer; a cancelled caller's request is dropped from its window."""
@@ -191,11 +234,12 @@ class Scheduler:
             self.stats.queue_wait_s.append(p.timings["queue_s"])
         await self._route(live)
         routed = time.perf_counter()
-        await self._solve(live, {i: p.decision.experts for i, p in enumerate(live)})
+        await self._solve(live, {i: p.decision.experts for i, p in enumerate(live)}, lambda i: live[i].request.prompt)
         orphans = {i: self._reroute(p) for i, p in enumerate(live) if not p.answers}
         orphans = {i: e for i, e in orphans.items() if e}
         if orphans:
-            await self._solve(live, orphans)
+            await self._solve(live, orphans, lambda i: live[i].request.prompt)
+        await self._moa_layers(live)
         solved = time.perf_counter()
         aggregate_calls_s = await self._aggregate(live, routed, solved)
         done = time.perf_counter()
@@ -209,21 +253,29 @@ class Scheduler:
         )
         self.stats.overhead_s.append(max(0.0, (done - started) - expert_time) / len(live))
 
+    def _router_of(self, request: QueryRequest) -> str:
+        return request.router or self.default_router
+
     async def _route(self, live: list[_Pending]) -> None:
         groups: dict[tuple, list[_Pending]] = defaultdict(list)
         for p in live:
             o = p.request.options
-            groups[(o.k, o.policy, o.cost_lambda, o.seed)].append(p)
-        for members in groups.values():
-            options = members[0].request.options
-            texts = [p.request.query for p in members]
-            t0 = time.perf_counter()
-            # Routing embeds text: CPU work that must not stall the event loop.
-            decisions = await asyncio.to_thread(self.router.route, texts, options)
-            elapsed = (time.perf_counter() - t0) / len(members)
-            for p, d in zip(members, decisions):
-                p.decision = self._restrict(d, p.request, options)
-                p.timings["route_s"] = elapsed
+            groups[(self._router_of(p.request), o.k, o.policy, o.cost_lambda, o.seed)].append(p)
+        for (router, *_), members in groups.items():
+            await self._decide(members, router, members[0].request.options)
+
+    async def _decide(self, members: list[_Pending], router: str, options: RouteOptions) -> None:
+        texts = [p.request.query for p in members]
+        t0 = time.perf_counter()
+        # Routing embeds text: CPU work that must not stall the event loop.
+        decisions = await asyncio.to_thread(self.routers[router].route, texts, options)
+        elapsed = (time.perf_counter() - t0) / len(members)
+        for p, d in zip(members, decisions):
+            d.trace["router"] = router
+            p.decision = self._restrict(d, p.request, options)
+            self._plan(p)
+            self._fit_budget(p)
+            p.timings["route_s"] = elapsed
 
     def _restrict(self, decision: Decision, request: QueryRequest, options: RouteOptions) -> Decision:
         """Apply the request's allow-list by re-picking among allowed experts with the router's scores."""
@@ -238,6 +290,45 @@ class Scheduler:
         decision.trace["allow_list"] = allowed
         return decision
 
+    def _plan(self, p: _Pending) -> None:
+        """Fix who samples (self-moa) and who synthesises, and say why in the trace."""
+        d = p.decision
+        allowed = p.request.experts or self.pool.names
+        if p.request.aggregation == "self-moa":
+            best = max(allowed, key=lambda e: d.scores.get(e, 0.0))
+            d.experts = [best] * p.request.options.k
+            d.aggregator = best
+            d.trace["aggregator_choice"] = "self-moa: the sampled expert synthesises its own samples"
+            return
+        preferred = next((e for e in self.settings.aggregators if e in allowed), None)
+        if preferred is not None:
+            d.aggregator = preferred
+            d.trace["aggregator_choice"] = self.settings.aggregator_source
+        else:
+            d.trace["aggregator_choice"] = "router's top-scored expert"
+
+    def _fit_budget(self, p: _Pending) -> None:
+        """Drop the costliest recruits until the estimated cost fits the request's budget; one always stays.
+
+        The estimate is the expert's price per 1k tokens times the prompt's words (a token count needs the
+        expert's tokenizer, which lives in the worker) plus the tokens it may generate.
+        """
+        r, d = p.request, p.decision
+        if r.budget_usd is None:
+            return
+        words = len(r.query.split())
+
+        def cost(e: str) -> float:
+            return self.costs.get(e, 0.0) * (words + (r.max_new_tokens or self._params(p, e).max_new_tokens)) / 1000
+
+        dropped = []
+        while len(d.experts) > 1 and sum(cost(e) for e in d.experts) > r.budget_usd:
+            costliest = max(d.experts, key=cost)
+            d.experts.remove(costliest)
+            dropped.append(costliest)
+        d.trace["budget"] = {"usd": r.budget_usd, "estimate_usd": round(sum(cost(e) for e in d.experts), 8),
+                             "dropped": dropped}
+
     def _reroute(self, p: _Pending) -> list[str]:
         healthy = self.pool.healthy()
         ranked = sorted(p.decision.scores, key=lambda e: -p.decision.scores[e])
@@ -251,9 +342,13 @@ class Scheduler:
     def _params(self, p: _Pending, expert: str) -> SamplingParams:
         gen = self.pool.config_of(expert).generation
         r = p.request
+        temperature = gen.temperature if r.temperature is None else r.temperature
+        if r.aggregation == "self-moa" and r.temperature is None:
+            # Greedy samples from one model would all be the same answer.
+            temperature = max(temperature, self.settings.self_moa_temperature)
         return SamplingParams(
             max_new_tokens=r.max_new_tokens or gen.max_new_tokens,
-            temperature=gen.temperature if r.temperature is None else r.temperature,
+            temperature=temperature,
             top_p=gen.top_p,
             seed=gen.seed,
         )
@@ -262,7 +357,9 @@ class Scheduler:
         resident = set(self.pool.resident())
         return sorted(experts, key=lambda e: (e not in resident, e))
 
-    async def _solve(self, live: list[_Pending], assignment: dict[int, list[str]]) -> None:
+    async def _solve(
+        self, live: list[_Pending], assignment: dict[int, list[str]], prompt_of: Callable[[int], str | Prompt]
+    ) -> None:
         """One batched call per (expert, settings), experts concurrently, resident ones first."""
         groups: dict[tuple[str, SamplingParams], list[int]] = defaultdict(list)
         for i, experts in assignment.items():
@@ -274,7 +371,7 @@ class Scheduler:
 
         async def run_expert(expert: str) -> None:
             for params, rows in by_expert[expert]:
-                prompts = [live[i].request.query for i in rows]
+                prompts = [prompt_of(i) for i in rows]
                 try:
                     result = await asyncio.wait_for(
                         self.pool.generate(expert, prompts, params), self.settings.expert_timeout_s
@@ -286,12 +383,35 @@ class Scheduler:
                         live[i].degraded.append(f"{expert} failed: {why}")
                     continue
                 self.stats.expert_calls += 1
+                self.stats.generate_s += result.generate_s
                 self.stats.batch_sizes.append(len(rows))
                 for i, c in zip(rows, result.completions):
-                    live[i].answers.append(ExpertAnswer(expert, c.text, c.prompt_tokens, c.completion_tokens))
+                    answer = ExpertAnswer(expert, c.text, c.prompt_tokens, c.completion_tokens)
+                    live[i].answers.append(answer)
+                    live[i].spent.append(answer)
 
         # Resident experts start first; the pool's leases hold each expert resident for all its rows.
         await asyncio.gather(*(asyncio.create_task(run_expert(e)) for e in self._order(list(by_expert))))
+
+    async def _moa_layers(self, live: list[_Pending]) -> None:
+        """Layers 2..L of moa: each proposer answers again with the previous layer's answers as references."""
+        for layer in range(2, self.settings.moa_layers + 1):
+            rows = {i: [a.expert for a in p.answers] for i, p in enumerate(live)
+                    if p.request.aggregation == "moa" and p.answers}
+            if not rows:
+                return
+            previous = {i: live[i].answers for i in rows}
+            prompts = {i: proposer_prompt(live[i].request.query, [a.text for a in previous[i]]) for i in rows}
+            for i in rows:
+                live[i].answers = []
+            await self._solve(live, rows, prompts.__getitem__)
+            for i in rows:
+                p = live[i]
+                layers = p.decision.trace.setdefault("moa_layers", [[a.expert for a in previous[i]]])
+                layers.append([a.expert for a in p.answers])
+                if not p.answers:
+                    p.answers = previous[i]
+                    p.degraded.append(f"moa layer {layer}: every proposer failed; aggregated layer {layer - 1}")
 
     async def _aggregate(self, live: list[_Pending], routed: float, solved: float) -> float:
         calls: dict[tuple[str, SamplingParams], list[tuple[int, str]]] = defaultdict(list)
@@ -314,6 +434,7 @@ class Scheduler:
                     self.settings.expert_timeout_s,
                 )
                 self.stats.expert_calls += 1
+                self.stats.generate_s += out.generate_s
                 self.stats.batch_sizes.append(len(items))
                 for (i, _), c in zip(items, out.completions):
                     results[i] = Aggregated(c.text, aggregator, None, {aggregator: (c.prompt_tokens, c.completion_tokens)})
@@ -338,7 +459,7 @@ class Scheduler:
 
     def _answer(self, p: _Pending, agg: Aggregated) -> Answer:
         usage: dict[str, dict[str, int]] = defaultdict(lambda: {"prompt_tokens": 0, "completion_tokens": 0})
-        for a in p.answers:
+        for a in p.spent:
             usage[a.expert]["prompt_tokens"] += a.prompt_tokens
             usage[a.expert]["completion_tokens"] += a.completion_tokens
         for expert, (pt, ct) in agg.usage.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -83,6 +83,15 @@ class Router(Protocol):
 
     def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
         """Route a whole window at once (one embedding pass, one index search)."""
+        ...
+
+
+@runtime_checkable
+class OnlineRouter(Protocol):
+    """A router that learns from feedback on its live decisions."""
+
+    def learn(self, decision: Decision, expert: str, correct: float) -> bool:
+        """Count one more answer by ``expert`` for this decision's query, ``correct`` of it right (0..1)."""
         ...
 
 

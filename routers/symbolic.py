@@ -133,6 +133,27 @@ class SkillRouter:
         return decisions
 
 
+    def learn(self, decision: Decision, expert: str, correct: float) -> bool:
+        """Online profile update from feedback, in the spirit of MixLLM's continual learning.
+
+        The query's mapped skills (top match per keyword, from the decision's
+        trace) count one more answer by ``expert``, ``correct`` of it right.
+        False when there is nothing to update: an unknown expert or no skills.
+        """
+        mapped = decision.trace.get("mapped") or {}
+        skills = {pairs[0][0] for pairs in mapped.values() if pairs}
+        p = self.profiles
+        if p is None or expert not in p.experts or not skills:
+            return False
+        j = p.experts.index(expert)
+        rows = [p.skills.index(s) for s in skills if s in p.skills]
+        p.right, p.seen = p.right.astype(np.float64), p.seen.astype(np.float64)
+        p.seen[rows, j] += 1.0
+        p.right[rows, j] += correct
+        self._use(p, self.index)
+        return bool(rows)
+
+
 @register("skill_paper")
 class PaperSkillRouter(SkillRouter):
     """The paper's scoring for every policy: top-1 mapping, raw ±1 counts × global strength.

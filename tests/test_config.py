@@ -48,7 +48,7 @@ def test_a_full_expert_entry_parses():
     [
         ({"experts": [{"name": "a", "source": "x", "colour": 1}]}, "experts[0].colour: Extra inputs"),
         ({"experts": [{"name": "a", "source": "x", "max_batch_size": 0}]}, "experts[0].max_batch_size"),
-        ({"experts": [{"name": "a", "backend": "vllm", "source": "x"}]}, "experts[0]: an expert must be a mapping whose 'backend' is one of transformers, openai, replay"),
+        ({"experts": [{"name": "a", "backend": "vllm", "source": "x"}]}, "experts[0]: an expert must be a mapping whose 'backend' is one of transformers, openai, replay, simulated"),
         ({"experts": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}, "expert name 'a' is used twice"),
         ({"experts": [{"name": "a", "source": "x", "num_gpus": 1.5}]}, "whole number of GPUs"),
         ({"experts": [{"name": "a", "source": "x", "dtype": "int3"}]}, "experts[0].dtype"),
@@ -57,6 +57,9 @@ def test_a_full_expert_entry_parses():
         ({"experts": []}, "experts: List should have at least 1 item"),
         ({"pool": {"memory_budget_gb": {"cpu": 0}}}, "budget for 'cpu' must be positive"),
         ({"rayy": {}}, "rayy: Extra inputs are not permitted"),
+        ({"routing": {"aggregator": "gpt-9"}}, "routing.aggregator 'gpt-9' is not a configured expert"),
+        ({"routing": {"aggregation": "median"}}, "routing.aggregation"),
+        ({"routing": {"moa_layers": 0}}, "routing.moa_layers"),
     ],
 )
 def test_bad_config_names_key_and_reason(data, expected):
@@ -112,3 +115,17 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults():
     defaults = ConciliumConfig()
     assert [e.model_dump() for e in example.experts] == [e.model_dump() for e in defaults.experts]
     assert example.ray == defaults.ray and example.pool == defaults.pool and example.routing == defaults.routing
+
+
+def test_aggregator_preference_from_config_or_profile_ranking(tmp_path):
+    from orchestrator.pipeline import aggregator_preference
+
+    cfg = parse_config({"routing": {"profiles": str(tmp_path)}})
+    assert aggregator_preference(cfg) == ((), "router's top-scored expert")  # no profiles yet
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "LATEST").write_text("v1\n")
+    (tmp_path / "v1" / "summary.json").write_text('{"aggregator_ranking": ["gone", "gemma3", "smollm2"]}')
+    ranking, source = aggregator_preference(cfg)
+    assert ranking == ("gemma3", "smollm2") and "aggregator ranking" in source  # unconfigured names dropped
+    fixed = parse_config({"routing": {"profiles": str(tmp_path), "aggregator": "smollm2"}})
+    assert aggregator_preference(fixed) == (("smollm2",), "fixed in config (routing.aggregator)")

@@ -52,7 +52,7 @@ async def _scheduler(table, budget_gb=1.2, experts=EXPERTS, **settings):
     pool = await ExpertPool.start(experts, PoolConfig(memory_budget_gb={"cpu": budget_gb}),
                                   namespace=f"t-{uuid.uuid4().hex[:8]}")
     router = TableRouter(table)
-    sched = Scheduler(router, pool, SchedulerSettings(**settings), {"smollm2": 0.1, "gemma3": 0.2})
+    sched = Scheduler({"table": router}, pool, SchedulerSettings(**settings), {"smollm2": 0.1, "gemma3": 0.2})
     sched.start()
     return sched, router, pool
 
@@ -210,3 +210,75 @@ def test_allow_list_restricts_recruitment(ray_cluster, store):
     ans = run(main())
     assert [a.expert for a in ans.answers] == ["gemma3"] and ans.decision.trace["allow_list"] == ["gemma3"]
     assert np.isclose(ans.decision.scores["gemma3"], 0.4)
+
+
+def test_moa_runs_proposer_layers_batched_by_expert(ray_cluster, store):
+    """Two layers: both experts answer, then answer again with the first layer as references; one call per
+    expert per layer; usage counts every layer."""
+    table = {"What is the capital of Spain?": ["smollm2", "gemma3"], "Name a planet.": ["smollm2", "gemma3"]}
+
+    async def main():
+        sched, _, pool = await _scheduler(table, budget_gb=4.0, max_wait_ms=200, moa_layers=2)
+        try:
+            answers = await asyncio.gather(
+                *(sched.submit(QueryRequest(q, aggregation="moa", max_new_tokens=6)) for q in table)
+            )
+            return answers, sched.stats
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    answers, stats = run(main())
+    for ans in answers:
+        assert [sorted(layer) for layer in ans.decision.trace["moa_layers"]] == [["gemma3", "smollm2"]] * 2
+        assert sorted(a.expert for a in ans.answers) == ["gemma3", "smollm2"]  # the last layer is aggregated
+        layer_tokens = sum(a.completion_tokens for a in ans.answers)
+        assert sum(u["completion_tokens"] for u in ans.usage.values()) > layer_tokens  # layer 1 is counted too
+    # Two solve calls per layer, both requests in each; then at most one aggregation call per aggregator.
+    assert stats.batch_sizes[:4] == [2, 2, 2, 2] and stats.expert_calls in (4, 5)
+
+
+def test_self_moa_samples_the_best_expert_in_one_call(ray_cluster, store):
+    table = {"Write one word about the sea.": ["gemma3", "smollm2"]}
+
+    async def main():
+        sched, _, pool = await _scheduler(table, budget_gb=4.0, max_wait_ms=50)
+        try:
+            ans = await sched.submit(
+                QueryRequest("Write one word about the sea.", RouteOptions(k=3), "self-moa", max_new_tokens=6)
+            )
+            return ans, sched.stats
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    ans, stats = run(main())
+    # smollm2 has the top score (0.9): three samples from it, as three rows of one call.
+    assert [a.expert for a in ans.answers] == ["smollm2"] * 3
+    assert stats.batch_sizes[0] == 3
+    assert ans.decision.aggregator == "smollm2" and ans.decision.trace["aggregator_choice"].startswith("self-moa")
+    assert ans.aggregator in ("smollm2", None)
+
+
+def test_configured_aggregator_preference(ray_cluster, store):
+    table = {"Say a colour.": ["smollm2", "gemma3"]}
+
+    async def main():
+        sched, _, pool = await _scheduler(table, budget_gb=4.0, max_wait_ms=50, aggregators=("gemma3", "smollm2"),
+                                          aggregator_source="the test's ranking")
+        try:
+            preferred = await sched.submit(QueryRequest("Say a colour.", aggregation="synthesize", max_new_tokens=6))
+            restricted = await sched.submit(
+                QueryRequest("Say a colour.", RouteOptions(k=1), "synthesize", ["smollm2"], max_new_tokens=6)
+            )
+            return preferred, restricted
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    preferred, restricted = run(main())
+    # The router named smollm2; the ranking's first allowed expert wins.
+    assert preferred.decision.aggregator == "gemma3"
+    assert preferred.decision.trace["aggregator_choice"] == "the test's ranking"
+    assert preferred.aggregator in ("gemma3", None)
+    assert restricted.decision.aggregator == "smollm2"  # gemma3 is not on the allow-list

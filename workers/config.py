@@ -91,7 +91,25 @@ class ReplayExpert(ExpertBase):
         return f"{self.path} ({self.model})"
 
 
-BACKENDS = ("transformers", "openai", "replay")
+class SimulatedExpert(ExpertBase):
+    """Generation replaced by a cost model calibrated on a real run (``concilium bench calibrate``)."""
+
+    backend: Literal["simulated"]
+    memory_gb: float = Field(gt=0, description="resident size for the memory budget")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda:\d+)$", description="the budget this expert counts against")
+    load_s: float = Field(ge=0.0, description="seconds to load")
+    step_s: float = Field(gt=0.0, description="seconds per decode step at batch 1")
+    step_s_per_row: float = Field(0.0, ge=0.0, description="extra seconds per decode step per extra row")
+    prefill_s_per_token: float = Field(0.0, ge=0.0, description="seconds per prompt token")
+    time_scale: float = Field(1.0, gt=0.0, le=1.0, description="every sleep is multiplied by this")
+    num_cpus: float = Field(0.0, ge=0.0)
+
+    @property
+    def origin(self) -> str:
+        return f"simulated (load {self.load_s:g} s, step {self.step_s * 1000:.2f} ms)"
+
+
+BACKENDS = ("transformers", "openai", "replay", "simulated")
 
 
 def _backend_of(value: object) -> str | None:
@@ -104,7 +122,8 @@ def _backend_of(value: object) -> str | None:
 ExpertConfig = Annotated[
     Annotated[TransformersExpert, Tag("transformers")]
     | Annotated[OpenAIExpert, Tag("openai")]
-    | Annotated[ReplayExpert, Tag("replay")],
+    | Annotated[ReplayExpert, Tag("replay")]
+    | Annotated[SimulatedExpert, Tag("simulated")],
     Discriminator(
         _backend_of,
         custom_error_type="invalid_backend",

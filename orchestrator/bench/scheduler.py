@@ -11,6 +11,17 @@ All N queries arrive at t = 0. A request's latency is the time from then until
 its answer, so the latency figures compare like with like. Each query is
 assigned one or two experts at random (seeded). Routing is replaced by this
 fixed assignment, so only scheduling differs between the variants.
+
+With simulated experts (``backend: simulated``) every sleep is shrunk by the
+experts' ``time_scale``, and the clock figures are divided by it, so they
+read as the modelled hardware's seconds. The scheduler's own overhead is real
+CPU time and is reported unscaled.
+
+Experts on different devices work in parallel, but experts sharing one device
+contend for it, which the wall clock of a simulation does not show. So each
+variant also reports its device time: the sum of load and generation time
+over all experts. On one shared device, throughput is at most N over the
+larger of wall time and device time (``serial_queries_per_s``).
 """
 
 from __future__ import annotations
@@ -42,7 +53,13 @@ class VariantFigures:
     tokens_per_s: float
     p50_s: float
     p95_s: float
+    device_s: float
+    """Load plus generation time summed over experts: the wall time if they all shared one device."""
     overhead_ms_per_query: float | None = None
+
+    @property
+    def serial_queries_per_s(self) -> float:
+        return self.n / max(self.wall_s, self.device_s)
 
 
 class _FixedRouter:
@@ -74,18 +91,28 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def _figures(variant: str, budget: str, lat: list[float], wall: float, tokens: int, loads: int) -> VariantFigures:
+def _figures(variant: str, budget: str, lat: list[float], wall: float, tokens: int, loads: int,
+             device_s: float, scale: float) -> VariantFigures:
+    wall, lat = wall / scale, [x / scale for x in lat]
     return VariantFigures(
         variant, budget, len(lat), loads, wall, len(lat) / wall, tokens / wall,
-        statistics.median(lat), _percentile(lat, 95),
+        statistics.median(lat), _percentile(lat, 95), device_s / scale,
     )
 
 
+def time_scale(experts: list[ExpertConfig]) -> float:
+    """The simulated experts' common time scale; 1 for real experts. Mixed scales would mix clocks."""
+    scales = {getattr(e, "time_scale", 1.0) for e in experts}
+    if len(scales) > 1:
+        raise ValueError(f"the experts' time_scale values differ ({sorted(scales)}); use one for all")
+    return scales.pop()
+
+
 async def _batched(pool: ExpertPool, work: dict[str, list[str]], params: SamplingParams, budget: str,
-                   max_batch: int) -> VariantFigures:
-    sched = Scheduler(_FixedRouter(work), pool, SchedulerSettings(max_batch=max_batch, max_wait_ms=50), {})
+                   max_batch: int, scale: float) -> VariantFigures:
+    sched = Scheduler({"fixed": _FixedRouter(work)}, pool, SchedulerSettings(max_batch=max_batch, max_wait_ms=50), {})
     sched.start()
-    loads0, t0 = pool.stats.loads, time.perf_counter()
+    loads0, load_s0, t0 = pool.stats.loads, pool.stats.load_seconds, time.perf_counter()
     latencies: list[float] = []
 
     async def one(q: str) -> int:
@@ -99,54 +126,60 @@ async def _batched(pool: ExpertPool, work: dict[str, list[str]], params: Samplin
         tokens = sum(await asyncio.gather(*(one(q) for q in work)))
     finally:
         await sched.stop()
-    fig = _figures("batched", budget, latencies, time.perf_counter() - t0, tokens, pool.stats.loads - loads0)
+    device_s = pool.stats.load_seconds - load_s0 + sched.stats.generate_s
+    fig = _figures("batched", budget, latencies, time.perf_counter() - t0, tokens, pool.stats.loads - loads0,
+                   device_s, scale)
     fig.overhead_ms_per_query = statistics.median(sched.stats.overhead_s) * 1000
     return fig
 
 
 async def _per_query(pool: ExpertPool, work: dict[str, list[str]], params: SamplingParams, unload: bool,
-                     budget: str) -> VariantFigures:
-    loads0, t0 = pool.stats.loads, time.perf_counter()
-    latencies, tokens = [], 0
+                     budget: str, scale: float) -> VariantFigures:
+    loads0, load_s0, t0 = pool.stats.loads, pool.stats.load_seconds, time.perf_counter()
+    latencies, tokens, generate_s = [], 0, 0.0
     for q, experts in work.items():
         results = await asyncio.gather(*(pool.generate(e, [q], params) for e in experts))
         tokens += sum(r.completion_tokens for r in results)
+        generate_s += sum(r.generate_s for r in results)
         if unload:
             for e in experts:
                 await pool.unload(e)
         latencies.append(time.perf_counter() - t0)
     name = "naive" if unload else "resident"
-    return _figures(name, budget, latencies, time.perf_counter() - t0, tokens, pool.stats.loads - loads0)
+    device_s = pool.stats.load_seconds - load_s0 + generate_s
+    return _figures(name, budget, latencies, time.perf_counter() - t0, tokens, pool.stats.loads - loads0,
+                    device_s, scale)
 
 
 async def run_scheduler_bench(
     experts: list[ExpertConfig],
-    n: int,
+    sizes: list[int],
     new_tokens: int,
-    budget_one_gb: float,
+    budget_gb: float,
+    device: str,
     max_batch: int,
     progress: Callable[[str], None],
 ) -> list[VariantFigures]:
+    """For each N: under the tight budget, batched vs naive; with no budget, batched vs resident."""
     names = [e.name for e in experts]
-    work = workload(n, names)
+    scale = time_scale(experts)
     params = SamplingParams(max_new_tokens=new_tokens)
     results = []
-    for budget, gb in (("fits one", budget_one_gb), ("fits all", None)):
-        config = PoolConfig(memory_budget_gb={"cpu": gb} if gb else {})
-        pool = await ExpertPool.start(experts, config, namespace=f"bench-{uuid.uuid4().hex[:8]}")
-        try:
-            progress(f"{budget}: batched-by-expert, N={n}")
-            # Every variant of a budget starts alike: one expert resident, or all of them.
-            for name in names[:1] if gb else names:
-                async with pool.lease(name):
-                    pass
-            results.append(await _batched(pool, work, params, budget, max_batch))
-            if budget == "fits one":
-                progress(f"{budget}: naive per-query load/generate/unload, N={n} (slow)")
-                results.append(await _per_query(pool, work, params, True, budget))
-            else:
-                progress(f"{budget}: per-query, all resident, no batching, N={n}")
-                results.append(await _per_query(pool, work, params, False, budget))
-        finally:
-            pool.shutdown()
+    for n in sizes:
+        work = workload(n, names)
+        for budget, gb in ((f"{budget_gb:g} GB", budget_gb), ("unlimited", None)):
+            config = PoolConfig(memory_budget_gb={device: gb} if gb else {})
+            pool = await ExpertPool.start(experts, config, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+            try:
+                progress(f"N={n}, {budget}: batched-by-expert")
+                # Every variant of a budget starts alike: one expert resident, or all of them.
+                for name in names[:1] if gb else names:
+                    async with pool.lease(name):
+                        pass
+                results.append(await _batched(pool, work, params, budget, max_batch, scale))
+                other = "naive per-query load/generate/unload (slow)" if gb else "per-query, all resident, no batching"
+                progress(f"N={n}, {budget}: {other}")
+                results.append(await _per_query(pool, work, params, bool(gb), budget, scale))
+            finally:
+                pool.shutdown()
     return results

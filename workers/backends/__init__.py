@@ -43,6 +43,7 @@ def make_backend(config: ExpertConfig, model_store: Path | None) -> Backend:
         "transformers": lambda: _transformers(config, model_store),
         "openai": lambda: _openai(config),
         "replay": lambda: _replay(config),
+        "simulated": lambda: _simulated(config),
     }
     return factories[config.backend]()
 
@@ -63,3 +64,9 @@ def _replay(config: ExpertConfig) -> Backend:
     from workers.backends.replay import ReplayBackend
 
     return ReplayBackend(config)
+
+
+def _simulated(config: ExpertConfig) -> Backend:
+    from workers.backends.simulated import SimulatedBackend
+
+    return SimulatedBackend(config)
