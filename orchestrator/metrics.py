@@ -1,0 +1,52 @@
+"""Prometheus metrics of one API process, in their own registry.
+
+A registry per app (not the global default) lets several apps live in one
+process, as tests and Ray Serve replicas do, without duplicate-metric errors.
+Pool and scheduler figures are read at scrape time from their own counters,
+so there is one source of truth for loads and queue depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Live:
+    """Figures owned by the pool and the scheduler, read when scraped."""
+
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self.read = read
+
+    def collect(self):  # noqa: ANN201  (prometheus-client's collector protocol)
+        figures = self.read()
+        loads = CounterMetricFamily("concilium_model_loads", "models loaded into memory")
+        loads.add_metric([], figures.get("loads", 0.0))
+        yield loads
+        depth = GaugeMetricFamily("concilium_queue_depth", "requests waiting for a scheduler window")
+        depth.add_metric([], figures.get("queue_depth", 0.0))
+        yield depth
+        resident = GaugeMetricFamily("concilium_resident_experts", "experts resident in memory")
+        resident.add_metric([], figures.get("resident", 0.0))
+        yield resident
+
+
+class Metrics:
+    def __init__(self, live: Callable[[], dict[str, float]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("concilium_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("concilium_request_seconds", "HTTP request latency", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.routed = Counter("concilium_routed", "recruitments per expert", ["expert"], registry=r)
+        self.cache = Counter("concilium_cache", "response cache lookups", ["result"], registry=r)
+        self.store_errors = Counter("concilium_store_errors", "store calls that failed", ["use"], registry=r)
+        self.feedback = Counter("concilium_feedback", "feedback received", ["expert"], registry=r)
+        r.register(_Live(live))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

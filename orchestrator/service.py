@@ -1,0 +1,314 @@
+"""The service controller: the API's behaviour as plain Python, below HTTP.
+
+It turns validated request models into pipeline requests, applies the
+configured limits, serves the response cache, keeps the answer records that
+feedback refers to, and runs jobs. The FastAPI app (``orchestrator.app``) is
+a thin layer over it, as RouteLLM's server is over its controller, so the
+same behaviour is reachable from Ray Serve or a test without HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from orchestrator.config import ConciliumConfig
+from orchestrator.jobs import JobRunner
+from orchestrator.metrics import Metrics
+from orchestrator.pipeline import Pipeline
+from orchestrator.scheduler import AllExpertsFailed, Answer, QueryRequest, RequestError
+from orchestrator.schemas import (
+    ChatBody,
+    ExpertAnswerOut,
+    ExpertOut,
+    FeedbackBody,
+    FeedbackOut,
+    JobOut,
+    ModelCard,
+    ModelList,
+    QueryBody,
+    QueryResponse,
+    RouteBody,
+    Routing,
+    Usage,
+)
+from orchestrator.store import Store, StoreUnavailable, open_store
+from routers.base import Decision, OnlineRouter, RouteOptions, RoutingError
+from workers.types import Message
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "REDIS_URL"
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status and type; subclasses fix the common ones."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, status: int | None = None, kind: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status or self.status
+        self.type = kind or self.type
+        self.headers = headers
+
+
+class InvalidRequest(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+class NotFound(ServiceError):
+    status, type = 404, "not_found"
+
+
+class Unavailable(ServiceError):
+    status, type = 503, "unavailable"
+
+
+def _routing(d: Decision) -> Routing:
+    return Routing(router=str(d.trace.get("router", "")), experts=d.experts, scores=d.scores,
+                   aggregator=d.aggregator, skills=d.skills, fallback=d.fallback, trace=d.trace)
+
+
+def to_response(answer: Answer, answer_id: str) -> QueryResponse:
+    usage = {
+        e: Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
+                 total_tokens=u["prompt_tokens"] + u["completion_tokens"])
+        for e, u in answer.usage.items()
+    }
+    total = Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usage.values()),
+        completion_tokens=sum(u.completion_tokens for u in usage.values()),
+    )
+    total.total_tokens = total.prompt_tokens + total.completion_tokens
+    return QueryResponse(
+        id=answer_id, answer=answer.text,
+        answers=[ExpertAnswerOut(expert=a.expert, text=a.text, prompt_tokens=a.prompt_tokens,
+                                 completion_tokens=a.completion_tokens) for a in answer.answers],
+        aggregation=answer.aggregation, aggregator=answer.aggregator, aggregation_skipped=answer.aggregation_skipped,
+        routing=_routing(answer.decision), usage=usage, total_usage=total, cost_usd=answer.cost_usd,
+        timings=answer.timings, degraded=answer.degraded,
+    )
+
+
+class Service:
+    def __init__(self, config: ConciliumConfig, pipeline: Pipeline, store: Store) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.store = store
+        self.profiles_version = 0
+        self.config_version = hashlib.sha256(
+            config.routing.model_dump_json().encode() + json.dumps([e.name for e in config.experts]).encode()
+        ).hexdigest()[:16]
+        self.metrics = Metrics(self._live_figures)
+        self.jobs = JobRunner(store, self.query, config.server.job_ttl_s)
+
+    @classmethod
+    async def start(cls, config: ConciliumConfig, model_store: Path | None = None) -> Service:
+        store = open_store(os.environ.get(REDIS_URL_ENV) or config.server.redis_url)
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:  # serve anyway: the cache is off and jobs answer 503 until it is back
+            log.warning("starting without the store: %s", exc)
+        pipeline = await Pipeline.start(config, model_store)
+        service = cls(config, pipeline, store)
+        service.jobs.start()
+        return service
+
+    async def close(self) -> None:
+        await self.jobs.stop()
+        await self.pipeline.close()
+        await self.store.close()
+
+    def _live_figures(self) -> dict[str, float]:
+        pool = self.pipeline.pool
+        return {"loads": pool.stats.loads, "queue_depth": self.pipeline.scheduler.queue_depth,
+                "resident": len(pool.resident())}
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def to_request(self, body: RouteBody, messages: tuple[Message, ...] = ()) -> QueryRequest:
+        """A pipeline request within the configured limits; InvalidRequest says what is wrong."""
+        limits, defaults = self.config.server, self.config.routing
+        if not body.query.strip():
+            raise InvalidRequest("query: the query is empty or only whitespace")
+        if len(body.query) > limits.max_query_chars:
+            raise InvalidRequest(
+                f"query: {len(body.query)} characters, above the limit of {limits.max_query_chars}"
+            )
+        k = body.k or defaults.k
+        if k > limits.max_k:
+            raise InvalidRequest(f"k: {k} is above the limit of {limits.max_k}")
+        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
+            raise InvalidRequest(f"max_tokens: {body.max_tokens} is above the limit of {limits.max_tokens}")
+        policy = body.policy or ("cost" if body.cost_lambda else defaults.policy)
+        try:
+            request = QueryRequest(
+                query=body.query, options=RouteOptions(k=k, policy=policy, cost_lambda=body.cost_lambda or 0.0),
+                aggregation=body.aggregation or defaults.aggregation, experts=body.experts,
+                max_new_tokens=body.max_tokens, temperature=getattr(body, "temperature", None), router=body.router,
+                messages=messages, budget_usd=body.budget,
+            )
+            self.pipeline.scheduler.validate(request)
+        except (RequestError, RoutingError) as exc:
+            raise InvalidRequest(str(exc)) from None
+        return request
+
+    def _cacheable(self, request: QueryRequest) -> bool:
+        """Only deterministic answers are cached: greedy decoding, and no self-moa sampling."""
+        if self.config.server.cache_ttl_s <= 0 or request.aggregation == "self-moa":
+            return False
+        if request.temperature is not None:
+            return request.temperature == 0
+        return all(e.generation.temperature == 0 for e in self.config.experts)
+
+    def _cache_key(self, body: RouteBody, messages: tuple[Message, ...]) -> str:
+        data = body.model_dump(mode="json", by_alias=True, exclude={"stream"})
+        data["query"] = " ".join(body.query.split())
+        data["messages"] = [[m.role, m.content] for m in messages]
+        data["versions"] = [self.config_version, self.profiles_version]
+        return "cache:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    async def _store_call(self, use: str, coro):  # noqa: ANN001, ANN202
+        """A store call whose failure degrades a feature (cache, answer records) instead of failing the request."""
+        try:
+            return await coro
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.labels(use).inc()
+            log.warning("store unavailable for %s: %s", use, exc)
+            return None
+
+    async def query(self, body: QueryBody, messages: tuple[Message, ...] = ()) -> QueryResponse:
+        request = self.to_request(body, messages)
+        key = self._cache_key(body, messages) if self._cacheable(request) else None
+        if key is not None:
+            raw = await self._store_call("cache", self.store.get(key))
+            self.metrics.cache.labels("hit" if raw else "miss").inc()
+            if raw:
+                return QueryResponse.model_validate_json(raw).model_copy(update={"cached": True})
+        try:
+            answer = await self.pipeline.ask(request)
+        except AllExpertsFailed as exc:
+            raise Unavailable(str(exc)) from None
+        response = to_response(answer, "cc-" + uuid.uuid4().hex)
+        for expert in answer.decision.experts:
+            self.metrics.routed.labels(expert).inc()
+        record = {"router": response.routing.router, "experts": [a.expert for a in answer.answers],
+                  "trace": answer.decision.trace}
+        ttl = self.config.server.job_ttl_s
+        await self._store_call("answers", self.store.set(f"answer:{response.id}", json.dumps(record, default=str), ttl))
+        if key is not None:
+            await self._store_call("cache", self.store.set(key, response.model_dump_json(), self.config.server.cache_ttl_s))
+        return response
+
+    async def route(self, body: RouteBody) -> Routing:
+        try:
+            return _routing(await self.pipeline.scheduler.explain(self.to_request(body)))
+        except RequestError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    def chat_query(self, body: ChatBody) -> tuple[QueryBody, tuple[Message, ...]]:
+        """The routed part of a chat (its last user turn) and the whole conversation for the experts.
+
+        ``model`` is ``concilium`` (the default router), ``concilium/<router>``, or one expert's name, which
+        sends the conversation to that expert alone.
+        """
+        user_turns = [m.content for m in body.messages if m.role == "user"]
+        if not user_turns or not user_turns[-1].strip():
+            raise InvalidRequest("messages: the last user message is missing or empty")
+        routers, experts = self.pipeline.scheduler.routers, self.pipeline.pool.names
+        router, allow, k, aggregation = None, None, body.k, body.aggregation
+        if body.model.startswith("concilium/"):
+            router = body.model.split("/", 1)[1]
+        elif body.model in experts:
+            allow, k, aggregation = [body.model], 1, aggregation or "best"
+        elif body.model != "concilium":
+            router = ""
+        if router is not None and router not in routers:
+            raise NotFound(
+                f"model {body.model!r} does not exist; available: "
+                + ", ".join(m.id for m in self.models().data)
+            )
+        query = QueryBody(
+            query=user_turns[-1], router=router, k=k, aggregation=aggregation, experts=allow,
+            max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+        )
+        return query, tuple(Message(m.role, m.content) for m in body.messages)
+
+    def models(self) -> ModelList:
+        routers = self.pipeline.scheduler.routers
+        ids = ["concilium", *(f"concilium/{r}" for r in routers), *self.pipeline.pool.names]
+        return ModelList(data=[ModelCard(id=i) for i in ids])
+
+    async def experts(self) -> list[ExpertOut]:
+        return [
+            ExpertOut(name=i.name, backend=i.backend, source=i.source, state=i.state, device=i.device,
+                      memory_bytes=i.memory_bytes, node_id=i.node_id or None, load_s=i.load_s, error=i.error)
+            for i in await self.pipeline.pool.info()
+        ]
+
+    # -- jobs and feedback ----------------------------------------------------------------------------
+
+    async def submit_job(self, body: QueryBody) -> JobOut:
+        if body.stream:
+            raise InvalidRequest("stream: a job has no stream; poll GET /v1/jobs/{id}")
+        self.to_request(body)  # reject bad input now, not when the job runs
+        try:
+            return await self.jobs.submit(body)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"jobs are unavailable: {exc}") from None
+
+    async def job(self, job_id: str) -> JobOut:
+        try:
+            job = await self.jobs.get(job_id)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"jobs are unavailable: {exc}") from None
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (unknown, or older than {self.config.server.job_ttl_s:g} s)")
+        return job
+
+    async def feedback(self, body: FeedbackBody) -> FeedbackOut:
+        if (body.correct is None) == (body.rating is None):
+            raise InvalidRequest("give exactly one of correct (true/false) or rating (0..1)")
+        try:
+            raw = await self.store.get(f"answer:{body.answer_id}")
+        except StoreUnavailable as exc:
+            raise Unavailable(f"feedback is unavailable: {exc}") from None
+        if raw is None:
+            raise NotFound(f"no answer {body.answer_id!r} (unknown, or older than {self.config.server.job_ttl_s:g} s)")
+        record = json.loads(raw)
+        if body.expert is not None and body.expert not in record["experts"]:
+            raise InvalidRequest(f"expert {body.expert!r} did not answer {body.answer_id}; "
+                                 f"these did: {', '.join(sorted(set(record['experts'])))}")
+        experts = [body.expert] if body.expert else sorted(set(record["experts"]))
+        value = float(body.correct) if body.correct is not None else float(body.rating)
+        router = self.pipeline.scheduler.routers.get(record["router"])
+        updated = False
+        if isinstance(router, OnlineRouter):
+            decision = Decision(experts=experts, scores={}, trace=record["trace"])
+            for expert in experts:
+                updated = router.learn(decision, expert, value) or updated
+        if updated:
+            self.profiles_version += 1  # cached answers were routed by the old profiles
+        for expert in experts:
+            await self._store_call("feedback", self.store.hincr(f"feedback:{expert}", {"n": 1.0, "correct": value}))
+            self.metrics.feedback.labels(expert).inc()
+        return FeedbackOut(answer_id=body.answer_id, experts=experts, profile_updated=updated,
+                           profiles_version=self.profiles_version)
+
+    async def ready(self) -> dict[str, object]:
+        healthy = self.pipeline.pool.healthy()
+        try:
+            await self.store.ping()
+            store_ok = True
+        except StoreUnavailable:
+            store_ok = False
+        return {"ready": any(healthy.values()), "experts": healthy, "store": self.store.kind, "store_ok": store_ok,
+                "time": time.time()}

@@ -1,0 +1,115 @@
+"""Live servers for tests, all on 127.0.0.1 and all stopped by the PID (or thread) that started them.
+
+- ``RedisServer``: a real redis-server from Debian's package, on a free port,
+  without persistence.
+- ``ThreadServer``: the API under uvicorn in a thread of the test process,
+  sharing the session's Ray; the app's lifespan starts and stops its service.
+- ``ProcessServer``: ``concilium serve`` in its own process group, for tests
+  that kill the API process; killing the group also ends the local Ray it
+  started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+import yaml
+
+from orchestrator.app import create_app
+from orchestrator.config import parse_config
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the server for {url} exited during start-up")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not ready after {timeout_s:g} s")
+
+
+class RedisServer:
+    def __init__(self, tmp: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server (make test does)")
+        self.port = free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [binary, "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class ThreadServer:
+    def __init__(self, config: dict, store_path: Path | None = None, ready_timeout_s: float = 180) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        app = create_app(parse_config(config, "test config"), store_path)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_ready(self.url, ready_timeout_s, self.thread.is_alive)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+class ProcessServer:
+    def __init__(self, config_file: Path, env: dict[str, str], log: Path, ready_timeout_s: float = 240) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "serve", "--port", str(self.port), "--config", str(config_file)],
+            env={**os.environ, **env}, stdout=self.log, stderr=self.log, start_new_session=True,
+        )
+        wait_ready(self.url, ready_timeout_s, lambda: self.proc.poll() is None)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the API process and the local Ray it started."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self.log.close()
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path

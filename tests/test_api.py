@@ -1,0 +1,257 @@
+"""The HTTP API against live servers on 127.0.0.1: the bundled models, a real redis-server, real clients.
+
+One server with the bundled experts and the in-process store serves most
+tests; another with replay experts and redis covers the shared store and rate
+limits; a killed-and-restarted ``concilium serve`` process covers jobs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.auth import digest
+from orchestrator.client import Client, ConciliumError
+from tests.conftest import BENCH_DATA
+from tests.live import ProcessServer, RedisServer, ThreadServer, write_config
+
+KEY = "test-key-" + uuid.uuid4().hex[:8]
+HEADERS = {"authorization": f"Bearer {KEY}"}
+
+pytestmark = pytest.mark.models
+
+
+def _bundled(namespace: str, **server: object) -> dict:
+    return {
+        "ray": {"namespace": namespace},
+        "routing": {"aggregation": "vote", "max_wait_ms": 5},
+        "server": {"api_key_sha256": [digest(KEY)], "max_query_chars": 500, "max_tokens": 64, **server},
+    }
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, store):
+    s = ThreadServer(_bundled(f"api-{uuid.uuid4().hex[:6]}"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    r = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield r
+    r.stop()
+
+
+def post(server, path: str, body: object, headers: dict = HEADERS, **kw) -> httpx.Response:  # noqa: ANN001
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=300, **kw)
+
+
+def test_query_answers_with_trace_usage_and_cache(server):
+    body = {"query": "What is the capital of France?", "max_tokens": 8}
+    first = post(server, "/v1/query", body)
+    assert first.status_code == 200, first.text
+    r = first.json()
+    assert sorted(a["expert"] for a in r["answers"]) == ["gemma3", "smollm2"]
+    assert r["answer"] and r["aggregation"] == "vote" and r["cached"] is False
+    assert r["routing"]["router"] == "all" and r["routing"]["experts"] == ["smollm2", "gemma3"]
+    assert r["total_usage"]["completion_tokens"] == sum(a["completion_tokens"] for a in r["answers"]) > 0
+    assert r["cost_usd"] > 0 and {"queue_s", "route_s", "solve_s", "aggregate_s", "total_s"} <= set(r["timings"])
+    assert first.headers["x-concilium-experts"] == "smollm2,gemma3"
+    # The same request, spelled with other whitespace, is a cache hit with the same answer.
+    again = post(server, "/v1/query", {**body, "query": "  What is the capital   of France? "}).json()
+    assert again["cached"] is True and again["answer"] == r["answer"] and again["id"] == r["id"]
+    # A sampled request is never served from the cache.
+    sampled = post(server, "/v1/query", {**body, "temperature": 0.9, "aggregation": "best"}).json()
+    assert sampled["cached"] is False
+
+    metrics = {m.name: m for m in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    cache = {s.labels["result"]: s.value for s in metrics["concilium_cache"].samples if s.name.endswith("_total")}
+    assert cache["hit"] >= 1 and cache["miss"] >= 1
+    routed = {s.labels["expert"]: s.value for s in metrics["concilium_routed"].samples if s.name.endswith("_total")}
+    assert routed["smollm2"] >= 2 and routed["gemma3"] >= 1
+    requests = [s for s in metrics["concilium_requests"].samples
+                if s.labels.get("endpoint") == "/v1/query" and s.labels.get("status") == "200"]
+    assert requests and requests[0].value >= 3
+    assert metrics["concilium_model_loads"].samples[0].value >= 2
+    assert "concilium_request_seconds" in metrics and "concilium_queue_depth" in metrics
+
+
+def test_route_explains_without_generating(server):
+    before = post(server, "/v1/experts", None)  # wrong method: the error shape holds for it too
+    assert before.status_code == 405 and before.json()["error"]["type"] == "method_not_allowed"
+    r = post(server, "/v1/route", {"query": "Integrate x squared.", "k": 1, "experts": ["gemma3"]})
+    assert r.status_code == 200, r.text
+    routing = r.json()["routing"]
+    assert routing["experts"] == ["gemma3"] and routing["trace"]["allow_list"] == ["gemma3"]
+    experts = {e["name"]: e for e in httpx.get(f"{server.url}/v1/experts", headers=HEADERS).json()}
+    assert set(experts) == {"smollm2", "gemma3"} and all(e["device"] == "cpu" for e in experts.values())
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "kind", "message"),
+    [
+        ("/v1/query", b"{not json", 400, "invalid_json", "not valid JSON"),
+        ("/v1/query", b'{"query": "\xff\xfe"}', 400, "invalid_json", "not UTF-8"),
+        ("/v1/query", {"query": 42}, 422, "invalid_request", "query: Input should be a valid string"),
+        ("/v1/query", {"query": "hi", "colour": "red"}, 422, "invalid_request", "colour: Extra inputs"),
+        ("/v1/query", {}, 422, "invalid_request", "query: Field required"),
+        ("/v1/query", {"query": ""}, 422, "invalid_request", "query: String should have at least 1 character"),
+        ("/v1/query", {"query": " \n "}, 422, "invalid_request", "empty or only whitespace"),
+        ("/v1/query", {"query": "x" * 501}, 422, "invalid_request", "501 characters, above the limit of 500"),
+        ("/v1/query", {"query": "hi", "k": 0}, 422, "invalid_request", "k: Input should be greater than or equal"),
+        ("/v1/query", {"query": "hi", "k": 10**6}, 422, "invalid_request", "above the limit of 16"),
+        ("/v1/query", {"query": "hi", "router": "oracle"}, 422, "invalid_request", "unknown router 'oracle'"),
+        ("/v1/query", {"query": "hi", "experts": ["gpt-9"]}, 422, "invalid_request", "unknown expert(s) gpt-9"),
+        ("/v1/query", {"query": "hi", "max_tokens": 65}, 422, "invalid_request", "65 is above the limit of 64"),
+        ("/v1/query", {"query": "hi", "temperature": -1}, 422, "invalid_request", "temperature"),
+        ("/v1/route", {"query": "hi", "stream": True}, 422, "invalid_request", "does not stream"),
+        ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404,
+         "not_found", "model 'gpt-9' does not exist"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "invalid_request",
+         "messages.0.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be nice"}]}, 422,
+         "invalid_request", "last user message is missing"),
+        ("/v1/feedback", {"answer_id": "cc-nope", "correct": True}, 404, "not_found", "no answer 'cc-nope'"),
+        ("/v1/feedback", {"answer_id": "cc-nope"}, 422, "invalid_request", "exactly one of correct"),
+        ("/v1/jobs", {"query": "hi", "stream": True}, 422, "invalid_request", "a job has no stream"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(server, path, body, status, kind, message):
+    kw = {"content": body, "headers": {**HEADERS, "content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body, "headers": HEADERS}
+    r = httpx.post(f"{server.url}{path}", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["type"] == kind
+    assert message in r.json()["error"]["message"]
+
+
+def test_body_size_limit_and_unknown_job(server):
+    big = httpx.post(f"{server.url}/v1/query", content=b"x" * 1_100_000, headers=HEADERS, timeout=60)
+    assert big.status_code == 413 and big.json()["error"]["type"] == "body_too_large"
+    missing = httpx.get(f"{server.url}/v1/jobs/job-nope", headers=HEADERS)
+    assert missing.status_code == 404 and "no job 'job-nope'" in missing.json()["error"]["message"]
+    # After all the bad input, the server still answers.
+    ok = post(server, "/v1/query", {"query": "Say hello.", "max_tokens": 4, "aggregation": "best"})
+    assert ok.status_code == 200 and ok.json()["answer"]
+
+
+def test_auth(server):
+    none = httpx.post(f"{server.url}/v1/route", json={"query": "hi"})
+    assert none.status_code == 401 and none.json()["error"]["type"] == "unauthorized"
+    wrong = httpx.post(f"{server.url}/v1/route", json={"query": "hi"}, headers={"x-api-key": "nope"})
+    assert wrong.status_code == 403 and wrong.json()["error"]["type"] == "forbidden"
+    right = httpx.post(f"{server.url}/v1/route", json={"query": "hi"}, headers={"x-api-key": KEY})
+    assert right.status_code == 200
+    assert httpx.get(f"{server.url}/healthz").status_code == 200  # probes need no key
+
+
+def test_official_openai_client(server):
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "system", "content": "Answer in a few words."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    direct = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12)
+    assert "Paris" in direct.choices[0].message.content
+    meta = direct.model_extra["concilium"]
+    assert meta["routing"]["experts"] == ["smollm2"] and direct.usage.total_tokens > 0
+    routed = client.chat.completions.with_raw_response.create(model="concilium/all", messages=messages, max_tokens=8)
+    assert routed.headers["x-concilium-router"] == "all"
+    stream = client.chat.completions.create(model="concilium", messages=messages, max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and chunks[-1].usage is not None and chunks[-1].choices[0].finish_reason == "stop"
+    assert {m.id for m in client.models.list()} == {"concilium", "concilium/all", "smollm2", "gemma3"}
+    with pytest.raises(NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-9", messages=messages)
+
+
+def test_sdk_against_the_live_server(server):
+    with Client(server.url, api_key=KEY) as c:
+        r = c.query("Name a primary colour.", max_tokens=6, aggregation="best", experts=["smollm2"], k=1)
+        assert [a.expert for a in r.answers] == ["smollm2"] and r.aggregation_skipped
+        assert c.route("Name a colour.", k=1).experts
+        chat = c.chat("What is the capital of France?", model="smollm2", max_tokens=8)
+        assert "Paris" in chat.choices[0].message.content
+        stream = c.chat_stream("What is the capital of France?", model="smollm2", max_tokens=8)
+        assert "Paris" in "".join(stream) and stream.response.routing.experts == ["smollm2"]
+        assert {e.name for e in c.experts()} == {"smollm2", "gemma3"}
+        job = c.submit_job("Say yes.", max_tokens=4, aggregation="best")
+        done = c.wait_job(job.id, timeout_s=120)
+        assert done.status == "done" and done.result.answer
+        fb = c.feedback(r.id, correct=True)
+        assert fb.experts == ["smollm2"] and fb.profile_updated is False  # the `all` router has no profiles
+        with pytest.raises(ConciliumError) as info:
+            c.query("hi", k=0)
+        assert info.value.status == 422 and info.value.type == "invalid_request"
+
+
+def test_client_imports_without_torch_ray_or_transformers():
+    code = ("import sys, orchestrator.client; "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _replay_config(namespace: str, redis_url: str, **server: object) -> dict:
+    folder = BENCH_DATA / "routerbench-arc-wino-mbpp"
+    return {
+        "ray": {"namespace": namespace},
+        "routing": {"aggregation": "vote", "max_wait_ms": 5},
+        "server": {"redis_url": redis_url, **server},
+        "experts": [{"name": name, "backend": "replay", "path": str(folder), "model": model}
+                    for name, model in (("gpt4", "gpt-4-1106-preview"), ("mistral7b", "mistralai/mistral-7b-chat"))],
+    }
+
+
+def test_redis_store_shares_cache_and_rate_limits(ray_cluster, redis):
+    s = ThreadServer(_replay_config(f"api-{uuid.uuid4().hex[:6]}", redis.url, rate_limit_per_minute=4))
+    try:
+        body = {"query": "What is 2 + 2?"}
+        if time.time() % 60 > 45:  # the limit counts per clock minute: start well inside one
+            time.sleep(61 - time.time() % 60)
+        statuses, cached = [], []
+        for _ in range(6):
+            r = httpx.post(f"{s.url}/v1/query", json=body, timeout=60)
+            statuses.append(r.status_code)
+            cached.append(r.json().get("cached"))
+        assert statuses[:4] == [200] * 4 and set(statuses[4:]) == {429}
+        assert cached[:4] == [False, True, True, True]
+        limited = httpx.post(f"{s.url}/v1/query", json=body, timeout=60)
+        assert 0 < int(limited.headers["retry-after"]) <= 60 and limited.json()["error"]["type"] == "rate_limited"
+        ready = httpx.get(f"{s.url}/readyz").json()
+        assert ready["store"] == "redis" and ready["store_ok"] is True
+    finally:
+        s.stop()
+
+
+def test_a_job_survives_a_killed_api_process(redis, store, tmp_path):
+    config = write_config(tmp_path / "c.yaml", {
+        "routing": {"aggregation": "synthesize"},
+        "experts": [{"name": "smollm2", "source": "smollm2-135m-instruct", "threads": 1}],
+    })
+    env = {"REDIS_URL": redis.url}
+    first = ProcessServer(config, env, tmp_path / "serve.log")
+    try:
+        with Client(first.url) as c:
+            job = c.submit_job("Write two sentences about the sea.", max_tokens=48)
+            assert c.job(job.id).status in ("queued", "running")
+    finally:
+        first.kill()
+    second = ProcessServer(config, env, tmp_path / "serve.log")
+    try:
+        with Client(second.url) as c:
+            started = time.monotonic()
+            done = c.wait_job(job.id, timeout_s=240)
+            assert done.status == "done" and done.result.answer, done
+            assert done.result.answers[0].expert == "smollm2"
+            assert time.monotonic() - started < 240
+    finally:
+        second.kill()
