@@ -469,6 +469,35 @@ def bench_scheduler(
         ))
 
 
+@bench_app.command("api")
+@friendly
+def bench_api(
+    n: Annotated[int, typer.Option(min=10, help="timed rounds (each: direct, /v1/query, /v1/route)")] = 200,
+    config: ConfigOpt = None,
+) -> None:
+    """API overhead: p50/p99 of /v1/route, and /v1/query against calling the pipeline directly.
+
+    Without --config it runs two simulated experts (1 ms per step, nothing to load), so the experts' own
+    time is small and the differences are the API's.
+    """
+    from orchestrator.bench.api import default_experts, run_api_bench
+    from orchestrator.runtime import init_ray
+
+    cfg = load_config(config) if config else ConciliumConfig(experts=default_experts())
+    init_ray(cfg.ray)
+    with err.status("benchmarking the API") as status:
+        results = asyncio.run(run_api_bench(cfg, n, status.update))
+    table = Table(title=f"API latency, {n} sequential rounds, experts {[e.name for e in cfg.experts]}")
+    for col in ("path", "n", "p50 ms", "p99 ms"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.path, str(r.n), f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}")
+    out.print(table)
+    direct, http = results[0], results[1]
+    out.print(f"/v1/query overhead over the pipeline: p50 {http.p50_ms - direct.p50_ms:+.2f} ms "
+              f"({http.p50_ms / direct.p50_ms:.2f}x)")
+
+
 @bench_app.command("calibrate")
 @friendly
 def bench_calibrate(

@@ -1,16 +1,19 @@
 """The HTTP API against live servers on 127.0.0.1: the bundled models, a real redis-server, real clients.
 
-One server with the bundled experts and the in-process store serves most
-tests; another with replay experts and redis covers the shared store and rate
-limits; a killed-and-restarted ``concilium serve`` process covers jobs.
+One server with the bundled experts and the in-process store, open like the
+default ``make serve``, serves most tests and the README's examples; another
+with replay experts, redis and API keys covers the shared store, auth and
+rate limits; a killed-and-restarted ``concilium serve`` process covers jobs.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator.auth import digest
 from orchestrator.client import Client, ConciliumError
 from tests.conftest import BENCH_DATA
+from tests.test_cli import concilium
 from tests.live import ProcessServer, RedisServer, ThreadServer, write_config
 
 KEY = "test-key-" + uuid.uuid4().hex[:8]
-HEADERS = {"authorization": f"Bearer {KEY}"}
 
 pytestmark = pytest.mark.models
 
@@ -32,7 +35,7 @@ def _bundled(namespace: str, **server: object) -> dict:
     return {
         "ray": {"namespace": namespace},
         "routing": {"aggregation": "vote", "max_wait_ms": 5},
-        "server": {"api_key_sha256": [digest(KEY)], "max_query_chars": 500, "max_tokens": 64, **server},
+        "server": {"max_query_chars": 500, "max_tokens": 64, **server},
     }
 
 
@@ -50,8 +53,8 @@ def redis(tmp_path_factory):
     r.stop()
 
 
-def post(server, path: str, body: object, headers: dict = HEADERS, **kw) -> httpx.Response:  # noqa: ANN001
-    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=300, **kw)
+def post(server, path: str, body: object, **kw) -> httpx.Response:  # noqa: ANN001
+    return httpx.post(f"{server.url}{path}", json=body, timeout=300, **kw)
 
 
 def test_query_answers_with_trace_usage_and_cache(server):
@@ -91,7 +94,7 @@ def test_route_explains_without_generating(server):
     assert r.status_code == 200, r.text
     routing = r.json()["routing"]
     assert routing["experts"] == ["gemma3"] and routing["trace"]["allow_list"] == ["gemma3"]
-    experts = {e["name"]: e for e in httpx.get(f"{server.url}/v1/experts", headers=HEADERS).json()}
+    experts = {e["name"]: e for e in httpx.get(f"{server.url}/v1/experts").json()}
     assert set(experts) == {"smollm2", "gemma3"} and all(e["device"] == "cpu" for e in experts.values())
 
 
@@ -125,8 +128,8 @@ def test_route_explains_without_generating(server):
     ],
 )
 def test_bad_input_gets_a_clear_4xx(server, path, body, status, kind, message):
-    kw = {"content": body, "headers": {**HEADERS, "content-type": "application/json"}} if isinstance(body, bytes) \
-        else {"json": body, "headers": HEADERS}
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
     r = httpx.post(f"{server.url}{path}", timeout=60, **kw)
     assert r.status_code == status, r.text
     assert r.json()["error"]["type"] == kind
@@ -134,27 +137,17 @@ def test_bad_input_gets_a_clear_4xx(server, path, body, status, kind, message):
 
 
 def test_body_size_limit_and_unknown_job(server):
-    big = httpx.post(f"{server.url}/v1/query", content=b"x" * 1_100_000, headers=HEADERS, timeout=60)
+    big = httpx.post(f"{server.url}/v1/query", content=b"x" * 1_100_000, timeout=60)
     assert big.status_code == 413 and big.json()["error"]["type"] == "body_too_large"
-    missing = httpx.get(f"{server.url}/v1/jobs/job-nope", headers=HEADERS)
+    missing = httpx.get(f"{server.url}/v1/jobs/job-nope")
     assert missing.status_code == 404 and "no job 'job-nope'" in missing.json()["error"]["message"]
     # After all the bad input, the server still answers.
     ok = post(server, "/v1/query", {"query": "Say hello.", "max_tokens": 4, "aggregation": "best"})
     assert ok.status_code == 200 and ok.json()["answer"]
 
 
-def test_auth(server):
-    none = httpx.post(f"{server.url}/v1/route", json={"query": "hi"})
-    assert none.status_code == 401 and none.json()["error"]["type"] == "unauthorized"
-    wrong = httpx.post(f"{server.url}/v1/route", json={"query": "hi"}, headers={"x-api-key": "nope"})
-    assert wrong.status_code == 403 and wrong.json()["error"]["type"] == "forbidden"
-    right = httpx.post(f"{server.url}/v1/route", json={"query": "hi"}, headers={"x-api-key": KEY})
-    assert right.status_code == 200
-    assert httpx.get(f"{server.url}/healthz").status_code == 200  # probes need no key
-
-
 def test_official_openai_client(server):
-    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "system", "content": "Answer in a few words."},
                 {"role": "user", "content": "What is the capital of France?"}]
     direct = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12)
@@ -174,7 +167,7 @@ def test_official_openai_client(server):
 
 
 def test_sdk_against_the_live_server(server):
-    with Client(server.url, api_key=KEY) as c:
+    with Client(server.url) as c:
         r = c.query("Name a primary colour.", max_tokens=6, aggregation="best", experts=["smollm2"], k=1)
         assert [a.expert for a in r.answers] == ["smollm2"] and r.aggregation_skipped
         assert c.route("Name a colour.", k=1).experts
@@ -211,20 +204,28 @@ def _replay_config(namespace: str, redis_url: str, **server: object) -> dict:
     }
 
 
-def test_redis_store_shares_cache_and_rate_limits(ray_cluster, redis):
-    s = ThreadServer(_replay_config(f"api-{uuid.uuid4().hex[:6]}", redis.url, rate_limit_per_minute=4))
+def test_redis_store_auth_and_rate_limits(ray_cluster, redis):
+    config = _replay_config(f"api-{uuid.uuid4().hex[:6]}", redis.url, rate_limit_per_minute=4,
+                            api_key_sha256=[digest(KEY)])
+    s = ThreadServer(config)
     try:
+        url, headers = f"{s.url}/v1/query", {"authorization": f"Bearer {KEY}"}
         body = {"query": "What is 2 + 2?"}
+        none = httpx.post(url, json=body)
+        assert none.status_code == 401 and none.json()["error"]["type"] == "unauthorized"
+        wrong = httpx.post(url, json=body, headers={"x-api-key": "nope"})
+        assert wrong.status_code == 403 and wrong.json()["error"]["type"] == "forbidden"
+        assert httpx.get(f"{s.url}/healthz").status_code == 200  # probes need no key
         if time.time() % 60 > 45:  # the limit counts per clock minute: start well inside one
             time.sleep(61 - time.time() % 60)
         statuses, cached = [], []
         for _ in range(6):
-            r = httpx.post(f"{s.url}/v1/query", json=body, timeout=60)
+            r = httpx.post(url, json=body, headers=headers, timeout=60)
             statuses.append(r.status_code)
             cached.append(r.json().get("cached"))
         assert statuses[:4] == [200] * 4 and set(statuses[4:]) == {429}
-        assert cached[:4] == [False, True, True, True]
-        limited = httpx.post(f"{s.url}/v1/query", json=body, timeout=60)
+        assert cached[:4] == [False, True, True, True]  # the cache lives in redis
+        limited = httpx.post(url, json=body, headers=headers, timeout=60)
         assert 0 < int(limited.headers["retry-after"]) <= 60 and limited.json()["error"]["type"] == "rate_limited"
         ready = httpx.get(f"{s.url}/readyz").json()
         assert ready["store"] == "redis" and ready["store_ok"] is True
@@ -255,3 +256,28 @@ def test_a_job_survives_a_killed_api_process(redis, store, tmp_path):
             assert time.monotonic() - started < 240
     finally:
         second.kill()
+
+
+def _readme_examples() -> dict[str, tuple[str, str]]:
+    """The README's marked examples: name → (language, code)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.findall(r"<!-- readme-example: (\w+) -->\n```(\w+)\n(.*?)```", text, re.DOTALL)
+    return {name: (lang, code) for name, lang, code in found}
+
+
+@pytest.mark.parametrize("name", ["curl", "sdk", "openai"])
+def test_readme_examples_work_as_written(server, name):
+    examples = _readme_examples()
+    assert set(examples) == {"curl", "sdk", "openai"}
+    lang, code = examples[name]
+    code = code.replace("http://127.0.0.1:8000", server.url)  # the only change: the test server's port
+    cmd = ["bash", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and "smollm2" in proc.stdout
+
+
+def test_bench_api_reports_overhead():
+    proc = concilium("bench", "api", "--n", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert "POST /v1/route" in proc.stdout and "/v1/query overhead over the pipeline" in proc.stdout
