@@ -47,6 +47,7 @@ from orchestrator.schemas import (
     ModelList,
     QueryBody,
     QueryResponse,
+    ReloadOut,
     RouteBody,
     RouteResponse,
 )
@@ -137,14 +138,18 @@ def get_service(request: Request) -> Service:
 Svc = Annotated[Service, Depends(get_service)]
 
 
-def create_app(config: ConciliumConfig, model_store: Path | None = None, service: Service | None = None) -> FastAPI:
-    """The app; without ``service`` it starts one (the pipeline, the pool, the store) in its lifespan."""
+def create_app(config: ConciliumConfig, model_store: Path | None = None, service: Service | None = None,
+               config_path: Path | None = None) -> FastAPI:
+    """The app; without ``service`` it starts one (the pipeline, the pool, the store) in its lifespan.
+
+    ``config_path`` is the file ``POST /v1/admin/reload`` re-reads (None: the same lookup as at start).
+    """
     keys = KeyRing.from_config(config.server.api_key_sha256)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = service is None
-        app.state.service = service or await Service.start(config, model_store)
+        app.state.service = service or await Service.start(config, model_store, config_path)
         try:
             yield
         finally:
@@ -281,6 +286,10 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
     @app.post("/v1/feedback", response_model=FeedbackOut, dependencies=Guarded)
     async def feedback(body: FeedbackBody, svc: Svc) -> FeedbackOut:
         return await svc.feedback(body)
+
+    @app.post("/v1/admin/reload", response_model=ReloadOut, dependencies=Guarded)
+    async def reload(svc: Svc) -> ReloadOut:
+        return await svc.reload()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -311,7 +311,7 @@ def serve(
         "-d '{\"query\": \"What is the capital of France?\", \"max_tokens\": 32}'",
         highlight=False, soft_wrap=True,
     )
-    uvicorn.run(create_app(cfg, store), host=server.host, port=server.port, log_level="info", access_log=False,
+    uvicorn.run(create_app(cfg, store, config_path=config), host=server.host, port=server.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=30)
 
 

@@ -110,6 +110,16 @@ class _Base:
         self.retries = retries
         self.backoff_s = backoff_s
 
+    def _wait_before_retry(self, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before the next attempt, or None when this response is final (returned or raised).
+
+        ``response`` is None when the connection was refused; the caller re-raises that on the last attempt.
+        """
+        if response is not None and (response.status_code not in RETRY_STATUS or attempt == self.retries):
+            _raise_for(response)
+            return None
+        return _delay(attempt, self.backoff_s, response)
+
 
 class Client(_Base):
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout_s: float = 600.0,
@@ -134,10 +144,10 @@ class Client(_Base):
             except httpx.ConnectError:
                 if attempt == self.retries:
                     raise
-            if response is not None and (response.status_code not in RETRY_STATUS or attempt == self.retries):
-                _raise_for(response)
+            wait = self._wait_before_retry(attempt, response)
+            if wait is None:
                 return response
-            time.sleep(_delay(attempt, self.backoff_s, response))
+            time.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _get(self, path: str, model: type[BaseModel]) -> Any:
@@ -220,10 +230,10 @@ class AsyncClient(_Base):
             except httpx.ConnectError:
                 if attempt == self.retries:
                     raise
-            if response is not None and (response.status_code not in RETRY_STATUS or attempt == self.retries):
-                _raise_for(response)
+            wait = self._wait_before_retry(attempt, response)
+            if wait is None:
                 return response
-            await asyncio.sleep(_delay(attempt, self.backoff_s, response))
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _post(self, path: str, body: dict, model: type[BaseModel]) -> Any:

@@ -60,6 +60,22 @@ def aggregator_preference(config: ConciliumConfig) -> tuple[tuple[str, ...], str
     return (), "router's top-scored expert"
 
 
+def scheduler_settings(config: ConciliumConfig) -> SchedulerSettings:
+    r = config.routing
+    aggregators, source = aggregator_preference(config)
+    return SchedulerSettings(
+        r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers, r.self_moa_temperature, aggregators, source
+    )
+
+
+def expert_costs(config: ConciliumConfig) -> dict[str, float]:
+    return {e.name: e.cost_per_1k_tokens for e in config.experts}
+
+
+class ReloadError(ValueError):
+    """A new config that cannot be applied without a restart."""
+
+
 class Pipeline:
     def __init__(self, config: ConciliumConfig, pool: ExpertPool, scheduler: Scheduler) -> None:
         self.config = config
@@ -69,19 +85,29 @@ class Pipeline:
     @classmethod
     async def start(cls, config: ConciliumConfig, model_store: Path | None = None) -> Pipeline:
         pool = await start_pool(config, model_store)
-        r = config.routing
-        aggregators, source = aggregator_preference(config)
-        settings = SchedulerSettings(
-            r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers, r.self_moa_temperature, aggregators, source
-        )
-        scheduler = Scheduler(
-            load_routers(config, pool.names),
-            pool,
-            settings,
-            {e.name: e.cost_per_1k_tokens for e in config.experts},
-        )
+        scheduler = Scheduler(load_routers(config, pool.names), pool, scheduler_settings(config), expert_costs(config))
         scheduler.start()
         return cls(config, pool, scheduler)
+
+    async def reload(self, config: ConciliumConfig) -> dict[str, list[str]]:
+        """Apply a new config's experts, routing and budgets in place: only added, removed or changed experts are
+        touched, so the others keep their loaded models and their running calls."""
+        for section in ("ray", "model_store"):
+            if getattr(config, section) != getattr(self.config, section):
+                raise ReloadError(f"{section} changed: that needs a restart, not a reload")
+        old, new = {e.name: e for e in self.config.experts}, {e.name: e for e in config.experts}
+        removed = [n for n in old if n not in new]
+        added = [n for n in new if n not in old]
+        changed = [n for n in new if n in old and new[n] != old[n]]
+        self.pool.config = config.pool
+        for name in removed + changed:
+            await self.pool.remove(name)
+        for name in changed + added:
+            await self.pool.add(new[name])
+        routers = load_routers(config, self.pool.names)
+        self.scheduler.reconfigure(routers, scheduler_settings(config), expert_costs(config))
+        self.config = config
+        return {"added": added, "removed": removed, "changed": changed, "routers": list(routers)}
 
     async def ask(self, request: QueryRequest) -> Answer:
         return await self.scheduler.submit(request)

@@ -144,8 +144,7 @@ class Scheduler:
         """``routers`` by name; the first is the default."""
         if not routers:
             raise ValueError("the scheduler needs at least one router")
-        self.routers = routers
-        self.default_router = next(iter(routers))
+        self.routers, self.default_router = routers, next(iter(routers))
         self.pool = pool
         self.settings = settings
         self.costs = costs
@@ -161,6 +160,13 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def reconfigure(self, routers: dict[str, Router], settings: SchedulerSettings, costs: dict[str, float]) -> None:
+        """New routers and settings from a config reload; a window already running keeps what it started with."""
+        if not routers:
+            raise ValueError("the scheduler needs at least one router")
+        self.routers, self.default_router = routers, next(iter(routers))
+        self.settings, self.costs = settings, costs
 
     @property
     def queue_depth(self) -> int:
@@ -268,7 +274,9 @@ class Scheduler:
         texts = [p.request.query for p in members]
         t0 = time.perf_counter()
         # Routing embeds text: CPU work that must not stall the event loop.
-        decisions = await asyncio.to_thread(self.routers[router].route, texts, options)
+        # A reload may have dropped the router since the request was validated: the default stands in.
+        chosen = self.routers.get(router) or self.routers[self.default_router]
+        decisions = await asyncio.to_thread(chosen.route, texts, options)
         elapsed = (time.perf_counter() - t0) / len(members)
         for p, d in zip(members, decisions):
             d.trace["router"] = router

@@ -148,8 +148,11 @@ class ExpertOut(BaseModel):
     state: str
     device: str
     memory_bytes: int
+    in_flight: int = 0
+    """Calls holding the expert right now: its current load."""
     node_id: str | None = None
     load_s: float | None = None
+    """Seconds its last model load took."""
     error: str | None = None
 
 
@@ -174,6 +177,13 @@ class FeedbackOut(BaseModel):
     experts: list[str]
     profile_updated: bool
     profiles_version: int
+
+
+class ReloadOut(BaseModel):
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    routers: list[str]
 
 
 class ErrorDetail(BaseModel):

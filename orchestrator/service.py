@@ -17,10 +17,10 @@ import time
 import uuid
 from pathlib import Path
 
-from orchestrator.config import ConciliumConfig
+from orchestrator.config import ConciliumConfig, ConfigError, load_config
 from orchestrator.jobs import JobRunner
 from orchestrator.metrics import Metrics
-from orchestrator.pipeline import Pipeline
+from orchestrator.pipeline import Pipeline, ReloadError
 from orchestrator.scheduler import AllExpertsFailed, Answer, QueryRequest, RequestError
 from orchestrator.schemas import (
     ChatBody,
@@ -33,12 +33,14 @@ from orchestrator.schemas import (
     ModelList,
     QueryBody,
     QueryResponse,
+    ReloadOut,
     RouteBody,
     Routing,
     Usage,
 )
 from orchestrator.store import Store, StoreUnavailable, open_store
 from routers.base import Decision, OnlineRouter, RouteOptions, RoutingError
+from workers.placement import PlacementError
 from workers.types import Message
 
 log = logging.getLogger(__name__)
@@ -99,26 +101,32 @@ def to_response(answer: Answer, answer_id: str) -> QueryResponse:
 
 
 class Service:
-    def __init__(self, config: ConciliumConfig, pipeline: Pipeline, store: Store) -> None:
+    def __init__(self, config: ConciliumConfig, pipeline: Pipeline, store: Store, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.pipeline = pipeline
         self.store = store
         self.profiles_version = 0
-        self.config_version = hashlib.sha256(
-            config.routing.model_dump_json().encode() + json.dumps([e.name for e in config.experts]).encode()
-        ).hexdigest()[:16]
+        self.config_version = self._version(config)
         self.metrics = Metrics(self._live_figures)
         self.jobs = JobRunner(store, self.query, config.server.job_ttl_s)
 
+    @staticmethod
+    def _version(config: ConciliumConfig) -> str:
+        """Part of every cache key: a reload that changes routing or the experts invalidates cached answers."""
+        data = config.routing.model_dump_json() + json.dumps([e.model_dump(mode="json") for e in config.experts])
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
     @classmethod
-    async def start(cls, config: ConciliumConfig, model_store: Path | None = None) -> Service:
+    async def start(cls, config: ConciliumConfig, model_store: Path | None = None,
+                    config_path: Path | None = None) -> Service:
         store = open_store(os.environ.get(REDIS_URL_ENV) or config.server.redis_url)
         try:
             await store.ping()
         except StoreUnavailable as exc:  # serve anyway: the cache is off and jobs answer 503 until it is back
             log.warning("starting without the store: %s", exc)
         pipeline = await Pipeline.start(config, model_store)
-        service = cls(config, pipeline, store)
+        service = cls(config, pipeline, store, config_path)
         service.jobs.start()
         return service
 
@@ -248,10 +256,12 @@ class Service:
         return ModelList(data=[ModelCard(id=i) for i in ids])
 
     async def experts(self) -> list[ExpertOut]:
+        pool = self.pipeline.pool
         return [
             ExpertOut(name=i.name, backend=i.backend, source=i.source, state=i.state, device=i.device,
-                      memory_bytes=i.memory_bytes, node_id=i.node_id or None, load_s=i.load_s, error=i.error)
-            for i in await self.pipeline.pool.info()
+                      memory_bytes=i.memory_bytes, in_flight=pool.in_flight(i.name), node_id=i.node_id or None,
+                      load_s=i.load_s, error=i.error)
+            for i in await pool.info()
         ]
 
     # -- jobs and feedback ----------------------------------------------------------------------------
@@ -302,6 +312,18 @@ class Service:
             self.metrics.feedback.labels(expert).inc()
         return FeedbackOut(answer_id=body.answer_id, experts=experts, profile_updated=updated,
                            profiles_version=self.profiles_version)
+
+    async def reload(self) -> ReloadOut:
+        """Re-read the config file the service started from and apply its experts, routing and limits."""
+        try:
+            config = load_config(self.config_path)
+            if config.server.model_dump(include={"host", "port"}) != self.config.server.model_dump(include={"host", "port"}):
+                raise ReloadError("server.host or server.port changed: that needs a restart, not a reload")
+            changes = await self.pipeline.reload(config)
+        except (ConfigError, ReloadError, PlacementError) as exc:
+            raise InvalidRequest(str(exc)) from None
+        self.config, self.config_version = config, self._version(config)
+        return ReloadOut(**changes)
 
     async def ready(self) -> dict[str, object]:
         healthy = self.pipeline.pool.healthy()

@@ -26,7 +26,7 @@ import uvicorn
 import yaml
 
 from orchestrator.app import create_app
-from orchestrator.config import parse_config
+from orchestrator.config import load_config, parse_config
 
 HOST = "127.0.0.1"
 
@@ -78,10 +78,14 @@ class RedisServer:
 
 
 class ThreadServer:
-    def __init__(self, config: dict, store_path: Path | None = None, ready_timeout_s: float = 180) -> None:
+    def __init__(self, config: dict | Path, ready_timeout_s: float = 180) -> None:
+        """``config`` as data, or a file (which ``/v1/admin/reload`` then re-reads)."""
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        app = create_app(parse_config(config, "test config"), store_path)
+        if isinstance(config, Path):
+            app = create_app(load_config(config), config_path=config)
+        else:
+            app = create_app(parse_config(config, "test config"))
         self.server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

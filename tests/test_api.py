@@ -24,7 +24,7 @@ from orchestrator.auth import digest
 from orchestrator.client import Client, ConciliumError
 from tests.conftest import BENCH_DATA
 from tests.test_cli import concilium
-from tests.live import ProcessServer, RedisServer, ThreadServer, write_config
+from tests.live import ProcessServer, RedisServer, ThreadServer, free_port, write_config
 
 KEY = "test-key-" + uuid.uuid4().hex[:8]
 
@@ -186,6 +186,14 @@ def test_sdk_against_the_live_server(server):
         assert info.value.status == 422 and info.value.type == "invalid_request"
 
 
+def test_client_retries_a_refused_connection_with_backoff():
+    with Client(f"http://127.0.0.1:{free_port()}", retries=2, backoff_s=0.1) as c:
+        started = time.monotonic()
+        with pytest.raises(httpx.ConnectError):
+            c.models()
+        assert time.monotonic() - started >= 0.1 + 0.2  # two waits: 0.1 s, then 0.2 s
+
+
 def test_client_imports_without_torch_ray_or_transformers():
     code = ("import sys, orchestrator.client; "
             "print(sorted(m for m in ('torch', 'ray', 'transformers', 'numpy') if m in sys.modules))")
@@ -227,8 +235,38 @@ def test_redis_store_auth_and_rate_limits(ray_cluster, redis):
         assert cached[:4] == [False, True, True, True]  # the cache lives in redis
         limited = httpx.post(url, json=body, headers=headers, timeout=60)
         assert 0 < int(limited.headers["retry-after"]) <= 60 and limited.json()["error"]["type"] == "rate_limited"
+        with Client(s.url, api_key=KEY, retries=0) as c, pytest.raises(ConciliumError) as info:
+            c.query("What is 2 + 2?")
+        assert info.value.status == 429 and info.value.type == "rate_limited"
         ready = httpx.get(f"{s.url}/readyz").json()
         assert ready["store"] == "redis" and ready["store_ok"] is True
+    finally:
+        s.stop()
+
+
+def test_config_reload_adds_and_removes_experts_in_place(ray_cluster, redis, tmp_path):
+    data = _replay_config(f"api-{uuid.uuid4().hex[:6]}", redis.url)
+    path = write_config(tmp_path / "c.yaml", data)
+    s = ThreadServer(path)
+    try:
+        def names() -> set[str]:
+            return {e["name"] for e in httpx.get(f"{s.url}/v1/experts").json()}
+
+        assert names() == {"gpt4", "mistral7b"}
+        folder = data["experts"][0]["path"]
+        data["experts"] = [data["experts"][0], {"name": "claude2", "backend": "replay", "path": folder,
+                                                "model": "claude-v2"}]
+        write_config(path, data)
+        r = httpx.post(f"{s.url}/v1/admin/reload", timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"added": ["claude2"], "removed": ["mistral7b"], "changed": [], "routers": ["all"]}
+        assert names() == {"gpt4", "claude2"}
+        answer = httpx.post(f"{s.url}/v1/query", json={"query": "What is 3 + 4?"}, timeout=60).json()
+        assert sorted(a["expert"] for a in answer["answers"]) == ["claude2", "gpt4"]
+        path.write_text("experts: [{name: broken, backend: warp}]")
+        bad = httpx.post(f"{s.url}/v1/admin/reload", timeout=60)
+        assert bad.status_code == 422 and "experts[0]" in bad.json()["error"]["message"]
+        assert names() == {"gpt4", "claude2"}  # a bad file changes nothing
     finally:
         s.stop()
 

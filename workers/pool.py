@@ -32,6 +32,10 @@ _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 RESTART_WAIT_S = 60.0
 
 
+def _live_nodes() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def reason(exc: BaseException) -> str:
     """The original error's message; a RayTaskError's own text embeds the remote traceback."""
     if isinstance(exc, RayTaskError) and exc.cause is not None:
@@ -78,9 +82,11 @@ class _Slot:
 class ExpertPool:
     """Create with ``await ExpertPool.start(...)`` once Ray is initialised."""
 
-    def __init__(self, slots: dict[str, _Slot], config: PoolConfig) -> None:
-        self.slots = slots
+    def __init__(self, config: PoolConfig, model_store: Path | None, namespace: str) -> None:
+        self.slots: dict[str, _Slot] = {}
         self.config = config
+        self.model_store = model_store
+        self.namespace = namespace
         self.stats = PoolStats()
         self._changed = asyncio.Condition()
 
@@ -92,18 +98,36 @@ class ExpertPool:
         model_store: Path | None = None,
         namespace: str = "concilium",
     ) -> ExpertPool:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        check_placement(experts, nodes)
-        remote_cls = ray.remote(ExpertWorker)
-        slots = {}
-        for expert in experts:
-            actor = remote_cls.options(**actor_options(expert, namespace)).remote(
-                expert, str(model_store) if model_store else None
-            )
-            slots[expert.name] = _Slot(config=expert, actor=actor)
-        pool = cls(slots, config)
-        await asyncio.gather(*(pool._probe(slot) for slot in slots.values()))
+        check_placement(experts, _live_nodes())
+        pool = cls(config, model_store, namespace)
+        pool.slots = {e.name: pool._spawn(e) for e in experts}
+        await asyncio.gather(*(pool._probe(slot) for slot in pool.slots.values()))
         return pool
+
+    def _spawn(self, expert: ExpertConfig) -> _Slot:
+        actor = ray.remote(ExpertWorker).options(**actor_options(expert, self.namespace)).remote(
+            expert, str(self.model_store) if self.model_store else None
+        )
+        return _Slot(config=expert, actor=actor)
+
+    async def add(self, expert: ExpertConfig) -> None:
+        """One more expert, while the others keep serving (a config reload)."""
+        if expert.name in self.slots:
+            raise ValueError(f"expert {expert.name!r} is already in the pool")
+        check_placement([expert], _live_nodes())
+        slot = self._spawn(expert)
+        await self._probe(slot)
+        self.slots[expert.name] = slot
+
+    async def remove(self, name: str) -> None:
+        """Take an expert out once its running calls finish; killing its actor frees its memory."""
+        slot = self._slot(name)
+        async with self._changed:
+            while slot.in_use:
+                await self._changed.wait()
+            del self.slots[name]
+            self._changed.notify_all()
+        ray.kill(slot.actor, no_restart=True)
 
     async def _probe(self, slot: _Slot) -> None:
         try:
@@ -124,6 +148,10 @@ class ExpertPool:
     @property
     def names(self) -> list[str]:
         return list(self.slots)
+
+    def in_flight(self, name: str) -> int:
+        """Leases held on the expert now: calls running or about to."""
+        return self._slot(name).in_use
 
     def config_of(self, name: str) -> ExpertConfig:
         return self._slot(name).config
