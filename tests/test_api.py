@@ -287,11 +287,9 @@ def test_a_job_survives_a_killed_api_process(redis, store, tmp_path):
     second = ProcessServer(config, env, tmp_path / "serve.log")
     try:
         with Client(second.url) as c:
-            started = time.monotonic()
             done = c.wait_job(job.id, timeout_s=240)
             assert done.status == "done" and done.result.answer, done
             assert done.result.answers[0].expert == "smollm2"
-            assert time.monotonic() - started < 240
     finally:
         second.kill()
 
