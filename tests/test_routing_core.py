@@ -233,3 +233,24 @@ def test_selection_items_have_one_right_and_two_wrong():
         assert len(it.candidates) == 3
         assert sum(is_correct(c, it.gold) for c in it.candidates) == 1
     assert "\\boxed{7}" in items[1].candidates  # no expert was right: the gold answer is stated
+
+
+def test_skill_router_learns_from_feedback(embedder):
+    """Feedback counts one more answer on the query's top mapped skills, and the router's accuracy moves."""
+    from routers.symbolic import SkillRouter
+
+    skills = ["algebra", "poetry"]
+    profiles = Profiles(experts=["a", "b"], skills=skills, right=np.array([[1, 3], [2, 2]]),
+                        seen=np.array([[4, 4], [4, 4]]), overall=np.array([0.5, 0.6]))
+    router = SkillRouter(embedder)
+    router._use(profiles, SkillIndex(skills, embedder.encode(skills)))
+    # As stored with an answer record: JSON turns the (skill, similarity) pairs into lists.
+    decision = Decision(experts=["a"], scores={}, trace={"mapped": {"linear algebra": [["algebra", 0.8],
+                                                                                       ["poetry", 0.1]]}})
+    before = router._accuracy[0, 0]
+    assert router.learn(decision, "a", 1.0)
+    assert (profiles.seen[0, 0], profiles.right[0, 0], profiles.seen[1, 0]) == (5, 2, 4)  # only the top match
+    assert router._accuracy[0, 0] > before
+    assert router.learn(decision, "b", 0.0) and profiles.right[0, 1] == 3 and profiles.seen[0, 1] == 5
+    assert not router.learn(decision, "nobody", 1.0)
+    assert not router.learn(Decision(experts=[], scores={}, trace={}), "a", 1.0)
