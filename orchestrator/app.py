@@ -18,11 +18,12 @@ event chunks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -56,6 +57,7 @@ from orchestrator.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.25
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
 
 
@@ -96,6 +98,38 @@ class BodyLimit:
             await error(413, "body_too_large", message)(scope, receive, send)
 
 
+class Observe:
+    """Counts requests by endpoint and status and times them.
+
+    A pure ASGI middleware, not ``@app.middleware("http")``: Starlette's
+    BaseHTTPMiddleware hides the client's disconnect from the endpoint, and
+    the endpoints need it to cancel abandoned requests.
+    """
+
+    def __init__(self, app) -> None:  # noqa: ANN001  (an ASGI app)
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def observed(message) -> None:  # noqa: ANN001
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            svc = getattr(scope["app"].state, "service", None)
+            if svc is not None:
+                endpoint = getattr(scope.get("route"), "path", "unmatched")
+                svc.metrics.requests.labels(endpoint, str(status)).inc()
+                svc.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -107,6 +141,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
         streaming = loc == "stream" and e.get("type") == "extra_forbidden"
         parts.append(f"{loc}: {'this endpoint does not stream' if streaming else e['msg']}")
     return "invalid_request", "; ".join(parts)
+
+
+async def until_disconnect(request: Request, svc: Service, work: Awaitable[QueryResponse]) -> QueryResponse:
+    """Run ``work``, cancelling it when the client goes away: a cancelled request is dropped from its window
+    if the window has not started, and its answer is discarded if it has."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            svc.metrics.cancelled.inc()
+            raise ServiceError("the client went away", 499, "client_closed_request")
 
 
 def _chunks(text: str, size: int = 16) -> Iterator[str]:
@@ -211,21 +259,9 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
         log.exception("unhandled error on %s", request.url.path)
         return error(500, "internal_error", "internal error; the server log has the details")
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):  # noqa: ANN202
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        svc = getattr(request.app.state, "service", None)
-        if svc is not None:
-            svc.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-            svc.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
-
     @app.post("/v1/query", response_model=QueryResponse, dependencies=Guarded)
-    async def query(body: QueryBody, svc: Svc) -> Response:
-        result = await svc.query(body)
+    async def query(body: QueryBody, svc: Svc, request: Request) -> Response:
+        result = await until_disconnect(request, svc, svc.query(body))
         if not body.stream:
             return JSONResponse(result.model_dump(mode="json"), headers=_headers(result))
 
@@ -242,9 +278,9 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
         return RouteResponse(routing=await svc.route(body))
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, dependencies=Guarded)
-    async def chat(body: ChatBody, svc: Svc) -> Response:
+    async def chat(body: ChatBody, svc: Svc, request: Request) -> Response:
         query_body, messages = svc.chat_query(body)
-        result = await svc.query(query_body, messages)
+        result = await until_disconnect(request, svc, svc.query(query_body, messages))
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         usage = result.total_usage
         if not body.stream:
@@ -304,5 +340,6 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
     async def metrics(svc: Svc) -> PlainTextResponse:
         return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.add_middleware(Observe)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
     return app

@@ -33,6 +33,9 @@ class _Live:
         resident = GaugeMetricFamily("concilium_resident_experts", "experts resident in memory")
         resident.add_metric([], figures.get("resident", 0.0))
         yield resident
+        scheduled = CounterMetricFamily("concilium_scheduled", "requests the scheduler's windows processed")
+        scheduled.add_metric([], figures.get("scheduled", 0.0))
+        yield scheduled
 
 
 class Metrics:
@@ -46,6 +49,8 @@ class Metrics:
         self.cache = Counter("concilium_cache", "response cache lookups", ["result"], registry=r)
         self.store_errors = Counter("concilium_store_errors", "store calls that failed", ["use"], registry=r)
         self.feedback = Counter("concilium_feedback", "feedback received", ["expert"], registry=r)
+        self.cancelled = Counter("concilium_cancelled", "requests cancelled because the client went away",
+                                 registry=r)
         r.register(_Live(live))
 
     def render(self) -> bytes:

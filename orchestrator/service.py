@@ -137,8 +137,9 @@ class Service:
 
     def _live_figures(self) -> dict[str, float]:
         pool = self.pipeline.pool
-        return {"loads": pool.stats.loads, "queue_depth": self.pipeline.scheduler.queue_depth,
-                "resident": len(pool.resident())}
+        scheduler = self.pipeline.scheduler
+        return {"loads": pool.stats.loads, "queue_depth": scheduler.queue_depth, "resident": len(pool.resident()),
+                "scheduled": scheduler.stats.requests}
 
     # -- requests -------------------------------------------------------------------------------------
 

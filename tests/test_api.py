@@ -8,6 +8,8 @@ rate limits; a killed-and-restarted ``concilium serve`` process covers jobs.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from openai import NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.auth import digest
-from orchestrator.client import Client, ConciliumError
+from orchestrator.client import AsyncClient, Client, ConciliumError
 from tests.conftest import BENCH_DATA
 from tests.test_cli import concilium
 from tests.live import ProcessServer, RedisServer, ThreadServer, free_port, write_config
@@ -85,6 +87,39 @@ def test_query_answers_with_trace_usage_and_cache(server):
     assert requests and requests[0].value >= 3
     assert metrics["concilium_model_loads"].samples[0].value >= 2
     assert "concilium_request_seconds" in metrics and "concilium_queue_depth" in metrics
+
+
+def test_query_stream_sends_chunks_then_the_full_response(server):
+    body = {"query": "What is the capital of France?", "max_tokens": 8, "stream": True, "experts": ["smollm2"],
+            "k": 1}
+    with httpx.stream("POST", f"{server.url}/v1/query", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    final = json.loads(events[-2])
+    deltas = "".join(json.loads(e)["delta"] for e in events[:-2])
+    assert deltas == final["answer"] and "Paris" in deltas
+
+
+def _metric(server, name: str) -> float:  # noqa: ANN001
+    families = {m.name: m for m in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    return sum(s.value for s in families[name].samples if s.name.endswith("_total"))
+
+
+def test_a_client_that_goes_away_is_dropped_from_its_window(ray_cluster, store):
+    config = _bundled(f"api-{uuid.uuid4().hex[:6]}")
+    config["routing"] = {"aggregation": "best", "max_wait_ms": 2500}
+    s = ThreadServer(config)
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its request waits for the window
+            httpx.post(f"{s.url}/v1/query", json={"query": "Say hi.", "max_tokens": 4}, timeout=0.6)
+        time.sleep(3.5)  # past the window's close
+        assert _metric(s, "concilium_cancelled") == 1
+        assert _metric(s, "concilium_scheduled") == 0  # dropped before its window ran: no expert time spent
+        ok = httpx.post(f"{s.url}/v1/query", json={"query": "Say hi.", "max_tokens": 4}, timeout=120)
+        assert ok.status_code == 200 and _metric(s, "concilium_scheduled") == 1
+    finally:
+        s.stop()
 
 
 def test_route_explains_without_generating(server):
@@ -184,6 +219,24 @@ def test_sdk_against_the_live_server(server):
         with pytest.raises(ConciliumError) as info:
             c.query("hi", k=0)
         assert info.value.status == 422 and info.value.type == "invalid_request"
+
+
+def test_async_sdk_against_the_live_server(server):
+    async def main():
+        async with AsyncClient(server.url) as c:
+            r = await c.query("Name a primary colour.", max_tokens=6, aggregation="best", experts=["gemma3"], k=1)
+            pieces = [p async for p in c.chat_stream("What is the capital of France?", model="smollm2",
+                                                      max_tokens=8)]
+            job = await c.submit_job("Say yes.", max_tokens=4, aggregation="best", experts=["smollm2"], k=1)
+            done = await c.wait_job(job.id, timeout_s=120)
+            routing = await c.route("Say yes.", experts=["gemma3"], k=1)
+            return r, "".join(pieces), done, routing
+
+    r, streamed, done, routing = asyncio.run(main())
+    assert [a.expert for a in r.answers] == ["gemma3"]
+    assert "Paris" in streamed
+    assert done.status == "done" and done.result.answers[0].expert == "smollm2"
+    assert routing.experts == ["gemma3"]
 
 
 def test_client_retries_a_refused_connection_with_backoff():
