@@ -16,6 +16,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+LIVE = (
+    (CounterMetricFamily, "concilium_model_loads", "models loaded into memory", "loads"),
+    (GaugeMetricFamily, "concilium_queue_depth", "requests waiting for a scheduler window", "queue_depth"),
+    (GaugeMetricFamily, "concilium_resident_experts", "experts resident in memory", "resident"),
+    (CounterMetricFamily, "concilium_scheduled", "requests the scheduler's windows processed", "scheduled"),
+)
+
+
 class _Live:
     """Figures owned by the pool and the scheduler, read when scraped."""
 
@@ -24,18 +32,10 @@ class _Live:
 
     def collect(self):  # noqa: ANN201  (prometheus-client's collector protocol)
         figures = self.read()
-        loads = CounterMetricFamily("concilium_model_loads", "models loaded into memory")
-        loads.add_metric([], figures.get("loads", 0.0))
-        yield loads
-        depth = GaugeMetricFamily("concilium_queue_depth", "requests waiting for a scheduler window")
-        depth.add_metric([], figures.get("queue_depth", 0.0))
-        yield depth
-        resident = GaugeMetricFamily("concilium_resident_experts", "experts resident in memory")
-        resident.add_metric([], figures.get("resident", 0.0))
-        yield resident
-        scheduled = CounterMetricFamily("concilium_scheduled", "requests the scheduler's windows processed")
-        scheduled.add_metric([], figures.get("scheduled", 0.0))
-        yield scheduled
+        for family, name, doc, key in LIVE:
+            metric = family(name, doc)
+            metric.add_metric([], figures.get(key, 0.0))
+            yield metric
 
 
 class Metrics:

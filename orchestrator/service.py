@@ -234,13 +234,11 @@ class Service:
             raise InvalidRequest("messages: the last user message is missing or empty")
         routers, experts = self.pipeline.scheduler.routers, self.pipeline.pool.names
         router, allow, k, aggregation = None, None, body.k, body.aggregation
-        if body.model.startswith("concilium/"):
-            router = body.model.split("/", 1)[1]
-        elif body.model in experts:
+        if body.model in experts:
             allow, k, aggregation = [body.model], 1, aggregation or "best"
+        elif body.model.startswith("concilium/") and body.model.split("/", 1)[1] in routers:
+            router = body.model.split("/", 1)[1]
         elif body.model != "concilium":
-            router = ""
-        if router is not None and router not in routers:
             raise NotFound(
                 f"model {body.model!r} does not exist; available: "
                 + ", ".join(m.id for m in self.models().data)
