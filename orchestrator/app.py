@@ -4,12 +4,17 @@ Endpoints are thin: they validate with the models in ``orchestrator.schemas``,
 call ``Service``, and shape the reply. Every error, whatever raised it, leaves
 as ``{"error": {"type", "message"}}`` with a 4xx or 5xx status:
 - 400 invalid_json: the body is not JSON (or not UTF-8);
-- 401 unauthorized / 403 forbidden: a missing or wrong API key;
+- 401 unauthorized / 403 forbidden: a missing or wrong API key, or a user key on an admin action;
 - 404 not_found: an unknown path, job, answer or model;
 - 413 body_too_large: past ``server.max_body_bytes``;
 - 422 invalid_request: a field is wrong, missing, unknown or past a limit;
 - 429 rate_limited (with Retry-After): past ``server.rate_limit_per_minute``;
-- 503 unavailable: every recruited expert failed, or the store is down for jobs.
+- 429 overloaded (with Retry-After): ``routing.max_pending`` requests are already admitted;
+- 503 unavailable: every recruited expert failed, or the store is down for jobs;
+- 504 timeout: no answer within ``server.request_timeout_s``.
+
+Every response carries ``x-request-id``: the client's own, when it sent a valid one, so a client can match
+each answer to what it sent.
 
 Streaming (``stream: true``) is answer-level: the pipeline finishes first, so
 an error still gets its status, and the text is then sent as server-sent
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -30,11 +36,13 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.auth import KeyRing, digest
+from orchestrator.auth import ADMIN_KEYS_ENV, KeyRing, digest
 from orchestrator.config import ConciliumConfig
+from orchestrator.scheduler import Overloaded
 from orchestrator.schemas import (
     ChatBody,
     ChatChoice,
@@ -58,7 +66,8 @@ from orchestrator.store import StoreUnavailable
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503, 504)}
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -99,7 +108,7 @@ class BodyLimit:
 
 
 class Observe:
-    """Counts requests by endpoint and status and times them.
+    """Counts requests by endpoint and status, times them, and tags each response with its request id.
 
     A pure ASGI middleware, not ``@app.middleware("http")``: Starlette's
     BaseHTTPMiddleware hides the client's disconnect from the endpoint, and
@@ -113,11 +122,14 @@ class Observe:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), 500
+        sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = (sent if REQUEST_ID.match(sent) else uuid.uuid4().hex).encode()
 
         async def observed(message) -> None:  # noqa: ANN001
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
             await send(message)
 
         try:
@@ -144,17 +156,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
 
 
 async def until_disconnect(request: Request, svc: Service, work: Awaitable[QueryResponse]) -> QueryResponse:
-    """Run ``work``, cancelling it when the client goes away: a cancelled request is dropped from its window
-    if the window has not started, and its answer is discarded if it has."""
+    """Run ``work``, cancelling it when the client goes away or the time limit passes: a cancelled request is
+    dropped from its window if the window has not started, and its answer is discarded if it has."""
     task = asyncio.ensure_future(work)
+    limit = svc.config.server.request_timeout_s
+    deadline = time.monotonic() + limit
     while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, min(DISCONNECT_POLL_S, deadline - time.monotonic())))
         if done:
             return task.result()
         if await request.is_disconnected():
             task.cancel()
             svc.metrics.cancelled.inc()
             raise ServiceError("the client went away", 499, "client_closed_request")
+        if time.monotonic() >= deadline:
+            task.cancel()
+            svc.metrics.timeouts.inc()
+            raise ServiceError(f"no answer within {limit:g} s (server.request_timeout_s)", 504, "timeout")
 
 
 def _chunks(text: str, size: int = 16) -> Iterator[str]:
@@ -193,6 +211,8 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
     ``config_path`` is the file ``POST /v1/admin/reload`` re-reads (None: the same lookup as at start).
     """
     keys = KeyRing.from_config(config.server.api_key_sha256)
+    admin_keys = KeyRing.from_config(config.server.admin_key_sha256, ADMIN_KEYS_ENV)
+    secured = keys.enabled or admin_keys.enabled
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -207,16 +227,17 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
     app = FastAPI(title="Concilium", version="0.1.0", lifespan=lifespan, responses=ERRORS,
                   description="Route each query to the right experts, run them batched by expert, aggregate.")
 
+    def presented_key(request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key") or ""
+
     async def guard(request: Request, svc: Svc) -> None:
         """API key (when keys are configured) and the per-key rate limit, shared through the store."""
-        presented = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            presented = auth[7:].strip()
-        if keys.enabled:
+        presented = presented_key(request)
+        if secured:
             if not presented:
                 raise ServiceError("an API key is required (Authorization: Bearer KEY)", 401, "unauthorized")
-            if not keys.accepts(presented):
+            if not (keys.accepts(presented) | admin_keys.accepts(presented)):
                 raise ServiceError("the API key is not valid", 403, "forbidden")
         limit = config.server.rate_limit_per_minute
         if limit is None:
@@ -233,11 +254,22 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
             raise ServiceError(f"more than {limit} requests this minute; retry in {retry} s", 429, "rate_limited",
                                {"Retry-After": retry})
 
-    Guarded = [Depends(guard)]
+    async def admin(request: Request, svc: Svc) -> None:
+        """The admin scope, on top of ``guard``: reloading the config and feedback that changes routing."""
+        await guard(request, svc)
+        if secured and not admin_keys.accepts(presented_key(request)):
+            raise ServiceError("this action needs an admin key (server.admin_key_sha256 or $CONCILIUM_ADMIN_KEYS)",
+                               403, "forbidden")
+
+    Guarded, Admin = [Depends(guard)], [Depends(admin)]
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error(exc.status, exc.type, str(exc), exc.headers)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return error(429, "overloaded", str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -319,11 +351,11 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
     async def get_job(job_id: str, svc: Svc) -> JobOut:
         return await svc.job(job_id)
 
-    @app.post("/v1/feedback", response_model=FeedbackOut, dependencies=Guarded)
+    @app.post("/v1/feedback", response_model=FeedbackOut, dependencies=Admin)
     async def feedback(body: FeedbackBody, svc: Svc) -> FeedbackOut:
         return await svc.feedback(body)
 
-    @app.post("/v1/admin/reload", response_model=ReloadOut, dependencies=Guarded)
+    @app.post("/v1/admin/reload", response_model=ReloadOut, dependencies=Admin)
     async def reload(svc: Svc) -> ReloadOut:
         return await svc.reload()
 
@@ -340,6 +372,9 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
     async def metrics(svc: Svc) -> PlainTextResponse:
         return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    if config.server.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.server.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"])
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
     return app

@@ -1,8 +1,10 @@
 """API keys: kept only as SHA-256 digests, checked without timing leaks.
 
-Keys come from the config (as digests) and from ``$CONCILIUM_API_KEYS``
-(plain, comma-separated, hashed at start). With no keys at all, the API is
-open, which suits the loopback-only default.
+There are two scopes. User keys come from ``server.api_key_sha256`` (digests)
+and ``$CONCILIUM_API_KEYS`` (plain, comma-separated, hashed at start); admin
+keys from ``server.admin_key_sha256`` and ``$CONCILIUM_ADMIN_KEYS``. An admin
+key is also a user key. With no keys at all, the API is open, which suits the
+loopback-only default; once any key exists, admin actions need an admin key.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hmac
 import os
 
 API_KEYS_ENV = "CONCILIUM_API_KEYS"
+ADMIN_KEYS_ENV = "CONCILIUM_ADMIN_KEYS"
 
 
 def digest(key: str) -> str:
@@ -23,8 +26,8 @@ class KeyRing:
         self.digests = list(digests)
 
     @classmethod
-    def from_config(cls, configured: list[str]) -> KeyRing:
-        plain = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    def from_config(cls, configured: list[str], env: str = API_KEYS_ENV) -> KeyRing:
+        plain = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
         return cls([*configured, *(digest(k) for k in plain)])
 
     @property

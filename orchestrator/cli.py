@@ -61,6 +61,7 @@ class UsageError(ValueError):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from orchestrator.bench.load import LoadError
     from orchestrator.runtime import RayConnectError
     from orchestrator.scheduler import RequestError
     from routers.base import RoutingError
@@ -72,7 +73,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         ConfigError, ModelStoreError, EmptyPromptError, UsageError, RayConnectError,
         PlacementError, UnknownExpertError, BudgetError, ExpertUnavailableError, RoutingError,
-        RecordedDataError, RequestError, ProfileError,
+        RecordedDataError, RequestError, ProfileError, LoadError,
     )
 
 
@@ -301,7 +302,11 @@ def serve(
 
     from orchestrator.app import create_app
 
+    from orchestrator.pipeline import check_profiles
+    from orchestrator.runtime import init_ray
+
     cfg = load_config(config)
+    check_profiles(cfg)
     server = cfg.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
     cfg = cfg.model_copy(update={"server": server})
     url = f"http://{server.host}:{server.port}"
@@ -311,8 +316,11 @@ def serve(
         "-d '{\"query\": \"What is the capital of France?\", \"max_tokens\": 32}'",
         highlight=False, soft_wrap=True,
     )
-    uvicorn.run(create_app(cfg, store, config_path=config), host=server.host, port=server.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=30)
+    # Ray first: ray.init installs a SIGTERM handler that exits at once. Started before uvicorn, it is replaced
+    # by uvicorn's own while serving, so SIGTERM drains in-flight requests instead of dropping them.
+    init_ray(cfg.ray)
+    uvicorn.run(create_app(cfg, store, config_path=config), host=server.host, port=server.port, log_level="info",
+                access_log=False, timeout_graceful_shutdown=server.drain_timeout_s)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -496,6 +504,71 @@ def bench_api(
     direct, http = results[0], results[1]
     out.print(f"/v1/query overhead over the pipeline: p50 {http.p50_ms - direct.p50_ms:+.2f} ms "
               f"({http.p50_ms / direct.p50_ms:.2f}x)")
+
+
+@bench_app.command("load")
+@friendly
+def bench_load(
+    clients: Annotated[int, typer.Option(min=1, max=1024, help="concurrent clients")] = 64,
+    requests: Annotated[int, typer.Option(min=1, max=1000, help="requests per client, one after another")] = 20,
+    url: Annotated[str | None, typer.Option(help="a running server on loopback; default: start a replay server")]
+    = None,
+    data: Annotated[Path, typer.Option(help="bench-data folder the started server's replay experts answer from")]
+    = Path("../shared/bench-data/mmlu-pro-28llm"),
+    max_pending: Annotated[int, typer.Option(min=1, help="the started server's routing.max_pending")] = 32,
+    time_limit_s: Annotated[float, typer.Option(min=1, help="stop the whole run after this long")] = 600,
+    request_timeout_s: Annotated[float, typer.Option(min=0.1, help="client timeout per request")] = 120,
+    api_key: Annotated[str | None, typer.Option(envvar="CONCILIUM_API_KEY", help="for a server with keys")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write every request's outcome as JSON")] = None,
+) -> None:
+    """Many concurrent clients against the API; every request is accounted for (answered, rejected, lost).
+
+    Without --url it starts `concilium serve` with three replay experts (recorded MMLU-Pro answers, the cache
+    off) and checks each answer against the recording. Exits 1 if any request was lost, unfinished or
+    duplicated.
+    """
+    from orchestrator.bench.load import (
+        StartedServer, expected_answers, replay_server_config, require_loopback, run_load, write_report,
+    )
+    from workers.recorded import load_recorded
+
+    server, expected = None, None
+    if url is not None:
+        require_loopback(url)
+        questions = [r.text for r in load_recorded(data).records]
+    else:
+        config = replay_server_config(data, max_pending)
+        expected = expected_answers(config)
+        questions = list(expected)
+        with err.status("starting a replay server"):
+            server = StartedServer(config)
+        url = server.url
+    try:
+        with err.status("load test") as status:
+            report = asyncio.run(run_load(url, clients, requests, questions, expected, time_limit_s,
+                                          request_timeout_s, api_key, status.update))
+    finally:
+        if server is not None:
+            server.stop()
+    table = Table(title=f"{clients} clients x {requests} requests against {url}, {report.wall_s:.1f} s")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    c = report.counts
+    rows = [("sent", report.sent), *((k, c.get(k, 0)) for k in ("answered", "rejected", "lost", "unfinished")),
+            ("duplicated", report.duplicated), ("p50 ms (answered)", f"{report.p50_ms or 0:.1f}"),
+            ("p99 ms (answered)", f"{report.p99_ms or 0:.1f}"), ("answered per s", f"{report.answered_per_s:.1f}")]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    out.print(table)
+    out.print("answers checked against the recording: " + ("yes" if report.checked_answers else "no (--url)"))
+    for o in [o for o in report.outcomes if o.outcome in ("lost", "unfinished")][:10]:
+        out.print(f"  {o.request_id}: {o.outcome}: {o.detail}", highlight=False)
+    if json_out is not None:
+        write_report(report, json_out)
+    out.print("every request accounted for: answered + rejected = sent, none duplicated" if report.accounted
+              else "[bold red]NOT every request is accounted for[/]")
+    if not report.accounted:
+        raise typer.Exit(1)
 
 
 @bench_app.command("calibrate")

@@ -55,6 +55,10 @@ class RoutingConfig(Strict):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(20.0, ge=0.0, le=10_000)
     expert_timeout_s: float = Field(300.0, gt=0)
+    max_pending: int = Field(
+        1024, ge=1, description="requests admitted and not yet answered (queued or in a window); past it, new "
+        "ones are refused (HTTP 429 with Retry-After) instead of queueing without bound",
+    )
 
 
 class ServerConfig(Strict):
@@ -76,8 +80,18 @@ class ServerConfig(Strict):
     max_k: int = Field(16, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     rate_limit_per_minute: int | None = Field(None, ge=1, description="per API key (or client address)")
+    admin_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="SHA-256 digests of admin keys (also $CONCILIUM_ADMIN_KEYS); once any key is configured, "
+        "reload and feedback need one of these",
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="a request still unanswered after this gets 504")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on shutdown, how long in-flight requests may finish")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS; empty (the default) sends no CORS headers"
+    )
 
-    @field_validator("api_key_sha256")
+    @field_validator("api_key_sha256", "admin_key_sha256")
     @classmethod
     def _hex_digests(cls, v: list[str]) -> list[str]:
         for digest in v:

@@ -7,6 +7,10 @@ process's sweep (every ``sweep_s``, including the restarted one's first
 sweep) claims the job and runs it again. Several replicas on one redis share
 the work the same way: while a runner lives, its renewed claim keeps the
 others off its jobs, so a job runs again only when its runner died.
+
+A runner holds at most ``max_running`` jobs at once, and a job the scheduler
+refuses as overloaded goes back to the pending set: the backlog waits in the
+store, never in memory.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from orchestrator.scheduler import Overloaded
 from orchestrator.schemas import JobOut, QueryBody, QueryResponse
 from orchestrator.store import Store, StoreUnavailable
 
@@ -35,12 +40,14 @@ class JobRunner:
         ttl_s: float,
         claim_s: float = 15.0,
         sweep_s: float = 5.0,
+        max_running: int = 64,
     ) -> None:
         self.store = store
         self.run = run
         self.ttl_s = ttl_s
         self.claim_s = claim_s
         self.sweep_s = sweep_s
+        self.max_running = max_running
         self.owner = uuid.uuid4().hex
         self._tasks: dict[str, asyncio.Task] = {}
         self._sweeper: asyncio.Task | None = None
@@ -72,7 +79,7 @@ class JobRunner:
         await self.store.set(f"job:{job.id}", json.dumps(record), self.ttl_s)
 
     async def _claim_and_start(self, job_id: str) -> None:
-        if job_id in self._tasks:
+        if job_id in self._tasks or len(self._tasks) >= self.max_running:
             return
         if await self.store.set(f"job:{job_id}:claim", self.owner, self.claim_s, only_new=True):
             self._tasks[job_id] = asyncio.create_task(self._execute(job_id))
@@ -108,6 +115,11 @@ class JobRunner:
             await self._save(job, body)
             try:
                 job.result, job.status = await self.run(body), "done"
+            except Overloaded:  # back to the pending set; a later sweep runs it
+                job.status = "queued"
+                await self._save(job, body)
+                await self.store.delete(f"job:{job_id}:claim")
+                return
             except Exception as exc:  # the job's outcome, recorded for the client
                 job.error, job.status = str(exc) or type(exc).__name__, "failed"
             job.finished = time.time()

@@ -21,6 +21,10 @@ LIVE = (
     (GaugeMetricFamily, "concilium_queue_depth", "requests waiting for a scheduler window", "queue_depth"),
     (GaugeMetricFamily, "concilium_resident_experts", "experts resident in memory", "resident"),
     (CounterMetricFamily, "concilium_scheduled", "requests the scheduler's windows processed", "scheduled"),
+    (GaugeMetricFamily, "concilium_pending", "requests admitted and not yet answered", "pending"),
+    (CounterMetricFamily, "concilium_rejected", "requests refused because max_pending were admitted", "rejected"),
+    (GaugeMetricFamily, "concilium_store_up", "1 while the store answers, 0 while the cache and jobs are off",
+     "store_up"),
 )
 
 
@@ -51,6 +55,7 @@ class Metrics:
         self.feedback = Counter("concilium_feedback", "feedback received", ["expert"], registry=r)
         self.cancelled = Counter("concilium_cancelled", "requests cancelled because the client went away",
                                  registry=r)
+        self.timeouts = Counter("concilium_timeouts", "requests past server.request_timeout_s", registry=r)
         r.register(_Live(live))
 
     def render(self) -> bytes:

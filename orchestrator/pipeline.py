@@ -15,6 +15,8 @@ from orchestrator.runtime import start_pool
 from orchestrator.scheduler import Answer, QueryRequest, Scheduler, SchedulerSettings
 from routers.base import Router, make_router
 from routers.embedding import Embedder
+from routers.profiles import ProfileError, Profiles, read_artifact
+from routers.skill_index import SkillIndex
 from routers.symbolic import SkillRouter
 from workers.model_store import embedder_path
 from workers.pool import ExpertPool
@@ -24,7 +26,22 @@ log = logging.getLogger(__name__)
 
 def _latest_profiles(config: ConciliumConfig) -> Path | None:
     latest = config.routing.profiles / "LATEST"
-    return config.routing.profiles / latest.read_text().strip() if latest.exists() else None
+    if not latest.exists():
+        return None
+    folder = config.routing.profiles / latest.read_text().strip()
+    if not latest.read_text().strip() or not folder.is_dir():
+        raise ProfileError(f"{latest} names {folder}, which is not a folder: rebuild with `concilium profile`")
+    return folder
+
+
+def check_profiles(config: ConciliumConfig) -> None:
+    """Read the newest profile artifacts once, before anything starts, so that a missing or corrupt file stops
+    ``serve`` with its name instead of leaving a half-started server."""
+    folder = _latest_profiles(config)
+    if folder is not None:
+        Profiles.load(folder)
+        SkillIndex.load(folder)
+    aggregator_preference(config)
 
 
 def load_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
@@ -54,7 +71,8 @@ def aggregator_preference(config: ConciliumConfig) -> tuple[tuple[str, ...], str
     folder = _latest_profiles(config)
     summary = folder / "summary.json" if folder is not None else None
     if summary is not None and summary.exists():
-        ranking = json.loads(summary.read_text()).get("aggregator_ranking") or []
+        data = read_artifact(summary, lambda p: json.loads(p.read_text()))
+        ranking = (data.get("aggregator_ranking") if isinstance(data, dict) else None) or []
         configured = {e.name for e in config.experts}
         return tuple(e for e in ranking if e in configured), f"profiles' aggregator ranking ({summary})"
     return (), "router's top-scored expert"
@@ -64,7 +82,8 @@ def scheduler_settings(config: ConciliumConfig) -> SchedulerSettings:
     r = config.routing
     aggregators, source = aggregator_preference(config)
     return SchedulerSettings(
-        r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers, r.self_moa_temperature, aggregators, source
+        r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers, r.self_moa_temperature, aggregators, source,
+        r.max_pending,
     )
 
 

@@ -49,6 +49,14 @@ class AllExpertsFailed(RuntimeError):
     """Every expert recruited for a request failed, and so did the re-route."""
 
 
+class Overloaded(RuntimeError):
+    """``max_pending`` requests are already admitted; the caller should retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
     max_batch: int = 32
@@ -59,6 +67,8 @@ class SchedulerSettings:
     aggregators: tuple[str, ...] = ()
     """Aggregator preference: the first allowed one synthesises. Empty: the router's top-scored expert."""
     aggregator_source: str = "router's top-scored expert"
+    max_pending: int = 1024
+    """Admitted and unanswered requests at most: the queue is bounded, and a full one refuses."""
 
 
 @dataclass
@@ -110,6 +120,8 @@ class Answer:
 class SchedulerStats:
     windows: int = 0
     requests: int = 0
+    rejected: int = 0
+    """Requests refused because ``max_pending`` were already admitted."""
     expert_calls: int = 0
     generate_s: float = 0.0
     """The experts' own time inside calls, summed over calls (they may overlap in wall time)."""
@@ -151,6 +163,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._pending = 0
+        self._last_window_s = 1.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -171,6 +185,11 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def pending(self) -> int:
+        """Admitted and not yet answered: queued, or in the running window."""
+        return self._pending
 
     def validate(self, request: QueryRequest) -> None:
         if not request.query.strip():
@@ -201,9 +220,20 @@ class Scheduler:
     async def submit(self, request: QueryRequest) -> Answer:
         """Queue a request and wait for its answer; a cancelled caller's request is dropped from its window."""
         self.validate(request)
+        if self._pending >= self.settings.max_pending:
+            # The backlog drains about a window per window time; wait at least a second, at most a minute.
+            windows = self._pending / self.settings.max_batch
+            retry = min(60, max(1, round(windows * self._last_window_s)))
+            self.stats.rejected += 1
+            raise Overloaded(f"the server is at its limit of {self.settings.max_pending} pending requests; "
+                             f"retry in {retry} s", retry)
         pending = _Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
-        await self._queue.put(pending)
-        return await pending.future
+        self._pending += 1
+        try:
+            await self._queue.put(pending)
+            return await pending.future
+        finally:
+            self._pending -= 1
 
     async def _collect(self) -> list[_Pending]:
         window = [await self._queue.get()]
@@ -258,6 +288,7 @@ class Scheduler:
             len({e for p in live for e in p.decision.experts} | {a.expert for p in live for a in p.answers})
         )
         self.stats.overhead_s.append(max(0.0, (done - started) - expert_time) / len(live))
+        self._last_window_s = done - started
 
     def _router_of(self, request: QueryRequest) -> str:
         return request.router or self.default_router
@@ -393,6 +424,8 @@ class Scheduler:
                 self.stats.expert_calls += 1
                 self.stats.generate_s += result.generate_s
                 self.stats.batch_sizes.append(len(rows))
+                for i in rows:
+                    live[i].degraded.extend(result.notes)
                 for i, c in zip(rows, result.completions):
                     answer = ExpertAnswer(expert, c.text, c.prompt_tokens, c.completion_tokens)
                     live[i].answers.append(answer)

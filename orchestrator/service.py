@@ -15,7 +15,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from orchestrator.config import ConciliumConfig, ConfigError, load_config
 from orchestrator.jobs import JobRunner
@@ -46,6 +48,7 @@ from workers.types import Message
 log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "REDIS_URL"
+T = TypeVar("T")
 
 
 class ServiceError(Exception):
@@ -107,6 +110,7 @@ class Service:
         self.pipeline = pipeline
         self.store = store
         self.profiles_version = 0
+        self.store_up = True
         self.config_version = self._version(config)
         self.metrics = Metrics(self._live_figures)
         self.jobs = JobRunner(store, self.query, config.server.job_ttl_s)
@@ -121,12 +125,10 @@ class Service:
     async def start(cls, config: ConciliumConfig, model_store: Path | None = None,
                     config_path: Path | None = None) -> Service:
         store = open_store(os.environ.get(REDIS_URL_ENV) or config.server.redis_url)
-        try:
-            await store.ping()
-        except StoreUnavailable as exc:  # serve anyway: the cache is off and jobs answer 503 until it is back
-            log.warning("starting without the store: %s", exc)
         pipeline = await Pipeline.start(config, model_store)
         service = cls(config, pipeline, store, config_path)
+        # Serve even without the store: the cache is off and jobs answer 503 until it is back.
+        await service._store_call("start", store.ping())
         service.jobs.start()
         return service
 
@@ -139,7 +141,8 @@ class Service:
         pool = self.pipeline.pool
         scheduler = self.pipeline.scheduler
         return {"loads": pool.stats.loads, "queue_depth": scheduler.queue_depth, "resident": len(pool.resident()),
-                "scheduled": scheduler.stats.requests}
+                "scheduled": scheduler.stats.requests, "pending": scheduler.pending, "store_up": float(self.store_up),
+                "rejected": scheduler.stats.rejected}
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -185,13 +188,32 @@ class Service:
         data["versions"] = [self.config_version, self.profiles_version]
         return "cache:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
-    async def _store_call(self, use: str, coro):  # noqa: ANN001, ANN202
-        """A store call whose failure degrades a feature (cache, answer records) instead of failing the request."""
+    def _store_seen(self, up: bool, exc: Exception | None = None) -> None:
+        """Log the store going down or coming back once per change, not once per request."""
+        if up == self.store_up:
+            return
+        self.store_up = up
+        if up:
+            log.warning("the store is back: the cache and jobs are on again")
+        else:
+            log.warning("the store is unavailable (%s): the cache is off and jobs answer 503 until it is back", exc)
+
+    async def _store(self, use: str, coro: Awaitable[T]) -> T:
+        """A store call that records the store's state; StoreUnavailable still reaches the caller."""
         try:
-            return await coro
+            result = await coro
         except StoreUnavailable as exc:
             self.metrics.store_errors.labels(use).inc()
-            log.warning("store unavailable for %s: %s", use, exc)
+            self._store_seen(False, exc)
+            raise
+        self._store_seen(True)
+        return result
+
+    async def _store_call(self, use: str, coro: Awaitable[T]) -> T | None:
+        """A store call whose failure degrades a feature (cache, answer records) instead of failing the request."""
+        try:
+            return await self._store(use, coro)
+        except StoreUnavailable:
             return None
 
     async def query(self, body: QueryBody, messages: tuple[Message, ...] = ()) -> QueryResponse:
@@ -270,13 +292,13 @@ class Service:
             raise InvalidRequest("stream: a job has no stream; poll GET /v1/jobs/{id}")
         self.to_request(body)  # reject bad input now, not when the job runs
         try:
-            return await self.jobs.submit(body)
+            return await self._store("jobs", self.jobs.submit(body))
         except StoreUnavailable as exc:
             raise Unavailable(f"jobs are unavailable: {exc}") from None
 
     async def job(self, job_id: str) -> JobOut:
         try:
-            job = await self.jobs.get(job_id)
+            job = await self._store("jobs", self.jobs.get(job_id))
         except StoreUnavailable as exc:
             raise Unavailable(f"jobs are unavailable: {exc}") from None
         if job is None:
@@ -287,7 +309,7 @@ class Service:
         if (body.correct is None) == (body.rating is None):
             raise InvalidRequest("give exactly one of correct (true/false) or rating (0..1)")
         try:
-            raw = await self.store.get(f"answer:{body.answer_id}")
+            raw = await self._store("feedback", self.store.get(f"answer:{body.answer_id}"))
         except StoreUnavailable as exc:
             raise Unavailable(f"feedback is unavailable: {exc}") from None
         if raw is None:
@@ -326,10 +348,6 @@ class Service:
 
     async def ready(self) -> dict[str, object]:
         healthy = self.pipeline.pool.healthy()
-        try:
-            await self.store.ping()
-            store_ok = True
-        except StoreUnavailable:
-            store_ok = False
-        return {"ready": any(healthy.values()), "experts": healthy, "store": self.store.kind, "store_ok": store_ok,
+        await self._store_call("ready", self.store.ping())  # records whether the store answers
+        return {"ready": any(healthy.values()), "experts": healthy, "store": self.store.kind, "store_ok": self.store_up,
                 "time": time.time()}

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+_MARKER_RUN = re.compile(r"<{3,}|>{3,}")
 LETTERS = "ABCDEFGHIJ"
 
 SYNTHESIS_INSTRUCTIONS = (
@@ -43,20 +44,27 @@ def strip_reasoning(text: str) -> str:
     return _THINK.sub("", text).strip()
 
 
+def as_data(text: str) -> str:
+    """Break up every run of three or more angle brackets, so that quoted text can neither close its own
+    quote nor open a new one: only the prompt builder writes markers."""
+    return _MARKER_RUN.sub(lambda m: " ".join(m.group(0)), text)
+
+
 def _quoted(answers: list[str]) -> str:
     return "\n".join(
-        f"<<<candidate {i}>>>\n{strip_reasoning(a)}\n<<<end of candidate {i}>>>" for i, a in enumerate(answers, 1)
+        f"<<<candidate {i}>>>\n{as_data(strip_reasoning(a))}\n<<<end of candidate {i}>>>"
+        for i, a in enumerate(answers, 1)
     )
 
 
 def synthesis_prompt(question: str, answers: list[str], answer_format: str = "") -> str:
     tail = f" {answer_format}" if answer_format else ""
-    return f"{SYNTHESIS_INSTRUCTIONS}{tail}\n\nQuestion:\n{question}\n\n{_quoted(answers)}\n\nYour answer:"
+    return f"{SYNTHESIS_INSTRUCTIONS}{tail}\n\nQuestion:\n{as_data(question)}\n\n{_quoted(answers)}\n\nYour answer:"
 
 
 def proposer_prompt(question: str, previous: list[str]) -> str:
     """A later Mixture-of-Agents layer: answer again with the previous layer's answers as references."""
-    return f"{PROPOSER_INSTRUCTIONS}\n\nQuestion:\n{question}\n\n{_quoted(previous)}\n\nYour answer:"
+    return f"{PROPOSER_INSTRUCTIONS}\n\nQuestion:\n{as_data(question)}\n\n{_quoted(previous)}\n\nYour answer:"
 
 
 @dataclass

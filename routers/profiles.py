@@ -10,16 +10,30 @@ like a Beta prior worth ``prior`` questions.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 PROFILE_VERSION = 1
+T = TypeVar("T")
 
 
 class ProfileError(ValueError):
     """Profiles that cannot be built or read."""
+
+
+def read_artifact(path: Path, read: Callable[[Path], T]) -> T:
+    """Read one artifact file; a missing or corrupt file is a ProfileError that names it."""
+    if not path.exists():
+        raise ProfileError(f"profile file {path} is missing: rebuild with `concilium profile`")
+    try:
+        return read(path)
+    except Exception as exc:  # any parser's error: the file is corrupt, whatever the format
+        raise ProfileError(f"profile file {path} is corrupt ({type(exc).__name__}: {exc}): "
+                           "rebuild with `concilium profile`") from None
 
 
 @dataclass
@@ -67,20 +81,23 @@ class Profiles:
     @classmethod
     def load(cls, folder: Path) -> Profiles:
         meta_path, arr_path = folder / "profiles.json", folder / "profiles.npz"
-        for path in (meta_path, arr_path):
-            if not path.exists():
-                raise ProfileError(f"profile file {path} is missing")
+        meta = read_artifact(meta_path, lambda p: json.loads(p.read_text()))
+        if not isinstance(meta, dict) or meta.get("version") != PROFILE_VERSION:
+            version = meta.get("version") if isinstance(meta, dict) else None
+            raise ProfileError(f"{meta_path}: version {version}, expected {PROFILE_VERSION}")
+
+        def arrays_of(path: Path) -> dict[str, np.ndarray]:
+            with np.load(path) as npz:
+                return {k: npz[k] for k in npz.files}
+
+        arrays = read_artifact(arr_path, arrays_of)
         try:
-            meta = json.loads(meta_path.read_text())
-            arrays = np.load(arr_path)
-        except (json.JSONDecodeError, OSError, ValueError) as exc:
-            raise ProfileError(f"profile files in {folder} are unreadable: {exc}") from None
-        if meta.get("version") != PROFILE_VERSION:
-            raise ProfileError(f"{meta_path}: version {meta.get('version')}, expected {PROFILE_VERSION}")
-        return cls(
-            experts=meta["experts"], skills=meta["skills"], right=arrays["right"], seen=arrays["seen"],
-            overall=arrays["overall"], cost=arrays["cost"] if meta["has_cost"] else None,
-        )
+            return cls(
+                experts=meta["experts"], skills=meta["skills"], right=arrays["right"], seen=arrays["seen"],
+                overall=arrays["overall"], cost=arrays["cost"] if meta["has_cost"] else None,
+            )
+        except KeyError as exc:
+            raise ProfileError(f"{meta_path} or {arr_path} lacks {exc}: rebuild with `concilium profile`") from None
 
 
 def build_profiles(

@@ -15,6 +15,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from routers.profiles import ProfileError, read_artifact
+
 INDEX_VERSION = 1
 FLAT_LIMIT = 50_000
 
@@ -72,10 +74,14 @@ class SkillIndex:
 
     @classmethod
     def load(cls, folder: Path) -> SkillIndex:
-        meta = json.loads((folder / "skill_index.json").read_text())
-        if meta.get("version") != INDEX_VERSION:
-            raise ValueError(f"{folder}: skill index version {meta.get('version')}, expected {INDEX_VERSION}")
+        meta_path = folder / "skill_index.json"
+        meta = read_artifact(meta_path, lambda p: json.loads(p.read_text()))
+        if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION or "skills" not in meta:
+            raise ProfileError(f"{meta_path}: not a skill index of version {INDEX_VERSION}")
         obj = cls.__new__(cls)
         obj.skills = meta["skills"]
-        obj.index = faiss.read_index(str(folder / "skills.faiss"))
+        obj.index = read_artifact(folder / "skills.faiss", lambda p: faiss.read_index(str(p)))
+        if obj.index.ntotal != len(obj.skills):
+            raise ProfileError(f"{folder / 'skills.faiss'} holds {obj.index.ntotal} vectors for "
+                               f"{len(obj.skills)} skills: rebuild with `concilium profile`")
         return obj

@@ -1,4 +1,4 @@
-"""The openai backend against a small OpenAI-compatible server on 127.0.0.1.
+"""The openai backend against a small OpenAI-compatible server on 127.0.0.1 (``tests.live.FakeOpenAI``).
 
 The server is a stand-in for a remote vLLM endpoint, which cannot run here (no
 GPU, no hub); it answers deterministically so that every field the backend
@@ -7,64 +7,23 @@ parses can be checked. Real HTTP, real uvicorn.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 import uuid
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Header, HTTPException
 
 from tests.conftest import run
+from tests.live import FakeOpenAI
 from workers.backends.openai_backend import OpenAIBackend, RemoteExpertError
 from workers.config import OpenAIExpert, PoolConfig
 from workers.pool import ExpertPool
 from workers.types import Prompt, SamplingParams
 
 
-def _fake_server() -> FastAPI:
-    app = FastAPI()
-    app.state.calls = []
-
-    @app.get("/v1/models")
-    def models(authorization: str | None = Header(None)):
-        if authorization != "Bearer sekrit":
-            raise HTTPException(401, "bad key")
-        return {"object": "list", "data": [{"id": "remote-7b", "object": "model"}]}
-
-    @app.post("/v1/chat/completions")
-    def chat(body: dict, authorization: str | None = Header(None)):
-        if authorization != "Bearer sekrit":
-            raise HTTPException(401, "bad key")
-        app.state.calls.append(body)
-        last = body["messages"][-1]["content"]
-        if last == "explode":
-            raise HTTPException(500, "boom")
-        text = f"echo: {last}"
-        return {
-            "id": "x", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": len(last.split()), "completion_tokens": len(text.split())},
-        }
-
-    return app
-
-
 @pytest.fixture(scope="module")
 def remote():
-    app = _fake_server()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield app, f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(5)
+    fake = FakeOpenAI()
+    yield fake.app, fake.base_url
+    fake.stop()
 
 
 def _expert(base_url, **kw):

@@ -252,14 +252,20 @@ class ExpertPool:
                 self._changed.notify_all()
 
     async def _call(self, name: str, method: str, *args: object) -> object:
-        """Run one actor call under a lease; after an actor crash, wait for its restart and retry once."""
+        """Run one actor call under a lease; after an actor crash, wait for its restart and retry once.
+
+        A retried call's result says so in its ``notes``, so that callers can report the recovery.
+        """
         losses = 0
         while True:
             try:
                 async with self.lease(name) as actor:
-                    return await asyncio.wait_for(
+                    result = await asyncio.wait_for(
                         getattr(actor, method).remote(*args), self.config.generate_timeout_s
                     )
+                if losses and isinstance(result, GenerationResult):
+                    result.notes.append(f"{name}'s actor died during the call; it restarted and the call was retried")
+                return result
             except (*_ACTOR_LOST, NotLoadedError) as exc:
                 slot = self._slot(name)
                 slot.resident = False  # a restarted actor comes back with nothing loaded

@@ -83,6 +83,8 @@ class GenerationResult:
     queue_s: float = 0.0
     generate_s: float = 0.0
     batch_size: int = 0
+    notes: list[str] = field(default_factory=list)
+    """What went wrong on the way and was recovered, e.g. a restarted actor; the API reports these as degraded."""
 
     @property
     def completion_tokens(self) -> int:

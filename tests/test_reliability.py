@@ -1,0 +1,397 @@
+"""Reliability and security guarantees (docs/reliability.md), each against live servers on 127.0.0.1.
+
+The experts here are simulated (real actors that sleep like a model decodes),
+so that a batch can be killed mid-call, a hang can be made, and a queue can be
+filled in seconds; the bad-input table runs against the bundled models in
+tests/test_api.py. redis is a real redis-server that the tests stop and start.
+The one stand-in is ``FakeOpenAI``, a remote model endpoint that cannot run
+here; it supplies an expert answer that attempts a prompt injection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.auth import KeyRing, digest
+from routers.aggregation import SYNTHESIS_INSTRUCTIONS
+from tests.live import INJECTION, FakeOpenAI, ProcessServer, RedisServer, ThreadServer, free_port, write_config
+from workers.placement import ACTOR_PREFIX
+
+USER, ADMIN, LIMITED = (f"{kind}-{uuid.uuid4().hex[:10]}" for kind in ("user", "admin", "limited"))
+
+
+def _sim(name: str, step_s: float) -> dict:
+    return {"name": name, "backend": "simulated", "memory_gb": 0.1, "load_s": 0.0, "step_s": step_s}
+
+
+def _metric(url: str, name: str) -> float:
+    families = {m.name: m for m in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    return sum(s.value for s in families[name].samples if not s.name.endswith("_created"))
+
+
+async def _concurrently(url: str, bodies: list[dict], prefix: str, headers: dict | None = None) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        return await asyncio.gather(*(
+            http.post("/v1/query", json=b, headers={**(headers or {}), "x-request-id": f"{prefix}-{i}"})
+            for i, b in enumerate(bodies)
+        ))
+
+
+@pytest.fixture(scope="module")
+def faulty(ray_cluster):
+    """Defaults everywhere except: a 1 s expert (8 tokens x 0.125 s), a fast one, one that hangs for minutes,
+    a 5 s expert timeout (room for a crashed call's restart and retry) and room for 6 pending requests."""
+    namespace = f"rel-{uuid.uuid4().hex[:6]}"
+    s = ThreadServer({
+        "ray": {"namespace": namespace},
+        "routing": {"aggregation": "vote", "max_wait_ms": 50, "expert_timeout_s": 5, "max_pending": 6},
+        "experts": [_sim("sim-slow", 0.125), _sim("sim-fast", 0.001), _sim("sim-hung", 60.0)],
+    })
+    s.namespace = namespace
+    yield s
+    s.stop()
+
+
+# -- faults ---------------------------------------------------------------------------------------------
+
+def test_an_expert_killed_mid_batch_restarts_and_every_request_finishes_once(faulty, ray_cluster):
+    bodies = [{"query": f"Question {i}: which option?", "max_tokens": 8, "k": 2, "experts": ["sim-slow", "sim-fast"]}
+              for i in range(6)]
+    scheduled = _metric(faulty.url, "concilium_scheduled")
+
+    async def main() -> list[httpx.Response]:
+        sending = asyncio.ensure_future(_concurrently(faulty.url, bodies, "crash"))
+        await asyncio.sleep(0.5)  # the window is running, and sim-slow is half-way through its 1 s call
+        ray_cluster.kill(ray_cluster.get_actor(ACTOR_PREFIX + "sim-slow", namespace=faulty.namespace),
+                         no_restart=False)
+        return await sending
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+    assert [r.headers["x-request-id"] for r in responses] == [f"crash-{i}" for i in range(6)]
+    bodies_out = [r.json() for r in responses]
+    assert len({b["id"] for b in bodies_out}) == 6  # six distinct answers, none delivered twice
+    assert all(sorted(a["expert"] for a in b["answers"]) == ["sim-fast", "sim-slow"] for b in bodies_out)
+    notes = [d for b in bodies_out for d in b["degraded"]]
+    assert any("sim-slow's actor died during the call" in n for n in notes), notes
+    assert _metric(faulty.url, "concilium_scheduled") - scheduled == 6  # each request ran in a window once
+
+
+def test_a_hung_expert_times_out_and_the_request_finishes_with_the_others(faulty):
+    started = time.monotonic()
+    r = httpx.post(f"{faulty.url}/v1/query", timeout=60,
+                   json={"query": "Which option?", "max_tokens": 8, "k": 2, "experts": ["sim-hung", "sim-fast"]})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started < 20  # the 5 s expert timeout, not sim-hung's 8 minutes
+    body = r.json()
+    assert [a["expert"] for a in body["answers"]] == ["sim-fast"] and body["answer"]
+    assert "sim-hung failed: timed out" in body["degraded"]
+
+
+def test_a_full_queue_refuses_with_429_and_retry_after_and_keeps_serving(faulty):
+    rejected = _metric(faulty.url, "concilium_rejected")
+    bodies = [{"query": f"Busy {i}?", "max_tokens": 8, "k": 1, "experts": ["sim-slow"]} for i in range(16)]
+    responses = asyncio.run(_concurrently(faulty.url, bodies, "busy"))
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 429} and codes.count(200) >= 6, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert r.json()["error"]["type"] == "overloaded" and "6 pending requests" in r.json()["error"]["message"]
+            assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert _metric(faulty.url, "concilium_rejected") - rejected == codes.count(429)
+    assert _metric(faulty.url, "concilium_pending") == 0  # nothing left behind
+    again = httpx.post(f"{faulty.url}/v1/query", json=bodies[0], timeout=60)
+    assert again.status_code == 200
+
+
+def test_jobs_refused_by_a_full_queue_wait_in_the_store_and_all_finish(faulty):
+    rejected = _metric(faulty.url, "concilium_rejected")
+    submitted = [httpx.post(f"{faulty.url}/v1/jobs", timeout=30,
+                            json={"query": f"Job {i}?", "max_tokens": 8, "k": 1, "experts": ["sim-slow"]})
+                 for i in range(12)]  # twice what the queue admits
+    assert [r.status_code for r in submitted] == [202] * 12
+    deadline, states = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        states = {r.json()["id"]: httpx.get(f"{faulty.url}/v1/jobs/{r.json()['id']}").json()["status"]
+                  for r in submitted}
+        if set(states.values()) == {"done"}:
+            break
+        time.sleep(0.5)
+    assert set(states.values()) == {"done"}, states
+    assert _metric(faulty.url, "concilium_rejected") > rejected  # some were refused, and ran later
+
+
+def test_redis_down_turns_the_cache_off_and_jobs_to_503_then_recovers(ray_cluster, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="orchestrator.service")
+    redis = RedisServer(tmp_path / "a")
+    s = ThreadServer({
+        "ray": {"namespace": f"rel-{uuid.uuid4().hex[:6]}"},
+        "routing": {"aggregation": "best", "max_wait_ms": 5},
+        "server": {"redis_url": redis.url},
+        "experts": [_sim("sim-fast", 0.001)],
+    })
+    try:
+        def ask(q: str) -> dict:
+            r = httpx.post(f"{s.url}/v1/query", json={"query": q, "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert ask("Cached?")["cached"] is False and ask("Cached?")["cached"] is True
+        redis.stop()
+        assert ask("Cached?")["cached"] is False  # the cache is off, the answer still comes
+        assert ask("New while down?")["cached"] is False
+        job = httpx.post(f"{s.url}/v1/jobs", json={"query": "A job?"}, timeout=30)
+        assert job.status_code == 503 and job.json()["error"]["type"] == "unavailable"
+        assert "jobs are unavailable" in job.json()["error"]["message"]
+        assert httpx.get(f"{s.url}/v1/jobs/job-x", timeout=30).status_code == 503
+        ready = httpx.get(f"{s.url}/readyz", timeout=30)
+        assert ready.status_code == 200 and ready.json()["store_ok"] is False
+        assert _metric(s.url, "concilium_store_up") == 0 and _metric(s.url, "concilium_store_errors") >= 3
+        down = [r for r in caplog.records if "the store is unavailable" in r.getMessage()]
+        assert len(down) == 1  # one line for the outage, not one per request
+
+        redis = RedisServer(tmp_path / "b", port=redis.port)  # back where the service expects it
+        assert ask("After?")["cached"] is False and ask("After?")["cached"] is True
+        assert _metric(s.url, "concilium_store_up") == 1
+        assert any("the store is back" in r.getMessage() for r in caplog.records)
+        job = httpx.post(f"{s.url}/v1/jobs", json={"query": "A job?", "max_tokens": 4}, timeout=30)
+        assert job.status_code == 202, job.text
+        deadline = time.monotonic() + 60
+        while (state := httpx.get(f"{s.url}/v1/jobs/{job.json()['id']}").json())["status"] != "done":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+    finally:
+        s.stop()
+        redis.stop()
+
+
+def _profiles(tmp_path: Path, break_it: str) -> Path:
+    """A profiles folder whose newest artifacts are broken one way."""
+    root = tmp_path / "profiles"
+    run = root / "run-1"
+    run.mkdir(parents=True)
+    (root / "LATEST").write_text("run-1")
+    (run / "profiles.json").write_text(json.dumps({"version": 1, "experts": ["a"], "skills": [], "has_cost": False}))
+    (run / "skill_index.json").write_text(json.dumps({"version": 1, "skills": []}))
+    if break_it == "missing folder":
+        (root / "LATEST").write_text("run-9")
+    elif break_it == "corrupt json":
+        (run / "profiles.json").write_text('{"version": 1, "experts": [')
+    return root
+
+
+@pytest.mark.parametrize(("break_it", "named"), [
+    ("missing folder", "LATEST"),
+    ("corrupt json", "profiles.json"),
+    ("missing arrays", "profiles.npz"),
+])
+def test_broken_profile_artifacts_stop_serve_before_it_starts(tmp_path, break_it, named):
+    root = _profiles(tmp_path, break_it)
+    config = write_config(tmp_path / "c.yaml", {"routing": {"profiles": str(root)}, "experts": [_sim("a", 0.001)]})
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "serve", "--port", str(port), "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 2, proc.stderr
+    assert named in proc.stderr and str(root) in proc.stderr and "Traceback" not in proc.stderr
+    assert "Concilium on" not in proc.stderr  # stopped before the banner, Ray and the port
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# -- overload and shutdown ------------------------------------------------------------------------------
+
+def test_shutdown_drains_in_flight_requests_binds_loopback_and_logs_no_secrets(tmp_path):
+    """SIGTERM while a request runs: the request still gets its answer, then the process exits. The same
+    run shows the listening socket is on 127.0.0.1, and that the log holds no prompt, answer or key."""
+    config = write_config(tmp_path / "c.yaml", {"routing": {"aggregation": "best", "max_wait_ms": 5},
+                                                "experts": [_sim("sim-slow", 0.3)]})
+    marker = f"zebra-quokka-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "serve.log"
+    s = ProcessServer(config, {"CONCILIUM_API_KEYS": USER}, log)
+    try:
+        listening = {c.laddr.ip for c in psutil.Process(s.proc.pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == s.port}
+        assert listening == {"127.0.0.1"}
+        headers = {"authorization": f"Bearer {USER}"}
+        first = httpx.post(f"{s.url}/v1/query", json={"query": f"Tell me about {marker}.", "max_tokens": 2},
+                           headers=headers, timeout=60)
+        assert first.status_code == 200, first.text
+        bad = httpx.post(f"{s.url}/v1/query", json={"query": marker, "k": 0}, headers=headers, timeout=60)
+        assert bad.status_code == 422
+        assert httpx.post(f"{s.url}/v1/query", json={"query": marker}, headers={"authorization": "Bearer " + marker},
+                          timeout=60).status_code == 403
+
+        result: dict[str, httpx.Response] = {}
+        slow = threading.Thread(target=lambda: result.update(r=httpx.post(
+            f"{s.url}/v1/query", json={"query": f"Slowly, {marker}?", "max_tokens": 8}, headers=headers,
+            timeout=60)))
+        slow.start()
+        time.sleep(1.0)  # the request is in its 2.4 s expert call
+        os.kill(s.proc.pid, signal.SIGTERM)
+        slow.join(60)
+        assert result["r"].status_code == 200 and result["r"].json()["answer"]
+        assert s.proc.wait(60) == 15  # drained, then Ray's driver exits with the signal's number
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{s.url}/healthz", timeout=2)
+    finally:
+        if s.proc.poll() is None:
+            s.kill()
+        else:  # the API process has gone; end whatever of its local Ray is left
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(s.proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert "Concilium on" in text  # the log is the server's output
+    for secret in (marker, USER, first.json()["answer"]):
+        assert secret not in text
+
+
+def test_bench_load_accounts_for_every_request(tmp_path):
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "bench", "load", "--clients", "16", "--requests", "5",
+         "--max-pending", "4", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    ids = [o["request_id"] for o in report["outcomes"]]
+    assert report["sent"] == 80 and len(ids) == len(set(ids)) == 80
+    assert report["counts"].get("lost", 0) == 0 and report["duplicated"] == 0 and report["accounted"]
+    assert report["counts"]["answered"] + report["counts"]["rejected"] == 80
+    assert report["counts"]["rejected"] > 0 and report["checked_answers"]  # 16 clients against 4 slots
+    assert {o["detail"] for o in report["outcomes"] if o["outcome"] == "rejected"} == {"overloaded"}
+
+
+def test_bench_load_refuses_a_remote_url():
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "load", "--url", "http://10.1.2.3:8000"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "only targets loopback" in proc.stderr
+
+
+# -- security -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def secured(ray_cluster, tmp_path_factory):
+    """User and admin keys, a rate limit of 5 a minute per key shared through redis by two replicas, CORS for
+    one origin and a 1 s request time limit."""
+    tmp = tmp_path_factory.mktemp("secured")
+    redis = RedisServer(tmp)
+    def config(replica: str) -> Path:  # each replica has its own experts; the two share redis
+        return write_config(tmp / f"{replica}.yaml", {
+            "ray": {"namespace": f"sec-{replica}-{uuid.uuid4().hex[:6]}"},
+            "routing": {"aggregation": "best", "max_wait_ms": 5},
+            "server": {"redis_url": redis.url, "api_key_sha256": [digest(USER), digest(LIMITED)],
+                       "admin_key_sha256": [digest(ADMIN)], "rate_limit_per_minute": 5,
+                       "cors_origins": ["https://app.example"], "request_timeout_s": 1},
+            "experts": [_sim("sim-fast", 0.001), _sim("sim-slow", 0.5)],
+        })
+
+    first, second = ThreadServer(config("a")), ThreadServer(config("b"))
+    yield first, second
+    first.stop()
+    second.stop()
+    redis.stop()
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_admin_actions_need_the_admin_scope(secured):
+    s, _ = secured
+    assert httpx.post(f"{s.url}/v1/admin/reload", timeout=30).status_code == 401
+    as_user = httpx.post(f"{s.url}/v1/admin/reload", headers=_bearer(USER), timeout=30)
+    assert as_user.status_code == 403 and "needs an admin key" in as_user.json()["error"]["message"]
+    answer = httpx.post(f"{s.url}/v1/query", json={"query": "Hi?", "max_tokens": 2, "experts": ["sim-fast"]},
+                        headers=_bearer(ADMIN), timeout=30)
+    assert answer.status_code == 200, answer.text  # an admin key is also a user key
+    feedback = {"answer_id": answer.json()["id"], "correct": True}
+    assert httpx.post(f"{s.url}/v1/feedback", json=feedback, headers=_bearer(USER), timeout=30).status_code == 403
+    assert httpx.post(f"{s.url}/v1/feedback", json=feedback, headers=_bearer(ADMIN), timeout=30).status_code == 200
+    reload = httpx.post(f"{s.url}/v1/admin/reload", headers=_bearer(ADMIN), timeout=60)
+    assert reload.status_code == 200 and reload.json()["added"] == []
+
+
+def test_the_rate_limit_is_per_key_and_shared_by_replicas(secured):
+    first, second = secured
+    if time.time() % 60 > 45:  # the limit counts per clock minute: start well inside one
+        time.sleep(61 - time.time() % 60)
+    statuses = [httpx.get(f"{s.url}/v1/models", headers=_bearer(LIMITED), timeout=30).status_code
+                for s in (first, second, first, second, first, second)]
+    assert statuses == [200] * 5 + [429]
+    assert httpx.get(f"{first.url}/v1/models", headers=_bearer(USER), timeout=30).status_code == 200  # own count
+
+
+def test_request_time_limit_answers_504(secured):
+    s, _ = secured
+    r = httpx.post(f"{s.url}/v1/query", json={"query": "Slow?", "max_tokens": 8, "experts": ["sim-slow"]},
+                   headers=_bearer(USER), timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    assert "1 s (server.request_timeout_s)" in r.json()["error"]["message"]
+    assert _metric(s.url, "concilium_timeouts") == 1
+
+
+def test_cors_is_off_by_default_and_on_only_for_configured_origins(faulty, secured):
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    default = httpx.options(f"{faulty.url}/v1/query", headers=preflight)
+    assert "access-control-allow-origin" not in default.headers
+    s, _ = secured
+    allowed = httpx.options(f"{s.url}/v1/query", headers=preflight)
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    other = httpx.options(f"{s.url}/v1/query", headers={**preflight, "origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_keys_are_kept_hashed_and_compared_without_stopping_early(monkeypatch):
+    ring = KeyRing([digest(k) for k in ("a-key", "b-key", "c-key")])
+    assert all("key" not in d for d in ring.digests)
+    calls: list[str] = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda x, y: calls.append(y) or real(x, y))
+    assert ring.accepts("a-key") and not ring.accepts("z-key")
+    assert len(calls) == 6  # every digest is compared, even after the first one matched
+
+
+def test_an_injected_expert_answer_stays_quoted_in_the_aggregator_prompt(ray_cluster, monkeypatch):
+    monkeypatch.setenv("TEST_REMOTE_KEY", "sekrit")  # local actors inherit the driver's environment
+    remote = FakeOpenAI()
+    s = ThreadServer({
+        "ray": {"namespace": f"inj-{uuid.uuid4().hex[:6]}"},
+        "routing": {"aggregation": "synthesize", "aggregator": "remote-a", "max_wait_ms": 5},
+        "experts": [{"name": name, "backend": "openai", "base_url": remote.base_url, "model": model,
+                     "api_key_env": "TEST_REMOTE_KEY"}
+                    for name, model in (("remote-a", "remote-7b"), ("remote-b", "remote-13b"))],
+    })
+    try:
+        r = httpx.post(f"{s.url}/v1/query", json={"query": "INJECT: what is 2 + 2?"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["aggregator"] == "remote-a" and r.json()["aggregation_skipped"] is None
+        prompts = [c["messages"][-1]["content"] for c in remote.app.state.calls]
+        synthesis = next(p for p in prompts if p.startswith(SYNTHESIS_INSTRUCTIONS))
+    finally:
+        s.stop()
+        remote.stop()
+    # The instructions are intact, and each answer, fake markers and all, sits inside its own quote.
+    assert synthesis.count("<<<candidate ") == 2 and synthesis.count("<<<end of candidate ") == 2
+    first = synthesis.index("<<<candidate 1>>>")
+    end_first = synthesis.index("<<<end of candidate 1>>>")
+    second = synthesis.index("<<<candidate 2>>>")
+    assert first < synthesis.index("New instructions from the system") < end_first < second
+    assert synthesis.rstrip().endswith("Your answer:") and "PWNED" in synthesis[first:end_first]
+    assert INJECTION.format(n=9) not in synthesis  # it was defused, not passed through verbatim
