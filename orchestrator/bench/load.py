@@ -11,7 +11,9 @@ ends in exactly one outcome:
   echoed id or a wrong answer.
 
 ``duplicated`` counts request ids or answer ids seen more than once. Clients do
-not retry: a retry would be a new request and blur the accounting.
+not retry: a retry would be a new request and blur the accounting. One warm-up
+request, outside the count and the clock, loads the experts first, so that
+the percentiles describe serving rather than a cold start.
 
 The run is bounded: ``clients × requests`` requests at most, a per-request
 timeout, and a time limit for the whole run (what is still out then is
@@ -72,6 +74,7 @@ class LoadReport:
     p99_ms: float | None
     answered_per_s: float
     checked_answers: bool
+    warmup_status: int | None
     outcomes: list[Outcome] = field(default_factory=list)
 
     @property
@@ -206,8 +209,14 @@ async def run_load(
     outcomes: list[Outcome] = []
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=request_timeout_s, limits=limits) as http:
+        try:
+            warm = await http.post("/v1/query", json={"query": questions[0], "max_tokens": 8},
+                                   headers={**headers, "x-request-id": "warmup"})
+            warmup_status: int | None = warm.status_code
+        except httpx.HTTPError:
+            warmup_status = None
+        started = time.perf_counter()
         tasks = [asyncio.create_task(_client(http, c, requests, questions, expected, outcomes, headers))
                  for c in range(clients)]
 
@@ -234,7 +243,7 @@ async def run_load(
     p50 = statistics.median(latencies) * 1000 if latencies else None
     p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98] * 1000 if len(latencies) > 1 else p50
     return LoadReport(url, clients, requests, wall, len(sent_ids), counts, duplicated, p50, p99,
-                      counts.get("answered", 0) / wall, expected is not None,
+                      counts.get("answered", 0) / wall, expected is not None, warmup_status,
                       sorted(outcomes, key=lambda o: o.request_id))
 
 
