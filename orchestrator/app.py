@@ -205,10 +205,11 @@ Svc = Annotated[Service, Depends(get_service)]
 
 
 def create_app(config: ConciliumConfig, model_store: Path | None = None, service: Service | None = None,
-               config_path: Path | None = None) -> FastAPI:
+               config_path: Path | None = None, detached: bool = False) -> FastAPI:
     """The app; without ``service`` it starts one (the pipeline, the pool, the store) in its lifespan.
 
     ``config_path`` is the file ``POST /v1/admin/reload`` re-reads (None: the same lookup as at start).
+    ``detached``: the experts are shared, named actors that outlive the app, as Ray Serve replicas need.
     """
     keys = KeyRing.from_config(config.server.api_key_sha256)
     admin_keys = KeyRing.from_config(config.server.admin_key_sha256, ADMIN_KEYS_ENV)
@@ -217,7 +218,7 @@ def create_app(config: ConciliumConfig, model_store: Path | None = None, service
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = service is None
-        app.state.service = service or await Service.start(config, model_store, config_path)
+        app.state.service = service or await Service.start(config, model_store, config_path, detached)
         try:
             yield
         finally:

@@ -7,9 +7,9 @@ traceback; exit code 1 is left for failed work, such as an expert that errors.
 
 from __future__ import annotations
 
-from orchestrator.runtime import pin_loopback
+from orchestrator.runtime import prepare_ray_env
 
-pin_loopback()  # before anything imports ray
+prepare_ray_env()  # before anything imports ray
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
@@ -40,10 +40,15 @@ models_app = typer.Typer(help="The local model store of converted bundled models
 app.add_typer(models_app, name="models")
 bench_app = typer.Typer(help="Benchmarks; record their results in docs/benchmarks.md.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+cluster_app = typer.Typer(help="Concilium as a Ray Serve application on a running Ray cluster.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
 
 out = Console()
 err = Console(stderr=True)
 
+AddressOpt = Annotated[
+    str, typer.Option(help="the cluster's head, HOST:PORT (its GCS port, 6379 by default), or 'auto' on a node")
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="concilium.yaml; default: $CONCILIUM_CONFIG, ./concilium.yaml, or the embedded setup"),
@@ -62,6 +67,7 @@ class UsageError(ValueError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from orchestrator.bench.load import LoadError
+    from orchestrator.cluster import ClusterError
     from orchestrator.runtime import RayConnectError
     from orchestrator.scheduler import RequestError
     from routers.base import RoutingError
@@ -73,7 +79,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         ConfigError, ModelStoreError, EmptyPromptError, UsageError, RayConnectError,
         PlacementError, UnknownExpertError, BudgetError, ExpertUnavailableError, RoutingError,
-        RecordedDataError, RequestError, ProfileError, LoadError,
+        RecordedDataError, RequestError, ProfileError, LoadError, ClusterError,
     )
 
 
@@ -164,13 +170,14 @@ def experts(
 
     infos = asyncio.run(_with_pool(cfg, store, work))
     table = Table(title="experts")
-    for col in ("name", "backend", "source", "state", "device", "memory", "node"):
+    for col in ("name", "backend", "source", "state", "device", "memory", "node", "GPUs"):
         table.add_column(col, overflow="fold")
     for info in infos:
         mem = info.memory_bytes or int(info.details.get("estimated_bytes", 0))
         mem_s = f"{mem / 2**20:.0f} MiB" + ("" if info.memory_bytes else " (est.)") if mem else "-"
         state = info.state + (f": {info.error}" if info.error else "")
-        table.add_row(info.name, info.backend, info.source, state, info.device, mem_s, info.node_id[:8])
+        table.add_row(info.name, info.backend, info.source, state, info.device, mem_s, info.node_id[:8],
+                      ",".join(info.gpu_ids) or "-")
     out.print(table)
 
 
@@ -504,6 +511,69 @@ def bench_api(
     direct, http = results[0], results[1]
     out.print(f"/v1/query overhead over the pipeline: p50 {http.p50_ms - direct.p50_ms:+.2f} ms "
               f"({http.p50_ms / direct.p50_ms:.2f}x)")
+
+
+@cluster_app.command("deploy")
+@friendly
+def cluster_deploy(address: AddressOpt, config: ConfigOpt = None) -> None:
+    """Deploy (or update) the API as a Ray Serve application; the experts become shared, detached actors.
+
+    Checks that every expert can be placed before anything starts. Experts whose config changed are restarted;
+    the others keep their loaded models.
+    """
+    from orchestrator.cluster import deploy
+
+    cfg = load_config(config)
+    with err.status(f"deploying to {address}"):
+        url, restarted = deploy(cfg, address)
+    out.print(f"application {cfg.serve.app_name!r} is running at {url}", highlight=False)
+    out.print(f"restarted experts: {', '.join(restarted) or 'none'}", highlight=False)
+
+
+@cluster_app.command("status")
+@friendly
+def cluster_status(
+    address: AddressOpt,
+    config: ConfigOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """The application's state and replicas, the nodes, and where each expert runs (node and GPU)."""
+    from dataclasses import asdict
+
+    from orchestrator.cluster import status
+
+    st = status(load_config(config), address)
+    if json_out:
+        out.print_json(json.dumps(asdict(st)))
+        return
+    out.print(f"application {st.app}: {st.app_status} {st.message}".rstrip(), highlight=False)
+    out.print("replicas: " + (", ".join(f"{n} {k}" for k, n in st.replicas.items()) or "none"), highlight=False)
+    nodes = Table(title="nodes")
+    for col in ("node", "ip", "alive", "resources"):
+        nodes.add_column(col, overflow="fold")
+    for n in st.nodes:
+        shown = {k: v for k, v in n["resources"].items() if not k.startswith("node:") and k != "object_store_memory"}
+        nodes.add_row(n["node_id"][:8], n["ip"], str(n["alive"]), json.dumps(shown))
+    out.print(nodes)
+    experts = Table(title="experts")
+    for col in ("name", "state", "node", "ip", "GPUs", "device", "pid"):
+        experts.add_column(col, overflow="fold")
+    for e in st.experts:
+        experts.add_row(e.name, e.state, e.node_id[:8], e.node_ip, ",".join(e.gpu_ids) or "-", e.device,
+                        str(e.pid or "-"))
+    out.print(experts)
+
+
+@cluster_app.command("down")
+@friendly
+def cluster_down(address: AddressOpt, config: ConfigOpt = None) -> None:
+    """Delete the application and stop its shared experts; the Ray cluster itself keeps running."""
+    from orchestrator.cluster import down
+
+    cfg = load_config(config)
+    stopped = down(cfg, address)
+    out.print(f"deleted application {cfg.serve.app_name!r}; stopped experts: {', '.join(stopped) or 'none'}",
+              highlight=False)
 
 
 @bench_app.command("load")

@@ -117,12 +117,41 @@ def _bundled_experts() -> list[ExpertConfig]:
     ]
 
 
+class AutoscalingSettings(Strict):
+    """Ray Serve autoscaling of the ingress replicas; the experts do not scale with them."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(64.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ServeConfig(Strict):
+    """The Ray Serve deployment (`concilium cluster deploy`, `serve run orchestrator.serve:build`)."""
+
+    app_name: str = Field("concilium", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    deployment_name: str = Field("concilium-ingress", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    route_prefix: str = Field("/", pattern=r"^/")
+    num_replicas: int = Field(1, ge=1, description="ingress replicas, when autoscaling is not set")
+    autoscaling: AutoscalingSettings | None = None
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved per ingress replica")
+    max_ongoing_requests: int = Field(256, ge=1, description="per ingress replica, before Serve queues")
+    http_host: str = Field("127.0.0.1", description="where Serve's HTTP proxy listens; 0.0.0.0 only on purpose")
+    http_port: int = Field(8000, ge=1, le=65535)
+
+
 class ConciliumConfig(Strict):
     model_store: Path | None = Field(None, description="defaults to $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models")
     ray: RayConfig = RayConfig()
     pool: PoolConfig = PoolConfig()
     routing: RoutingConfig = RoutingConfig()
     server: ServerConfig = ServerConfig()
+    serve: ServeConfig = ServeConfig()
     experts: list[ExpertConfig] = Field(default_factory=_bundled_experts, min_length=1)
 
     @model_validator(mode="after")

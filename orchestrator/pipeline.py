@@ -102,8 +102,9 @@ class Pipeline:
         self.scheduler = scheduler
 
     @classmethod
-    async def start(cls, config: ConciliumConfig, model_store: Path | None = None) -> Pipeline:
-        pool = await start_pool(config, model_store)
+    async def start(cls, config: ConciliumConfig, model_store: Path | None = None, detached: bool = False) -> Pipeline:
+        """``detached``: share the experts as named actors that outlive this pipeline (Ray Serve replicas)."""
+        pool = await start_pool(config, model_store, detached)
         scheduler = Scheduler(load_routers(config, pool.names), pool, scheduler_settings(config), expert_costs(config))
         scheduler.start()
         return cls(config, pool, scheduler)

@@ -2,7 +2,7 @@
 
 Local Ray otherwise takes this machine's external interface as its node
 address. Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is first
-imported, so entry points call :func:`pin_loopback` before anything imports ray,
+imported, so entry points call :func:`prepare_ray_env` before anything imports ray,
 and :func:`init_ray` verifies the result instead of trusting it.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.config import ConciliumConfig, RayConfig
 
-if TYPE_CHECKING:  # importing workers.pool imports ray, which must wait for pin_loopback()
+if TYPE_CHECKING:  # importing workers.pool imports ray, which must wait for prepare_ray_env()
     from workers.pool import ExpertPool
 
 LOOPBACK = "127.0.0.1"
@@ -26,13 +26,21 @@ class RayConnectError(RuntimeError):
     """The configured Ray cluster cannot be reached, or local Ray left loopback."""
 
 
-def pin_loopback() -> None:
+def prepare_ray_env() -> None:
+    """The settings Ray reads once, at import: local Ray on loopback, and token authentication for clusters.
+
+    Ray 2.60 clusters authenticate drivers by token, but a driver given an explicit address sends its token only
+    in token mode. As Ray itself does for a local cluster it finds, use this machine's token ($RAY_AUTH_TOKEN or
+    ~/.ray/auth_token) when there is one; $RAY_AUTH_MODE, when set, decides instead.
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def init_ray(config: RayConfig) -> None:
     if "ray" not in sys.modules:
-        pin_loopback()
+        prepare_ray_env()
     import ray
 
     if ray.is_initialized():
@@ -66,11 +74,12 @@ def init_ray(config: RayConfig) -> None:
             )
 
 
-async def start_pool(config: ConciliumConfig, model_store: Path | None = None) -> ExpertPool:
+async def start_pool(config: ConciliumConfig, model_store: Path | None = None, detached: bool = False) -> ExpertPool:
     """Ray, then the configured experts' actors: the one way the CLI and the pipeline start a pool."""
     from workers.pool import ExpertPool
 
     init_ray(config.ray)
     return await ExpertPool.start(
-        config.experts, config.pool, model_store or config.model_store, namespace=config.ray.namespace
+        config.experts, config.pool, model_store or config.model_store, namespace=config.ray.namespace,
+        detached=detached,
     )

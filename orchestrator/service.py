@@ -123,9 +123,9 @@ class Service:
 
     @classmethod
     async def start(cls, config: ConciliumConfig, model_store: Path | None = None,
-                    config_path: Path | None = None) -> Service:
+                    config_path: Path | None = None, detached: bool = False) -> Service:
         store = open_store(os.environ.get(REDIS_URL_ENV) or config.server.redis_url)
-        pipeline = await Pipeline.start(config, model_store)
+        pipeline = await Pipeline.start(config, model_store, detached)
         service = cls(config, pipeline, store, config_path)
         # Serve even without the store: the cache is off and jobs answer 503 until it is back.
         await service._store_call("start", store.ping())
@@ -336,6 +336,9 @@ class Service:
 
     async def reload(self) -> ReloadOut:
         """Re-read the config file the service started from and apply its experts, routing and limits."""
+        if self.pipeline.pool.detached:
+            raise InvalidRequest("this is one replica of a Ray Serve deployment whose experts are shared: change "
+                                 "the config with `concilium cluster deploy`, which rolls every replica")
         try:
             config = load_config(self.config_path)
             if config.server.model_dump(include={"host", "port"}) != self.config.server.model_dump(include={"host", "port"}):

@@ -7,9 +7,9 @@ every model runs on the CPU.
 
 from __future__ import annotations
 
-from orchestrator.runtime import pin_loopback
+from orchestrator.runtime import prepare_ray_env
 
-pin_loopback()  # before anything imports ray
+prepare_ray_env()  # before anything imports ray
 
 import asyncio  # noqa: E402
 import os  # noqa: E402

@@ -59,6 +59,10 @@ class ExpertWorker:
             details=self.backend.describe(),
         )
 
+    def config_json(self) -> str:
+        """The config this actor was started with: a deployment compares it to decide whether to restart it."""
+        return self.config.model_dump_json()
+
     def health(self) -> dict[str, object]:
         return {"ok": self.state != "failed", "state": self.state, "error": self.error}
 

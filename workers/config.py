@@ -139,6 +139,9 @@ class PoolConfig(Strict):
     )
     load_timeout_s: float = Field(600.0, gt=0)
     generate_timeout_s: float = Field(600.0, gt=0)
+    restart_wait_s: float = Field(
+        60.0, gt=0, description="how long a call waits for a crashed expert's actor to come back before it fails"
+    )
 
     @field_validator("memory_budget_gb")
     @classmethod

@@ -25,11 +25,14 @@ def demand(expert: ExpertConfig) -> dict[str, float]:
     return {k: v for k, v in need.items() if v > 0}
 
 
-def actor_options(expert: ExpertConfig, namespace: str) -> dict[str, object]:
+def actor_options(expert: ExpertConfig, namespace: str, detached: bool = False) -> dict[str, object]:
     """Ray options for the expert's actor.
 
     A remote expert's API key is forwarded from the driver's environment when
     set there: actors on a running cluster do not see variables set later.
+    A detached actor outlives the process that started it, and whoever asks
+    for it by name later gets the running one: that is how Serve ingress
+    replicas share one set of experts.
     """
     options: dict[str, object] = {
         "name": ACTOR_PREFIX + expert.name,
@@ -41,6 +44,8 @@ def actor_options(expert: ExpertConfig, namespace: str) -> dict[str, object]:
         "max_task_retries": 0,
         "max_concurrency": ACTOR_CONCURRENCY,
     }
+    if detached:
+        options.update(lifetime="detached", get_if_exists=True)
     key_env = getattr(expert, "api_key_env", None)
     if key_env and key_env in os.environ:
         options["runtime_env"] = {"env_vars": {key_env: os.environ[key_env]}}

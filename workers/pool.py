@@ -29,10 +29,10 @@ from workers.types import GenerationResult, HiddenStates, Prompt, SamplingParams
 log = logging.getLogger(__name__)
 
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
-RESTART_WAIT_S = 60.0
+HEALTH_PROBE_S = 2.0
 
 
-def _live_nodes() -> list[dict[str, float]]:
+def live_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
@@ -82,11 +82,13 @@ class _Slot:
 class ExpertPool:
     """Create with ``await ExpertPool.start(...)`` once Ray is initialised."""
 
-    def __init__(self, config: PoolConfig, model_store: Path | None, namespace: str) -> None:
+    def __init__(self, config: PoolConfig, model_store: Path | None, namespace: str, detached: bool = False) -> None:
+        """``detached``: the experts are shared, named actors that outlive this pool (Ray Serve replicas)."""
         self.slots: dict[str, _Slot] = {}
         self.config = config
         self.model_store = model_store
         self.namespace = namespace
+        self.detached = detached
         self.stats = PoolStats()
         self._changed = asyncio.Condition()
 
@@ -97,15 +99,16 @@ class ExpertPool:
         config: PoolConfig,
         model_store: Path | None = None,
         namespace: str = "concilium",
+        detached: bool = False,
     ) -> ExpertPool:
-        check_placement(experts, _live_nodes())
-        pool = cls(config, model_store, namespace)
+        check_placement(experts, live_nodes())
+        pool = cls(config, model_store, namespace, detached)
         pool.slots = {e.name: pool._spawn(e) for e in experts}
         await asyncio.gather(*(pool._probe(slot) for slot in pool.slots.values()))
         return pool
 
     def _spawn(self, expert: ExpertConfig) -> _Slot:
-        actor = ray.remote(ExpertWorker).options(**actor_options(expert, self.namespace)).remote(
+        actor = ray.remote(ExpertWorker).options(**actor_options(expert, self.namespace, self.detached)).remote(
             expert, str(self.model_store) if self.model_store else None
         )
         return _Slot(config=expert, actor=actor)
@@ -114,7 +117,7 @@ class ExpertPool:
         """One more expert, while the others keep serving (a config reload)."""
         if expert.name in self.slots:
             raise ValueError(f"expert {expert.name!r} is already in the pool")
-        check_placement([expert], _live_nodes())
+        check_placement([expert], live_nodes())
         slot = self._spawn(expert)
         await self._probe(slot)
         self.slots[expert.name] = slot
@@ -133,6 +136,7 @@ class ExpertPool:
         try:
             info: WorkerInfo = await slot.actor.info.remote()
             slot.device = info.device
+            slot.resident = info.state == "loaded"  # a shared expert another replica already loaded
             slot.size = await slot.actor.estimate_memory_bytes.remote()
         except Exception as exc:  # a bad source marks this expert only
             slot.failed = reason(exc)
@@ -273,17 +277,22 @@ class ExpertPool:
                 self.stats.restarts += 1
                 log.warning("expert %s lost its actor (%s); attempt %d", name, type(exc).__name__, losses)
                 if losses > 1 or not await self._wait_alive(slot):
-                    raise ExpertUnavailableError(f"expert {name}'s actor died: {reason(exc)}") from None
+                    raise ExpertUnavailableError(
+                        f"expert {name}'s actor died and did not come back within {self.config.restart_wait_s:g} s "
+                        f"(was its node lost?): {reason(exc)}"
+                    ) from None
 
     async def _wait_alive(self, slot: _Slot) -> bool:
-        deadline = time.monotonic() + RESTART_WAIT_S
+        """True once the actor answers again. A call to an actor whose restart waits for a node (one that
+        offers its resources) would wait as long, so each probe has its own short limit."""
+        deadline = time.monotonic() + self.config.restart_wait_s
         while time.monotonic() < deadline:
             try:
-                await slot.actor.health.remote()
+                await asyncio.wait_for(slot.actor.health.remote(), HEALTH_PROBE_S)
                 return True
             except ActorDiedError:
                 return False
-            except _ACTOR_LOST:
+            except (*_ACTOR_LOST, TimeoutError):
                 await asyncio.sleep(0.2)
         return False
 
@@ -323,6 +332,8 @@ class ExpertPool:
         return {name: slot.failed is None for name, slot in self.slots.items()}
 
     def shutdown(self) -> None:
-        for slot in self.slots.values():
-            ray.kill(slot.actor, no_restart=True)
+        """Stop the experts, unless they are shared (detached): then other replicas still use them."""
+        if not self.detached:
+            for slot in self.slots.values():
+                ray.kill(slot.actor, no_restart=True)
         self.slots.clear()
