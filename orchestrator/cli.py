@@ -641,6 +641,43 @@ def bench_load(
         raise typer.Exit(1)
 
 
+@bench_app.command("kernels")
+@friendly
+def bench_kernels(
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes (sequences decoding at once)")] = "1,8,32",
+    peer_lens: Annotated[str, typer.Option(help="comma-separated peer lengths (rows per sequence, at most)")]
+    = "64,256,1024",
+    heads: Annotated[int, typer.Option(min=1, help="attention heads")] = 8,
+    dim: Annotated[int, typer.Option(min=1, help="head dim (a power of two for Triton)")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per point; the median is reported")] = 20,
+    device: Annotated[str, typer.Option(help="cuda or cpu; default: cuda when torch sees a GPU")] = "auto",
+) -> None:
+    """The ragged decode-attention Triton kernel against padded SDPA, over batch sizes and peer lengths."""
+    import torch
+
+    from orchestrator.bench.kernels import run_kernel_bench
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UsageError(f"--device {device}: use cpu, or cuda on a machine where torch sees a GPU")
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with err.status("benchmarking kernels") as status:
+        results = run_kernel_bench(_int_list(batches, "--batches"), _int_list(peer_lens, "--peer-lens"), heads, dim,
+                                   dev, dtype, repeats, status.update)
+    name = torch.cuda.get_device_name(dev) if device == "cuda" else "CPU"
+    table = Table(title=f"ragged decode attention, {heads} heads x {dim}, {dtype}, {name}: ms per call, median")
+    for col in ("batch", "peers (max)", "padded SDPA", "Triton ragged", "SDPA / Triton", "max |diff|"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(str(r.batch), str(r.peer_len), f"{r.padded_sdpa_ms:.3f}",
+                      "not measured on GPU" if r.triton_ms is None else f"{r.triton_ms:.3f}",
+                      "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                      "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.2e}")
+    out.print(table)
+
+
 @bench_app.command("calibrate")
 @friendly
 def bench_calibrate(

@@ -7,12 +7,15 @@ every model runs on the CPU.
 
 from __future__ import annotations
 
+import os
+
 from orchestrator.runtime import prepare_ray_env
 
 prepare_ray_env()  # before anything imports ray
+# No GPU here: Triton kernels run in Triton's interpreter, which it reads when a kernel module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import asyncio  # noqa: E402
-import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -26,6 +26,8 @@ def concilium(*args: str, timeout: float = 300, **env: str) -> subprocess.Comple
         (("models", "pull"), "name a model to pull"),
         (("generate", "--expert", "smollm2", "-n", "0", "hi"), "--max-new-tokens must be at least 1"),
         (("ask", "--config", "/no/such.yaml", "hi"), "config file /no/such.yaml does not exist"),
+        (("bench", "kernels", "--device", "cuda"), "--device cuda: use cpu, or cuda on a machine where torch sees"),
+        (("bench", "kernels", "--batches", "1,x"), "--batches"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
@@ -35,10 +37,26 @@ def test_bad_input_exits_2_with_a_message(args, message):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("cmd", [(), ("models",), ("models", "pull"), ("experts",), ("generate",), ("ask",)])
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command and group of the CLI, read from the app itself so that a new one is covered."""
+    import typer.main
+
+    from orchestrator.cli import app
+
+    def walk(cmd: object, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+        found = [path]
+        for name, sub in getattr(cmd, "commands", {}).items():  # a group (typer bundles its own click)
+            found += walk(sub, (*path, name))
+        return found
+
+    return walk(typer.main.get_command(app), ())
+
+
+@pytest.mark.parametrize("cmd", _command_paths(), ids=lambda c: " ".join(c) or "concilium")
 def test_every_command_has_help(cmd):
     proc = concilium(*cmd, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout
+    assert proc.stdout.count("\n") > 3  # more than a bare usage line: the docstring and options
 
 
 @pytest.mark.models
