@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -39,6 +39,25 @@ from orchestrator.schemas import (
 
 RETRY_STATUS = (429, 503)
 DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def wait_until_ready(base_url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll ``GET /readyz`` until it answers 200: for scripts that start a server and then use it.
+
+    ``alive`` says whether the server's process still runs, so that a server that dies while starting fails
+    at once instead of after the whole timeout. Raises RuntimeError (it died) or TimeoutError.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the server for {base_url} exited during start-up")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url} was not ready after {timeout_s:g} s")
 
 
 class ConciliumError(Exception):

@@ -23,12 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import uvicorn
 import yaml
 from fastapi import FastAPI, Header, HTTPException
 
 from orchestrator.app import create_app
+from orchestrator.client import wait_until_ready
 from orchestrator.config import load_config, parse_config
 
 HOST = "127.0.0.1"
@@ -38,20 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"the server for {url} exited during start-up")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not ready after {timeout_s:g} s")
 
 
 class RedisServer:
@@ -94,7 +80,7 @@ class ThreadServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_ready(self.url, ready_timeout_s, self.thread.is_alive)
+        wait_until_ready(self.url, ready_timeout_s, self.thread.is_alive)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -110,7 +96,7 @@ class ProcessServer:
             [sys.executable, "-m", "orchestrator", "serve", "--port", str(self.port), "--config", str(config_file)],
             env={**os.environ, **env}, stdout=self.log, stderr=self.log, start_new_session=True,
         )
-        wait_ready(self.url, ready_timeout_s, lambda: self.proc.poll() is None)
+        wait_until_ready(self.url, ready_timeout_s, lambda: self.proc.poll() is None)
 
     def kill(self) -> None:
         """SIGKILL the whole process group: the API process and the local Ray it started."""

@@ -32,7 +32,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.auth import KeyRing, digest
 from routers.aggregation import SYNTHESIS_INSTRUCTIONS
-from tests.live import INJECTION, FakeOpenAI, ProcessServer, RedisServer, ThreadServer, free_port, write_config
+from tests.live import (
+    INJECTION,
+    FakeOpenAI,
+    ProcessServer,
+    RedisServer,
+    ThreadServer,
+    free_port,
+    write_config,
+)
 from workers.placement import ACTOR_PREFIX
 
 USER, ADMIN, LIMITED = (f"{kind}-{uuid.uuid4().hex[:10]}" for kind in ("user", "admin", "limited"))
@@ -302,11 +310,15 @@ def secured(ray_cluster, tmp_path_factory):
             "experts": [_sim("sim-fast", 0.001), _sim("sim-slow", 0.5)],
         })
 
-    first, second = ThreadServer(config("a")), ThreadServer(config("b"))
-    yield first, second
-    first.stop()
-    second.stop()
-    redis.stop()
+    servers: list[ThreadServer] = []
+    try:
+        servers += [ThreadServer(config("a"))]
+        servers += [ThreadServer(config("b"))]
+        yield servers[0], servers[1]
+    finally:
+        for s in servers:
+            s.stop()
+        redis.stop()
 
 
 def _bearer(key: str) -> dict[str, str]:

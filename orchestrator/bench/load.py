@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
+from orchestrator.client import wait_until_ready
 from workers.recorded import load_recorded
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -124,18 +125,11 @@ class StartedServer:
              "--config", str(self.folder / "config.yaml")],
             stdout=self.log, stderr=self.log, start_new_session=True,
         )
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LoadError(f"the server exited during start-up; its log: {self.folder / 'serve.log'}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise LoadError(f"the server was not ready after {ready_timeout_s:g} s")
+        try:
+            wait_until_ready(self.url, ready_timeout_s, lambda: self.proc.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise LoadError(f"{exc}; its log: {self.folder / 'serve.log'}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
