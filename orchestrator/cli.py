@@ -783,15 +783,15 @@ def bench_latent(
     store: StoreOpt = None,
 ) -> None:
     """Generation latency of the latent mode over the primary alone, at several prompt lengths, side by side."""
-    from orchestrator.latent import LatentSettings, build_mixture, latency, load_mixture
+    from orchestrator.latent import MINILM_DIM, LatentSettings, build_mixture, latency, load_mixture
 
     cfg = load_config(config)
     with err.status("loading the experts"):
         parts, shapes = _latent_parts(cfg, store, None)
         if primary not in parts:
             raise UsageError(f"--primary {primary}: not one of {', '.join(parts)}")
-        mixture = (load_mixture(checkpoint, parts, shapes, 384) if checkpoint is not None
-                   else build_mixture(parts, shapes, LatentSettings(), 384))
+        mixture = (load_mixture(checkpoint, parts, shapes) if checkpoint is not None
+                   else build_mixture(parts, shapes, LatentSettings(), MINILM_DIM))
     with err.status("timing"):
         rows = latency(mixture, primary, _int_list(prompt_tokens, "--prompt-tokens"), new_tokens, repeats)
     table = Table(title=f"{primary} generating {new_tokens} tokens, greedy, CPU: seconds, median of {repeats}")

@@ -27,6 +27,8 @@ from workers.config import TransformersExpert
 from workers.model_store import MANIFEST, ModelStore
 
 CHECKPOINT_VERSION = 1
+MINILM_DIM = 384
+"""The width of all-MiniLM-L6-v2's embeddings, which the router reads."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,9 @@ def read_checkpoint(path: Path, shapes: list[ExpertShape]) -> dict:
     return ckpt
 
 
-def load_mixture(path: Path, experts: dict, shapes: list[ExpertShape], embed_dim: int) -> LatentMixture:
+def load_mixture(path: Path, experts: dict, shapes: list[ExpertShape]) -> LatentMixture:
     ckpt = read_checkpoint(path, shapes)
+    embed_dim = ckpt["router"]["net.0.weight"].shape[1]  # the embedder it was trained with
     mixture = build_mixture(experts, shapes, LatentSettings(**ckpt["settings"]), embed_dim)
     mixture.router.load_state_dict(ckpt["router"])
     mixture.interaction.load_state_dict(ckpt["interaction"])
