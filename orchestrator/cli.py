@@ -232,7 +232,11 @@ def generate(
 @friendly
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
-    k: Annotated[int | None, typer.Option(help="experts recruited (default: routing.k)")] = None,
+    k: Annotated[int | None, typer.Option(help="experts recruited (default: routing.k; latent.k for --router "
+                                            "latent)")] = None,
+    router: Annotated[str | None, typer.Option(help="a router by name: skill, all, or latent (needs "
+                                                    "latent.checkpoint); default: skill with profiles, else all")]
+    = None,
     aggregation: Annotated[str | None, typer.Option(help="synthesize, vote, best, moa or self-moa")] = None,
     policy: Annotated[str | None, typer.Option(help="symbolic, topk or cost")] = None,
     experts: Annotated[str | None, typer.Option(help="comma-separated allow-list of experts")] = None,
@@ -251,12 +255,23 @@ def ask(
     r = cfg.routing
     request = QueryRequest(
         query=question,
-        options=RouteOptions(k=k or r.k, policy=policy or r.policy),
+        options=RouteOptions(k=k or cfg.default_k(router), policy=policy or r.policy),
         aggregation=aggregation or r.aggregation,
         experts=_names(experts),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
+        router=router,
     )
+    if router == "latent":
+        if cfg.latent.checkpoint is None:
+            raise UsageError("--router latent needs a checkpoint: train one with `concilium train-latent --out "
+                             "PATH` and set latent.checkpoint to it in the config")
+        from orchestrator.latent import checkpoint_experts
+
+        mixture = checkpoint_experts(cfg.latent.checkpoint)
+        if request.options.k > len(mixture):  # refused here, before Ray and the experts start
+            raise UsageError(f"--k {request.options.k}: the latent mixture has {len(mixture)} experts "
+                             f"({', '.join(mixture)})")
 
     async def main():  # noqa: ANN202
         pipeline = await Pipeline.start(cfg, store)
@@ -280,9 +295,13 @@ def ask(
     for a in answer.answers:
         table.add_row(a.expert, a.text, f"{a.prompt_tokens}+{a.completion_tokens}", f"{d.scores.get(a.expert, 0):.3f}")
     out.print(table)
-    agg = answer.aggregator or f"skipped ({answer.aggregation_skipped})"
-    err.print(f"aggregation: {answer.aggregation}, aggregator: {agg}; chosen by {d.trace.get('aggregator_choice')}",
-              highlight=False)
+    if answer.aggregation == "latent":
+        err.print(f"latent mode: primary {d.experts[0]} generated while reading the prompt latents of "
+                  f"{', '.join(d.experts[1:]) or 'no peers (k = 1)'}", highlight=False)
+    else:
+        agg = answer.aggregator or f"skipped ({answer.aggregation_skipped})"
+        err.print(f"aggregation: {answer.aggregation}, aggregator: {agg}; chosen by "
+                  f"{d.trace.get('aggregator_choice')}", highlight=False)
     if "moa_layers" in d.trace:
         err.print(f"moa proposers per layer: {d.trace['moa_layers']}", highlight=False)
     err.print(f"routing: experts {d.experts}, skills {d.skills or '-'}"
@@ -299,7 +318,7 @@ def ask(
 
 def _latent_parts(cfg: ConciliumConfig, store: Path | None, names: list[str] | None):  # noqa: ANN202
     """The bundled transformers experts the latent mixture combines, loaded together (the latent group)."""
-    from orchestrator.latent import load_experts
+    from orchestrator.latent import group_backends, load_experts
     from workers.config import TransformersExpert
 
     local = [e for e in cfg.experts if isinstance(e, TransformersExpert)]
@@ -310,7 +329,8 @@ def _latent_parts(cfg: ConciliumConfig, store: Path | None, names: list[str] | N
                          f"{', '.join(e.name for e in local)}")
     if len(chosen) < 2:
         raise UsageError("a latent mixture needs at least two local transformers experts")
-    return load_experts(chosen, ModelStore(_store_root(cfg, store)))
+    root = _store_root(cfg, store)
+    return load_experts(group_backends(chosen, root), ModelStore(root))
 
 
 @app.command("train-latent")
@@ -396,11 +416,11 @@ def serve(
     import uvicorn
 
     from orchestrator.app import create_app
-    from orchestrator.pipeline import check_profiles
+    from orchestrator.pipeline import check_artifacts
     from orchestrator.runtime import init_ray
 
     cfg = load_config(config)
-    check_profiles(cfg)
+    check_artifacts(cfg, store)
     server = cfg.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
     cfg = cfg.model_copy(update={"server": server})
     url = f"http://{server.host}:{server.port}"

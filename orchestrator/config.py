@@ -145,6 +145,27 @@ class ServeConfig(Strict):
     http_port: int = Field(8000, ge=1, le=65535)
 
 
+class LatentConfig(Strict):
+    """The latent mixture's execution mode (the ``latent`` router): one actor, the latent group, holds the
+    checkpoint's experts on one device, and the primary cross-attends to its peers while it generates."""
+
+    checkpoint: Path | None = Field(
+        None, description="a `concilium train-latent` checkpoint; when set, the `latent` router is served"
+    )
+    k: int = Field(2, ge=1, le=64, description="experts active per query, the primary included, when a request "
+                   "sets no k")
+    num_cpus: float = Field(
+        0.0, ge=0.0, description="CPUs the latent group reserves; 0 shares them with the experts' actors, which "
+        "on a small machine hold every core already"
+    )
+    threads: int = Field(2, ge=1, description="torch CPU threads of the latent group")
+    num_gpus: float = Field(0.0, ge=0.0, le=1.0, description="the group's share of one GPU: its experts share it")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="memory of the group's device: the experts' estimated sizes must fit it together "
+        "(on CUDA, the free memory is checked as well when the group starts)",
+    )
+
+
 class ConciliumConfig(Strict):
     model_store: Path | None = Field(None, description="defaults to $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models")
     ray: RayConfig = RayConfig()
@@ -152,6 +173,7 @@ class ConciliumConfig(Strict):
     routing: RoutingConfig = RoutingConfig()
     server: ServerConfig = ServerConfig()
     serve: ServeConfig = ServeConfig()
+    latent: LatentConfig = LatentConfig()
     experts: list[ExpertConfig] = Field(default_factory=_bundled_experts, min_length=1)
 
     @model_validator(mode="after")
@@ -166,6 +188,10 @@ class ConciliumConfig(Strict):
                 f"routing.aggregator {self.routing.aggregator!r} is not a configured expert ({', '.join(seen)})"
             )
         return self
+
+    def default_k(self, router: str | None) -> int:
+        """k for a request that sets none: the latent mixture has its own, as it is usually smaller."""
+        return self.latent.k if router == "latent" else self.routing.k
 
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from routers.embedding import Embedder
 from routers.latent import ExpertShape, Interaction, LatentError, LatentMixture, LatentRouter
+from workers.backends.transformers_backend import TransformersBackend
 from workers.config import TransformersExpert
 from workers.model_store import MANIFEST, ModelStore
 
@@ -85,16 +85,45 @@ def expert_version(store: ModelStore, source: str) -> str:
     return f"path:{folder}"
 
 
-def load_experts(configs: list[TransformersExpert], store: ModelStore, device: str = "cpu",
+def identities(configs: list[TransformersExpert], store: ModelStore) -> list[tuple[str, str]]:
+    """(name, version) of each expert: what a checkpoint is valid for, known without loading any weights."""
+    return [(c.name, expert_version(store, c.source)) for c in configs]
+
+
+def group_backends(configs: list[TransformersExpert], store_root: Path | None, threads: int | None = None
+                   ) -> dict[str, TransformersBackend]:
+    """One backend per expert, all on one device, prompts as plain text: the mixture is trained on the
+    tokenizer's plain encoding, so the primary must not see a chat template it never trained with."""
+    update: dict[str, object] = {"chat_template": "never"}
+    if threads is not None:
+        update["threads"] = threads
+    backends = {c.name: TransformersBackend(c.model_copy(update=update), store_root) for c in configs}
+    devices = {b.device for b in backends.values()}
+    if len(devices) > 1:
+        raise LatentError(f"the latent group's experts must share one device, but they would run on "
+                          f"{', '.join(sorted(devices))}: set every expert's device alike")
+    return backends
+
+
+def check_fit(backends: dict[str, TransformersBackend], limit_bytes: int | None, where: str) -> int:
+    """The bytes the experts need together; LatentError when they exceed ``limit_bytes`` of one device."""
+    need = sum(b.estimate_memory_bytes() for b in backends.values())
+    if limit_bytes is not None and need > limit_bytes:
+        parts = ", ".join(f"{n} {b.estimate_memory_bytes() / 2**30:.2f}" for n, b in backends.items())
+        raise LatentError(f"the latent group's experts need {need / 2**30:.2f} GiB together ({parts}), but {where} "
+                          f"offers {limit_bytes / 2**30:.2f} GiB: use fewer or smaller experts, or a larger device")
+    return need
+
+
+def load_experts(backends: dict[str, TransformersBackend], store: ModelStore
                  ) -> tuple[dict[str, tuple[torch.nn.Module, object]], list[ExpertShape]]:
     experts, shapes = {}, []
-    for c in configs:
-        folder = store.resolve(c.source)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        experts[c.name] = (model, tokenizer)
-        shapes.append(ExpertShape(c.name, model.config.num_hidden_layers, model.config.hidden_size,
-                                  expert_version(store, c.source)))
+    for name, backend in backends.items():
+        backend.load()
+        experts[name] = (backend.model, backend.tokenizer)
+        cfg = backend.model.config
+        shapes.append(ExpertShape(name, cfg.num_hidden_layers, cfg.hidden_size,
+                                  expert_version(store, backend.config.source)))
     return experts, shapes
 
 
@@ -118,8 +147,7 @@ def save_checkpoint(mixture: LatentMixture, shapes: list[ExpertShape], settings:
     }, path)
 
 
-def read_checkpoint(path: Path, shapes: list[ExpertShape]) -> dict:
-    """The checkpoint, once it is shown to be for exactly these experts (names, order and weights)."""
+def _open_checkpoint(path: Path) -> dict:
     if not path.exists():
         raise LatentError(f"checkpoint {path} does not exist")
     try:
@@ -128,7 +156,18 @@ def read_checkpoint(path: Path, shapes: list[ExpertShape]) -> dict:
         raise LatentError(f"{path} is not a latent checkpoint: {type(exc).__name__}: {exc}") from None
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise LatentError(f"{path} is not a latent checkpoint of version {CHECKPOINT_VERSION}")
-    want = [{"name": s.name, "version": s.version} for s in shapes]
+    return ckpt
+
+
+def checkpoint_experts(path: Path) -> list[str]:
+    """The expert names a checkpoint was trained for, in its order, before any expert is looked at."""
+    return [e["name"] for e in _open_checkpoint(path)["experts"]]
+
+
+def read_checkpoint(path: Path, experts: list[tuple[str, str]]) -> dict:
+    """The checkpoint, once it is shown to be for exactly these (name, version) experts, in this order."""
+    ckpt = _open_checkpoint(path)
+    want = [{"name": n, "version": v} for n, v in experts]
     if ckpt["experts"] != want:
         trained = ", ".join(f"{e['name']}@{e['version']}" for e in ckpt["experts"])
         given = ", ".join(f"{e['name']}@{e['version']}" for e in want)
@@ -137,13 +176,25 @@ def read_checkpoint(path: Path, shapes: list[ExpertShape]) -> dict:
     return ckpt
 
 
+def _router_of(ckpt: dict) -> LatentRouter:
+    weight = ckpt["router"]["net.0.weight"]  # [hidden, embed_dim]: the embedder it was trained with
+    router = LatentRouter(weight.shape[1], len(ckpt["experts"]), weight.shape[0])
+    router.load_state_dict(ckpt["router"])
+    return router
+
+
+def load_router(path: Path, experts: list[tuple[str, str]]) -> LatentRouter:
+    """The router alone, for the process that routes; the interaction stays with the latent group."""
+    return _router_of(read_checkpoint(path, experts))
+
+
 def load_mixture(path: Path, experts: dict, shapes: list[ExpertShape]) -> LatentMixture:
-    ckpt = read_checkpoint(path, shapes)
-    embed_dim = ckpt["router"]["net.0.weight"].shape[1]  # the embedder it was trained with
-    mixture = build_mixture(experts, shapes, LatentSettings(**ckpt["settings"]), embed_dim)
-    mixture.router.load_state_dict(ckpt["router"])
-    mixture.interaction.load_state_dict(ckpt["interaction"])
-    return mixture
+    ckpt = read_checkpoint(path, [(s.name, s.version) for s in shapes])
+    settings = LatentSettings(**ckpt["settings"])
+    interaction = Interaction(shapes, settings.q, settings.d_latent, settings.heads)
+    interaction.load_state_dict(ckpt["interaction"])
+    device = next(experts[shapes[0].name][0].parameters()).device
+    return LatentMixture(experts, shapes, settings.q, _router_of(ckpt).to(device), interaction.to(device))
 
 
 @dataclass

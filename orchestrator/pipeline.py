@@ -12,7 +12,7 @@ from pathlib import Path
 
 from orchestrator.config import ConciliumConfig
 from orchestrator.runtime import start_pool
-from orchestrator.scheduler import Answer, QueryRequest, Scheduler, SchedulerSettings
+from orchestrator.scheduler import Answer, LatentExecutor, QueryRequest, Scheduler, SchedulerSettings
 from routers.base import Router, make_router
 from routers.embedding import Embedder
 from routers.profiles import ProfileError, Profiles, read_artifact
@@ -34,24 +34,39 @@ def _latest_profiles(config: ConciliumConfig) -> Path | None:
     return folder
 
 
-def check_profiles(config: ConciliumConfig) -> None:
-    """Read the newest profile artifacts once, before anything starts, so that a missing or corrupt file stops
-    ``serve`` with its name instead of leaving a half-started server."""
+def check_artifacts(config: ConciliumConfig, store_root: Path | None = None) -> None:
+    """Read the newest profile artifacts and the latent checkpoint once, before anything starts, so that a
+    missing, corrupt or mismatched file stops ``serve`` with its name instead of leaving a half-started server."""
     folder = _latest_profiles(config)
     if folder is not None:
         Profiles.load(folder)
         SkillIndex.load(folder)
     aggregator_preference(config)
+    if config.latent.checkpoint is not None:
+        from orchestrator.latent_group import check_latent
+
+        check_latent(config, store_root or config.model_store)
 
 
-def load_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
+def load_routers(config: ConciliumConfig, experts: list[str], store_root: Path | None = None) -> dict[str, Router]:
     """Routers by name, the default first: the skill router over the newest profiles for exactly these
     experts, and ``all`` (every expert answers), which is the default when there are no such profiles.
+    With ``latent.checkpoint`` set, ``latent`` is served as well (never the default: it needs a trained
+    checkpoint and its own actor).
 
     The embedder gets no disk cache: live queries are new text, and the profile
     index keeps its own skill vectors, so reading the offline cache would only
     slow the start.
     """
+    routers = _base_routers(config, experts)
+    if config.latent.checkpoint is not None:
+        from orchestrator.latent_group import latent_routing
+
+        routers["latent"] = latent_routing(config, store_root or config.model_store)
+    return routers
+
+
+def _base_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
     fallback = None
     folder = _latest_profiles(config)
     if folder is not None:
@@ -96,23 +111,37 @@ class ReloadError(ValueError):
 
 
 class Pipeline:
-    def __init__(self, config: ConciliumConfig, pool: ExpertPool, scheduler: Scheduler) -> None:
+    def __init__(self, config: ConciliumConfig, pool: ExpertPool, scheduler: Scheduler,
+                 latent: LatentExecutor | None = None, model_store: Path | None = None) -> None:
         self.config = config
         self.pool = pool
         self.scheduler = scheduler
+        self.latent = latent
+        self.model_store = model_store
 
     @classmethod
     async def start(cls, config: ConciliumConfig, model_store: Path | None = None, detached: bool = False) -> Pipeline:
         """``detached``: share the experts as named actors that outlive this pipeline (Ray Serve replicas)."""
+        store_root = model_store or config.model_store
+        routers = load_routers(config, [e.name for e in config.experts], store_root)
         pool = await start_pool(config, model_store, detached)
-        scheduler = Scheduler(load_routers(config, pool.names), pool, scheduler_settings(config), expert_costs(config))
+        latent = None
+        if config.latent.checkpoint is not None:
+            from orchestrator.latent_group import LatentGroup
+
+            try:
+                latent = await LatentGroup.start(config, store_root, detached)
+            except Exception:
+                pool.shutdown()
+                raise
+        scheduler = Scheduler(routers, pool, scheduler_settings(config), expert_costs(config), latent)
         scheduler.start()
-        return cls(config, pool, scheduler)
+        return cls(config, pool, scheduler, latent, store_root)
 
     async def reload(self, config: ConciliumConfig) -> dict[str, list[str]]:
         """Apply a new config's experts, routing and budgets in place: only added, removed or changed experts are
         touched, so the others keep their loaded models and their running calls."""
-        for section in ("ray", "model_store"):
+        for section in ("ray", "model_store", "latent"):
             if getattr(config, section) != getattr(self.config, section):
                 raise ReloadError(f"{section} changed: that needs a restart, not a reload")
         old, new = {e.name: e for e in self.config.experts}, {e.name: e for e in config.experts}
@@ -124,7 +153,7 @@ class Pipeline:
             await self.pool.remove(name)
         for name in changed + added:
             await self.pool.add(new[name])
-        routers = load_routers(config, self.pool.names)
+        routers = load_routers(config, self.pool.names, self.model_store)
         self.scheduler.reconfigure(routers, scheduler_settings(config), expert_costs(config))
         self.config = config
         return {"added": added, "removed": removed, "changed": changed, "routers": list(routers)}
@@ -134,4 +163,6 @@ class Pipeline:
 
     async def close(self) -> None:
         await self.scheduler.stop()
+        if self.latent is not None:
+            self.latent.shutdown()
         self.pool.shutdown()

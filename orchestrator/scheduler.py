@@ -17,6 +17,12 @@ the whole window is processed in phases:
 5. aggregate: synthesis prompts are grouped by aggregator and batched the same
    way. vote and best need no call, and synthesis is skipped on consensus.
 
+Requests routed by the ``latent`` router take another path through the same
+window: after routing, they are grouped by primary and sampling settings, and
+each group is one call to the latent group, where the peers encode the
+prompts once and the primary generates while reading their latents. There is
+nothing to re-route to or to aggregate: the primary's text is the answer.
+
 Windows run one after another, so these invariants hold per window.
 """
 
@@ -29,14 +35,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from orchestrator.aggregate import AGGREGATIONS, Aggregated, aggregate_without_call, synthesis_request
 from routers.aggregation import proposer_prompt
-from routers.base import Decision, RouteOptions, Router, pick
+from routers.base import BoundedRouter, Decision, RouteOptions, Router, pick
 from workers.pool import ExpertPool, reason
-from workers.types import Message, Prompt, SamplingParams
+from workers.types import GenerationResult, Message, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,23 @@ class Overloaded(RuntimeError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class LatentExecutor(Protocol):
+    """Runs ``latent`` decisions: per row, the primary generates while it reads its peers' prompt latents.
+    Each completion's ``meta['peer_tokens']`` counts the prompt tokens each peer encoded."""
+
+    async def generate(self, primary: str, peers: list[list[str]], prompts: list[str], params: SamplingParams
+                       ) -> GenerationResult: ...
+
+    def shutdown(self) -> None: ...
+
+
+LATENT_SKIPPED = "latent mode: the peers took part inside the primary's forward pass, so there are no answers to merge"
+
+
+def is_latent(decision: Decision | None) -> bool:
+    return decision is not None and decision.trace.get("mode") == "latent"
 
 
 @dataclass(frozen=True)
@@ -151,13 +175,15 @@ class _Pending:
 
 class Scheduler:
     def __init__(
-        self, routers: dict[str, Router], pool: ExpertPool, settings: SchedulerSettings, costs: dict[str, float]
+        self, routers: dict[str, Router], pool: ExpertPool, settings: SchedulerSettings, costs: dict[str, float],
+        latent: LatentExecutor | None = None,
     ) -> None:
-        """``routers`` by name; the first is the default."""
+        """``routers`` by name; the first is the default. ``latent`` runs the ``latent`` router's decisions."""
         if not routers:
             raise ValueError("the scheduler needs at least one router")
         self.routers, self.default_router = routers, next(iter(routers))
         self.pool = pool
+        self.latent = latent
         self.settings = settings
         self.costs = costs
         self.stats = SchedulerStats()
@@ -209,6 +235,9 @@ class Scheduler:
             raise RequestError("max_new_tokens must be at least 1")
         if request.temperature is not None and request.temperature < 0:
             raise RequestError("temperature must be 0 (greedy) or positive")
+        router = self.routers.get(self._router_of(request))
+        if isinstance(router, BoundedRouter):
+            router.check(request.options, request.experts)
 
     async def explain(self, request: QueryRequest) -> Decision:
         """The decision a request would get, at once and outside any window; nothing is generated."""
@@ -270,8 +299,10 @@ class Scheduler:
             self.stats.queue_wait_s.append(p.timings["queue_s"])
         await self._route(live)
         routed = time.perf_counter()
-        await self._solve(live, {i: p.decision.experts for i, p in enumerate(live)}, lambda i: live[i].request.prompt)
-        orphans = {i: self._reroute(p) for i, p in enumerate(live) if not p.answers}
+        await self._solve_latent([p for p in live if is_latent(p.decision)])
+        assignment = {i: p.decision.experts for i, p in enumerate(live) if not is_latent(p.decision)}
+        await self._solve(live, assignment, lambda i: live[i].request.prompt)
+        orphans = {i: self._reroute(p) for i, p in enumerate(live) if not p.answers and i in assignment}
         orphans = {i: e for i, e in orphans.items() if e}
         if orphans:
             await self._solve(live, orphans, lambda i: live[i].request.prompt)
@@ -312,21 +343,28 @@ class Scheduler:
         for p, d in zip(members, decisions):
             d.trace["router"] = router
             p.decision = self._restrict(d, p.request, options)
-            self._plan(p)
-            self._fit_budget(p)
+            if not is_latent(d):  # the latent mixture's primary answers alone, and needs its peers
+                self._plan(p)
+                self._fit_budget(p)
             p.timings["route_s"] = elapsed
 
     def _restrict(self, decision: Decision, request: QueryRequest, options: RouteOptions) -> Decision:
         """Apply the request's allow-list by re-picking among allowed experts with the router's scores."""
         if request.experts is None:
             return decision
-        allowed = [e for e in self.pool.names if e in request.experts]
+        # The latent router can only choose among its mixture's experts (its scores' keys).
+        candidates = list(decision.scores) if is_latent(decision) else self.pool.names
+        allowed = [e for e in candidates if e in request.experts]
         scores = np.array([decision.scores.get(e, 0.0) for e in allowed])
-        chosen = pick(scores, options, None, np.random.default_rng(options.seed))
+        # The latent mixture needs distinct experts, its best first, whatever sampling policy is configured.
+        policy = RouteOptions(k=options.k) if is_latent(decision) else options
+        chosen = pick(scores, policy, None, np.random.default_rng(options.seed))
         decision.experts = [allowed[i] for i in chosen]
         if decision.aggregator not in allowed:
             decision.aggregator = allowed[int(np.argmax(scores))]
         decision.trace["allow_list"] = allowed
+        if is_latent(decision):
+            decision.trace.update(primary=decision.experts[0], peers=decision.experts[1:])
         return decision
 
     def _plan(self, p: _Pending) -> None:
@@ -434,11 +472,44 @@ class Scheduler:
         # Resident experts start first; the pool's leases hold each expert resident for all its rows.
         await asyncio.gather(*(asyncio.create_task(run_expert(e)) for e in self._order(list(by_expert))))
 
+    async def _solve_latent(self, members: list[_Pending]) -> None:
+        """One latent-group call per (primary, settings); the peers' prompt tokens count in usage."""
+        if not members:
+            return
+        groups: dict[tuple[str, SamplingParams], list[_Pending]] = defaultdict(list)
+        for p in members:
+            primary = p.decision.experts[0]
+            groups[(primary, self._params(p, primary))].append(p)
+
+        async def run(primary: str, params: SamplingParams, rows: list[_Pending]) -> None:
+            try:
+                result = await asyncio.wait_for(
+                    self.latent.generate(primary, [p.decision.experts[1:] for p in rows],
+                                         [p.request.query for p in rows], params),
+                    self.settings.expert_timeout_s,
+                )
+            except Exception as exc:
+                why = "timed out" if isinstance(exc, TimeoutError) else reason(exc)
+                for p in rows:
+                    p.failed.append(primary)
+                    p.degraded.append(f"latent group failed: {why}")
+                return
+            self.stats.expert_calls += 1
+            self.stats.generate_s += result.generate_s
+            self.stats.batch_sizes.append(len(rows))
+            for p, c in zip(rows, result.completions):
+                answer = ExpertAnswer(primary, c.text, c.prompt_tokens, c.completion_tokens)
+                p.answers.append(answer)
+                p.spent.append(answer)
+                p.spent.extend(ExpertAnswer(peer, "", n, 0) for peer, n in c.meta.get("peer_tokens", {}).items())
+
+        await asyncio.gather(*(run(primary, params, rows) for (primary, params), rows in groups.items()))
+
     async def _moa_layers(self, live: list[_Pending]) -> None:
         """Layers 2..L of moa: each proposer answers again with the previous layer's answers as references."""
         for layer in range(2, self.settings.moa_layers + 1):
             rows = {i: [a.expert for a in p.answers] for i, p in enumerate(live)
-                    if p.request.aggregation == "moa" and p.answers}
+                    if p.request.aggregation == "moa" and p.answers and not is_latent(p.decision)}
             if not rows:
                 return
             previous = {i: live[i].answers for i in rows}
@@ -459,6 +530,9 @@ class Scheduler:
         results: dict[int, Aggregated] = {}
         for i, p in enumerate(live):
             if not p.answers:
+                continue
+            if is_latent(p.decision):
+                results[i] = Aggregated(p.answers[0].text, p.answers[0].expert, LATENT_SKIPPED)
                 continue
             done = aggregate_without_call(p.request.aggregation, p.answers, p.decision)
             if done is not None:
@@ -510,7 +584,8 @@ class Scheduler:
             (u["prompt_tokens"] + u["completion_tokens"]) / 1000 * self.costs.get(e, 0.0) for e, u in usage.items()
         )
         return Answer(
-            text=agg.text, answers=p.answers, aggregation=p.request.aggregation, aggregator=agg.aggregator,
+            text=agg.text, answers=p.answers, aggregation="latent" if is_latent(p.decision) else p.request.aggregation,
+            aggregator=agg.aggregator,
             aggregation_skipped=agg.skipped, decision=p.decision, usage=dict(usage), cost_usd=cost,
             timings=p.timings, degraded=p.degraded,
         )

@@ -155,7 +155,7 @@ class Service:
             raise InvalidRequest(
                 f"query: {len(body.query)} characters, above the limit of {limits.max_query_chars}"
             )
-        k = body.k or defaults.k
+        k = body.k or self.config.default_k(body.router)
         if k > limits.max_k:
             raise InvalidRequest(f"k: {k} is above the limit of {limits.max_k}")
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens:

@@ -95,6 +95,15 @@ class OnlineRouter(Protocol):
         ...
 
 
+@runtime_checkable
+class BoundedRouter(Protocol):
+    """A router with limits of its own on the options, which it checks before a request queues."""
+
+    def check(self, options: RouteOptions, allowed: list[str] | None) -> None:
+        """Raise RoutingError when ``options`` or the expert allow-list ask for what this router cannot do."""
+        ...
+
+
 ROUTERS: dict[str, Callable[..., Router]] = {}
 
 

@@ -20,6 +20,8 @@ What keeps it cheap, unlike the paper's lockstep decoding:
 
 The experts stay frozen. Only the router and the interaction layers train.
 This module is torch only: it knows nothing of Ray, HTTP or the scheduler.
+``LatentRouting`` registers the trained router as ``latent`` in the router
+registry, so that the service routes with it like any other router.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.ragged_attention import ragged_attention
+from routers.base import Decision, RouteOptions, RoutingError, TrainingSet, register
+from routers.embedding import Embedder
 
 
 class LatentError(ValueError):
@@ -66,12 +70,50 @@ class LatentRouter(nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.net(embeddings)
 
-    def select(self, embeddings: torch.Tensor, k: int) -> torch.Tensor:
-        """[B, k] expert indices per sample, best first: column 0 is the primary."""
-        n = self.net[-1].out_features
-        if not 1 <= k <= n:
-            raise LatentError(f"k = {k}, but the latent mixture has {n} experts")
-        return self(embeddings).topk(k, dim=-1).indices
+
+
+@register("latent")
+class LatentRouting:
+    """The trained router as a service router: per query, the top-k experts with the primary first.
+
+    The decision names the primary (``experts[0]``) and its peers; the scheduler
+    runs such decisions in the latent group instead of the solve and aggregate
+    phases, and the primary writes the one answer.
+    """
+
+    name = "latent"
+
+    def __init__(self, router: LatentRouter, experts: list[str], embedder: Embedder) -> None:
+        if router.net[-1].out_features != len(experts):
+            raise RoutingError(f"the router scores {router.net[-1].out_features} experts, not {len(experts)}")
+        self.router, self.experts, self.embedder = router.eval(), list(experts), embedder
+
+    def fit(self, train: TrainingSet) -> None:
+        raise RoutingError("the latent router learns with its interaction layers: run `concilium train-latent`")
+
+    def check(self, options: RouteOptions, allowed: list[str] | None = None) -> None:
+        usable = [e for e in self.experts if allowed is None or e in allowed]
+        if options.k > len(usable):
+            among = "the latent mixture has" if allowed is None else "the allow-list leaves"
+            raise RoutingError(f"k = {options.k}, but {among} {len(usable)} of the mixture's experts "
+                               f"({', '.join(self.experts)})")
+
+    @torch.no_grad()
+    def route(self, texts: list[str], options: RouteOptions, vectors: object = None) -> list[Decision]:
+        self.check(options)
+        embeddings = torch.as_tensor(vectors if vectors is not None else self.embedder.encode(texts)).float()
+        logits = self.router(embeddings.to(self.router.net[0].weight.device)).cpu()
+        probs, chosen = logits.softmax(-1), logits.topk(options.k, dim=-1).indices.tolist()
+        decisions = []
+        for row, picked in zip(probs.tolist(), chosen):
+            names = [self.experts[i] for i in picked]
+            decisions.append(Decision(
+                experts=names, scores=dict(zip(self.experts, row)), aggregator=names[0],
+                trace={"mode": "latent", "primary": names[0], "peers": names[1:],
+                       "why": "the trained router's top-k by softmax score; the top-1 writes the answer while "
+                              "cross-attending to its peers' prompt latents"},
+            ))
+        return decisions
 
 
 @dataclass
@@ -127,7 +169,8 @@ class Interaction(nn.Module):
 
     def write_back(self, name: str, boundary: int, hidden: torch.Tensor, cache: PeerCache) -> torch.Tensor:
         """The primary's hidden states plus the gated cross-attention to its peers' prompt latents."""
-        q = self._heads(self.query[boundary](self.adapters[name][boundary](hidden)))  # [B, H, T, Dh]
+        latent = self.adapters[name][boundary](hidden.float())  # the interaction runs in float32
+        q = self._heads(self.query[boundary](latent))  # [B, H, T, Dh]
         if q.shape[2] == 1 and cache.offsets is not None:  # one new token: the ragged decode kernel
             att = ragged_attention(q[:, :, 0], cache.packed_keys[boundary], cache.packed_values[boundary],
                                    cache.offsets, 1 / math.sqrt(q.shape[-1])).unsqueeze(2)
@@ -169,12 +212,18 @@ class LatentMixture(nn.Module):
         yield from self.interaction.parameters()
 
     def _tokens(self, name: str, texts: list[str], side: str = "right") -> dict[str, torch.Tensor]:
+        """Tokenised with the given padding side; the tokenizer's own side is restored, because the
+        expert's generation path, which shares the tokenizer, pads on the left."""
         tok = self.tokenizers[name]
-        tok.padding_side = side
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
+        before, tok.padding_side = tok.padding_side, side
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = before
         device = next(self.experts[name].parameters()).device
-        return {k: v.to(device) for k, v in tok(texts, return_tensors="pt", padding=True).items()}
+        return {k: v.to(device) for k, v in enc.items()}
 
     def encode_peers(self, prompts: list[str], peers: list[list[str]]) -> PeerCache:
         """Run each peer once over the prompts of the samples it serves; concatenate, per sample, the

@@ -28,6 +28,7 @@ def concilium(*args: str, timeout: float = 300, **env: str) -> subprocess.Comple
         (("ask", "--config", "/no/such.yaml", "hi"), "config file /no/such.yaml does not exist"),
         (("bench", "kernels", "--device", "cuda"), "--device cuda: use cpu, or cuda on a machine where torch sees"),
         (("bench", "kernels", "--batches", "1,x"), "--batches"),
+        (("ask", "--router", "latent", "hi"), "--router latent needs a checkpoint: train one with"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):

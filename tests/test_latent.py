@@ -8,20 +8,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from orchestrator.latent import (
     LatentSettings,
     build_mixture,
+    group_backends,
     load_examples,
     load_experts,
     read_checkpoint,
     save_checkpoint,
 )
-from routers.latent import LatentError, boundary_layers
+from routers.base import RouteOptions, RoutingError
+from routers.embedding import Embedder
+from routers.latent import LatentError, LatentRouting, boundary_layers
+from workers.model_store import embedder_path
 from workers.config import TransformersExpert
 
 pytestmark = pytest.mark.models
@@ -33,8 +35,7 @@ PROMPT = "Question: What is the capital of France?\nA. Paris\nB. Rome\nAnswer:"
 def mixture_parts(store):
     configs = [TransformersExpert(name="smollm2", source="smollm2-135m-instruct"),
                TransformersExpert(name="gemma3", source="gemma3-270m")]
-    experts, shapes = load_experts(configs, store)
-    return experts, shapes
+    return load_experts(group_backends(configs, store.root), store)
 
 
 def _mixture(parts, gate: float = 0.0, seed: int = 0):  # noqa: ANN001, ANN202
@@ -103,13 +104,16 @@ def test_decoding_with_the_cache_equals_recomputing_without_it(mixture_parts):
 
 def test_bad_input_is_refused_before_work(mixture_parts, tmp_path):
     m = _mixture(mixture_parts)
-    with pytest.raises(LatentError, match="k = 3, but the latent mixture has 2 experts"):
-        m.router.select(torch.zeros(1, 384), 3)
+    routing = LatentRouting(m.router, m.names, Embedder(embedder_path()))
+    with pytest.raises(RoutingError, match="k = 3, but the latent mixture has 2 of the mixture's experts"):
+        routing.route(["hi"], RouteOptions(k=3))
+    with pytest.raises(RoutingError, match="k = 2, but the allow-list leaves 1 of the mixture's experts"):
+        routing.check(RouteOptions(k=2), ["gemma3"])
     _, shapes = mixture_parts
     path = tmp_path / "ckpt.pt"
     save_checkpoint(m, shapes, LatentSettings(q=3, d_latent=64, heads=2), path, {})
-    assert read_checkpoint(path, shapes)["experts"][0]["name"] == "smollm2"
-    other = [dataclasses.replace(shapes[0], version="0123456789abcdef"), shapes[1]]
+    assert read_checkpoint(path, [(s.name, s.version) for s in shapes])["experts"][0]["name"] == "smollm2"
+    other = [("smollm2", "0123456789abcdef"), (shapes[1].name, shapes[1].version)]
     with pytest.raises(LatentError, match="was trained for experts smollm2@.*, not smollm2@0123456789abcdef"):
         read_checkpoint(path, other)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q?", "answer": "a"}\n{"prompt": "q?"}\n')
