@@ -164,9 +164,8 @@ def checkpoint_experts(path: Path) -> list[str]:
     return [e["name"] for e in _open_checkpoint(path)["experts"]]
 
 
-def read_checkpoint(path: Path, experts: list[tuple[str, str]]) -> dict:
+def _verify(ckpt: dict, path: Path, experts: list[tuple[str, str]]) -> dict:
     """The checkpoint, once it is shown to be for exactly these (name, version) experts, in this order."""
-    ckpt = _open_checkpoint(path)
     want = [{"name": n, "version": v} for n, v in experts]
     if ckpt["experts"] != want:
         trained = ", ".join(f"{e['name']}@{e['version']}" for e in ckpt["experts"])
@@ -176,6 +175,10 @@ def read_checkpoint(path: Path, experts: list[tuple[str, str]]) -> dict:
     return ckpt
 
 
+def read_checkpoint(path: Path, experts: list[tuple[str, str]]) -> dict:
+    return _verify(_open_checkpoint(path), path, experts)
+
+
 def _router_of(ckpt: dict) -> LatentRouter:
     weight = ckpt["router"]["net.0.weight"]  # [hidden, embed_dim]: the embedder it was trained with
     router = LatentRouter(weight.shape[1], len(ckpt["experts"]), weight.shape[0])
@@ -183,9 +186,13 @@ def _router_of(ckpt: dict) -> LatentRouter:
     return router
 
 
-def load_router(path: Path, experts: list[tuple[str, str]]) -> LatentRouter:
-    """The router alone, for the process that routes; the interaction stays with the latent group."""
-    return _router_of(read_checkpoint(path, experts))
+def router_for(path: Path, configs_of: Callable[[list[str]], list[TransformersExpert]], store: ModelStore
+               ) -> tuple[list[TransformersExpert], LatentRouter]:
+    """The router alone, for the process that routes (the interaction stays with the latent group), read once:
+    ``configs_of`` maps the checkpoint's expert names to their configs, which must match its weight versions."""
+    ckpt = _open_checkpoint(path)
+    configs = configs_of([e["name"] for e in ckpt["experts"]])
+    return configs, _router_of(_verify(ckpt, path, identities(configs, store)))
 
 
 def load_mixture(path: Path, experts: dict, shapes: list[ExpertShape]) -> LatentMixture:

@@ -26,10 +26,9 @@ from orchestrator.latent import (
     check_fit,
     checkpoint_experts,
     group_backends,
-    identities,
     load_experts,
     load_mixture,
-    load_router,
+    router_for,
 )
 from routers.embedding import Embedder
 from routers.latent import LatentError, LatentRouter, LatentRouting
@@ -41,10 +40,9 @@ from workers.types import Completion, GenerationResult, Prompt, SamplingParams
 ACTOR_NAME = "concilium-latent-group"
 
 
-def latent_experts(config: ConciliumConfig) -> list[TransformersExpert]:
-    """The configured experts the checkpoint was trained for, in the checkpoint's order."""
+def latent_experts(config: ConciliumConfig, names: list[str]) -> list[TransformersExpert]:
+    """The configured experts the checkpoint was trained for (``names``), in the checkpoint's order."""
     path = config.latent.checkpoint
-    names = checkpoint_experts(path)
     by_name = {e.name: e for e in config.experts}
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -66,8 +64,8 @@ def check_latent(config: ConciliumConfig, store_root: Path | None) -> tuple[list
     """Refuse, before any work, a latent setup that cannot run: a checkpoint that is missing or trained for
     other experts or weights, a default k past the mixture's experts, or experts that do not fit one device.
     Returns the experts and the checkpoint's router."""
-    configs = latent_experts(config)
-    router = load_router(config.latent.checkpoint, identities(configs, ModelStore(store_root)))
+    configs, router = router_for(config.latent.checkpoint, lambda names: latent_experts(config, names),
+                                 ModelStore(store_root))
     if config.latent.k > len(configs):
         raise LatentError(f"latent.k = {config.latent.k}, but the checkpoint's mixture has {len(configs)} experts")
     check_fit(group_backends(configs, store_root), _memory_limit(config), "latent.device_memory_gb")
@@ -143,7 +141,6 @@ class LatentGroup:
 
     actor: ray.actor.ActorHandle
     detached: bool
-    info: dict[str, object]
 
     @classmethod
     async def start(cls, config: ConciliumConfig, store_root: Path | None, detached: bool = False) -> LatentGroup:
@@ -162,15 +159,16 @@ class LatentGroup:
         if detached:
             options.update(lifetime="detached", get_if_exists=True)
         actor = ray.remote(LatentGroupWorker).options(**options).remote(
-            latent_experts(config), latent.checkpoint, store_root, latent.threads, _memory_limit(config),
+            latent_experts(config, checkpoint_experts(latent.checkpoint)), latent.checkpoint, store_root,
+            latent.threads, _memory_limit(config),
         )
         try:
-            info = await asyncio.wait_for(actor.ready.remote(), config.pool.load_timeout_s)
+            await asyncio.wait_for(actor.ready.remote(), config.pool.load_timeout_s)
         except Exception as exc:
             ray.kill(actor)
             why = f"not ready after {config.pool.load_timeout_s:g} s" if isinstance(exc, TimeoutError) else reason(exc)
             raise LatentError(f"the latent group did not start: {why}") from None
-        return cls(actor, detached, info)
+        return cls(actor, detached)
 
     async def generate(self, primary: str, peers: list[list[str]], prompts: list[str], params: SamplingParams
                        ) -> GenerationResult:

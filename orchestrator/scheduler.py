@@ -430,6 +430,11 @@ class Scheduler:
             seed=gen.seed,
         )
 
+    def _record(self, result: GenerationResult) -> None:
+        self.stats.expert_calls += 1
+        self.stats.generate_s += result.generate_s
+        self.stats.batch_sizes.append(len(result.completions))
+
     def _order(self, experts: list[str]) -> list[str]:
         resident = set(self.pool.resident())
         return sorted(experts, key=lambda e: (e not in resident, e))
@@ -459,9 +464,7 @@ class Scheduler:
                         live[i].failed.append(expert)
                         live[i].degraded.append(f"{expert} failed: {why}")
                     continue
-                self.stats.expert_calls += 1
-                self.stats.generate_s += result.generate_s
-                self.stats.batch_sizes.append(len(rows))
+                self._record(result)
                 for i in rows:
                     live[i].degraded.extend(result.notes)
                 for i, c in zip(rows, result.completions):
@@ -494,9 +497,7 @@ class Scheduler:
                     p.failed.append(primary)
                     p.degraded.append(f"latent group failed: {why}")
                 return
-            self.stats.expert_calls += 1
-            self.stats.generate_s += result.generate_s
-            self.stats.batch_sizes.append(len(rows))
+            self._record(result)
             for p, c in zip(rows, result.completions):
                 answer = ExpertAnswer(primary, c.text, c.prompt_tokens, c.completion_tokens)
                 p.answers.append(answer)
@@ -548,9 +549,7 @@ class Scheduler:
                     self.pool.generate(aggregator, [prompt for _, prompt in items], params),
                     self.settings.expert_timeout_s,
                 )
-                self.stats.expert_calls += 1
-                self.stats.generate_s += out.generate_s
-                self.stats.batch_sizes.append(len(items))
+                self._record(out)
                 for (i, _), c in zip(items, out.completions):
                     results[i] = Aggregated(c.text, aggregator, None, {aggregator: (c.prompt_tokens, c.completion_tokens)})
             except Exception as exc:

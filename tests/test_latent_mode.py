@@ -23,7 +23,7 @@ from orchestrator.latent import (
     load_experts,
     save_checkpoint,
 )
-from orchestrator.latent_group import LatentGroupWorker
+from orchestrator.latent_group import LatentGroup, LatentGroupWorker
 from orchestrator.pipeline import Pipeline, check_artifacts
 from orchestrator.scheduler import QueryRequest
 from orchestrator.schemas import QueryBody
@@ -150,6 +150,8 @@ def test_mismatched_checkpoint_k_and_memory_are_refused_before_any_work(ray_clus
             check_artifacts(config)
         with pytest.raises(LatentError, match=message):  # the pipeline refuses before it starts any actor
             run(Pipeline.start(config))
+    with pytest.raises(LatentError, match="the latent group needs 64 CPU, but the cluster has .* free"):
+        run(LatentGroup.start(_config(closed, num_cpus=64), store.root))
     assert {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} == before
 
 
