@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from orchestrator.schemas import (
+from orchestrator.api.schemas import (
+    DEFAULT_MODEL,
     ChatResponse,
     ExpertOut,
     FeedbackOut,
@@ -182,10 +183,10 @@ class Client(_Base):
     def route(self, query: str, **options: Any) -> Routing:
         return self._post("/v1/route", _body(query=query, **options), RouteResponse).routing
 
-    def chat(self, messages: list[dict[str, str]] | str, model: str = "concilium", **options: Any) -> ChatResponse:
+    def chat(self, messages: list[dict[str, str]] | str, model: str = DEFAULT_MODEL, **options: Any) -> ChatResponse:
         return self._post("/v1/chat/completions", _chat_body(messages, model, False, options), ChatResponse)
 
-    def chat_stream(self, messages: list[dict[str, str]] | str, model: str = "concilium", **options: Any) -> ChatStream:
+    def chat_stream(self, messages: list[dict[str, str]] | str, model: str = DEFAULT_MODEL, **options: Any) -> ChatStream:
         body = _chat_body(messages, model, True, options)
 
         def events() -> Iterator[dict]:
@@ -264,11 +265,11 @@ class AsyncClient(_Base):
     async def route(self, query: str, **options: Any) -> Routing:
         return (await self._post("/v1/route", _body(query=query, **options), RouteResponse)).routing
 
-    async def chat(self, messages: list[dict[str, str]] | str, model: str = "concilium",
+    async def chat(self, messages: list[dict[str, str]] | str, model: str = DEFAULT_MODEL,
                    **options: Any) -> ChatResponse:
         return await self._post("/v1/chat/completions", _chat_body(messages, model, False, options), ChatResponse)
 
-    async def chat_stream(self, messages: list[dict[str, str]] | str, model: str = "concilium",
+    async def chat_stream(self, messages: list[dict[str, str]] | str, model: str = DEFAULT_MODEL,
                           **options: Any) -> AsyncIterator[str]:
         body = _chat_body(messages, model, True, options)
         async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:

@@ -7,25 +7,23 @@ of the offending key, so a bad file says where it is bad.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from orchestrator import env
+from routers.vocabulary import LATENT_ROUTER, Aggregation, Policy
 from workers.config import BACKENDS, ExpertConfig, PoolConfig, Strict, TransformersExpert
-
-CONFIG_ENV = "CONCILIUM_CONFIG"
-DEFAULT_CONFIG_FILE = "concilium.yaml"
+from workers.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that cannot be read or does not validate."""
 
 
 class RayConfig(Strict):
-    address: str | None = Field(None, description="an existing cluster; None starts local Ray on 127.0.0.1")
+    address: str | None = Field(None, description=f"an existing cluster; None starts local Ray on {env.LOOPBACK}")
     namespace: str = "concilium"
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs for local Ray")
     num_gpus: int | None = Field(None, ge=0, description="logical GPUs for local Ray (placement tests)")
@@ -41,8 +39,8 @@ class RoutingConfig(Strict):
         "every expert answers",
     )
     k: int = Field(3, ge=1, le=64)
-    policy: Literal["symbolic", "topk", "cost"] = "topk"
-    aggregation: Literal["synthesize", "vote", "best", "moa", "self-moa"] = "synthesize"
+    policy: Policy = Policy.TOPK
+    aggregation: Aggregation = Aggregation.SYNTHESIZE
     aggregator: str | None = Field(
         None,
         description="the expert that synthesises; None takes the first allowed expert of the profiles' "
@@ -64,7 +62,7 @@ class RoutingConfig(Strict):
 class ServerConfig(Strict):
     """The API service: where it listens, its store, its limits and its keys."""
 
-    host: str = Field("127.0.0.1", description="loopback by default; bind elsewhere only on purpose")
+    host: str = Field(env.LOOPBACK, description="loopback by default; bind elsewhere only on purpose")
     port: int = Field(8000, ge=1, le=65535)
     redis_url: str | None = Field(
         None, pattern=r"^rediss?://", description="the shared store; $REDIS_URL overrides; None: in-process store"
@@ -132,7 +130,7 @@ class AutoscalingSettings(Strict):
 
 
 class ServeConfig(Strict):
-    """The Ray Serve deployment (`concilium cluster deploy`, `serve run orchestrator.serve:build`)."""
+    """The Ray Serve deployment (`concilium cluster deploy`, `serve run orchestrator.serving.serve:build`)."""
 
     app_name: str = Field("concilium", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     deployment_name: str = Field("concilium-ingress", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -141,7 +139,7 @@ class ServeConfig(Strict):
     autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved per ingress replica")
     max_ongoing_requests: int = Field(256, ge=1, description="per ingress replica, before Serve queues")
-    http_host: str = Field("127.0.0.1", description="where Serve's HTTP proxy listens; 0.0.0.0 only on purpose")
+    http_host: str = Field(env.LOOPBACK, description="where Serve's HTTP proxy listens; 0.0.0.0 only on purpose")
     http_port: int = Field(8000, ge=1, le=65535)
 
 
@@ -167,7 +165,10 @@ class LatentConfig(Strict):
 
 
 class ConciliumConfig(Strict):
-    model_store: Path | None = Field(None, description="defaults to $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models")
+    model_store: Path | None = Field(
+        None, description="defaults to $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models, resolved by each process "
+        "that reads the config (see store_root)"
+    )
     ray: RayConfig = RayConfig()
     pool: PoolConfig = PoolConfig()
     routing: RoutingConfig = RoutingConfig()
@@ -189,9 +190,14 @@ class ConciliumConfig(Strict):
             )
         return self
 
+    @property
+    def store_root(self) -> Path:
+        """The model store: the configured folder, else this machine's default. The one place that falls back."""
+        return self.model_store or env.model_store_root()
+
     def default_k(self, router: str | None) -> int:
         """k for a request that sets none: the latent mixture has its own, as it is usually smaller."""
-        return self.latent.k if router == "latent" else self.routing.k
+        return self.latent.k if router == LATENT_ROUTER else self.routing.k
 
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:
@@ -229,12 +235,8 @@ def parse_config(data: object, source: str = "config") -> ConciliumConfig:
 def load_config(path: str | Path | None = None) -> ConciliumConfig:
     """The given file, else ``$CONCILIUM_CONFIG``, else ``./concilium.yaml``, else the defaults."""
     if path is None:
-        env = os.environ.get(CONFIG_ENV)
-        if env:
-            path = env
-        elif Path(DEFAULT_CONFIG_FILE).exists():
-            path = DEFAULT_CONFIG_FILE
-        else:
+        path = env.get(env.CONFIG) or (env.DEFAULT_CONFIG_FILE if env.DEFAULT_CONFIG_FILE.exists() else None)
+        if path is None:
             return ConciliumConfig()
     path = Path(path)
     try:

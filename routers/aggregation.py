@@ -1,23 +1,127 @@
-"""The synthesis and proposer prompts, and the aggregator-selection test of Symbolic-MoE.
+"""Aggregation, in one place: how recruited answers become one, live and offline alike.
 
-An aggregator reads several candidate answers and writes one better answer.
-A Mixture-of-Agents proposer in a later layer reads the previous layer's
-answers as references and answers again. In both, the candidates are quoted
-as data between numbered markers, so that text inside an answer cannot pose
-as part of the instructions. Reasoning blocks
-such as ``<think>…</think>`` are stripped first: the aggregator should judge
-conclusions and arguments, not a model's scratchpad.
+- best: the top-scored expert's answer, with no call.
+- vote: extract each answer (an option letter, else an integer, else the
+  normalised text) and take the vote weighted by the router's scores, with no
+  call. ``weighted_vote`` is the one vote: the scheduler runs it on live
+  answers, and ``concilium eval`` runs it on recorded ones.
+- synthesize: an aggregator LLM reads the answers, quoted as data, and writes
+  one better answer. The call is skipped when the extracted answers agree.
+- moa: layered Mixture-of-Agents. Later proposer layers answer again with the
+  previous layer's answers as references (``proposer_prompt``); the last
+  layer is synthesised.
+- self-moa: k sampled answers from the single best expert, synthesised by
+  that expert ("Rethinking Mixture-of-Agents").
 
-Selection, as in the paper: for each validation question, one correct and two
-wrong candidate answers are shuffled, and each candidate aggregator must
-synthesise them. The aggregator that most often lands on the gold answer wins.
+In every prompt the candidates are quoted as data between numbered markers, so
+that text inside an answer cannot pose as part of the instructions. Reasoning
+blocks such as ``<think>…</think>`` are stripped first: the aggregator should
+judge conclusions and arguments, not a model's scratchpad.
+
+Aggregator selection, as in Symbolic-MoE: for each validation question, one
+correct and two wrong candidate answers are shuffled, and each candidate
+aggregator must synthesise them. The aggregator that most often lands on the
+gold answer wins.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from routers.base import Decision
+from routers.grading import extract_choice, extract_integer
+from routers.vocabulary import SYNTHESISING, Aggregation
+
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+MIN_WEIGHT = 1e-9
+"""A voter whose score is 0 still counts, a little: a vote among zero-scored experts still has a winner."""
+
+
+class _Answer(Protocol):
+    expert: str
+    text: str
+
+
+@dataclass
+class Aggregated:
+    text: str
+    aggregator: str | None
+    skipped: str | None
+    """Why no aggregator call was made; None when one was."""
+    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def extract(text: str) -> str | None:
+    """The comparable core of an answer: an option letter, an integer, or the normalised text."""
+    choice = extract_choice(text)
+    if choice is not None:
+        return choice
+    number = extract_integer(text)
+    if number is not None:
+        return str(number)
+    norm = _NON_WORD.sub(" ", text.lower()).strip()
+    return norm or None
+
+
+def weighted_vote(keys: Sequence[str | None], weights: Sequence[float]) -> int | None:
+    """The index of the winning voter, or None when nobody voted.
+
+    Each voter adds its weight (at least ``MIN_WEIGHT``) to its answer; a voter
+    whose answer is None abstains. The answer with the most weight wins. A tie
+    goes to the tied answer whose heaviest voter weighs most, and a tie there
+    to the earliest voter. The winner's heaviest voter is returned, so a caller
+    can take that voter's full text or recorded outcome.
+    """
+    tally: dict[str, float] = defaultdict(float)
+    for key, weight in zip(keys, weights):
+        if key is not None:
+            tally[key] += max(weight, MIN_WEIGHT)
+    if not tally:
+        return None
+    top = max(tally.values())
+    winners = {k for k, w in tally.items() if math.isclose(w, top, rel_tol=1e-9)}
+    voters = [i for i, k in enumerate(keys) if k in winners]
+    return max(voters, key=lambda i: (max(weights[i], MIN_WEIGHT), -i))
+
+
+def _best(answers: Sequence[_Answer], decision: Decision) -> _Answer:
+    return max(answers, key=lambda a: decision.scores.get(a.expert, 0.0))
+
+
+def aggregate_without_call(strategy: str, answers: Sequence[_Answer], decision: Decision) -> Aggregated | None:
+    """The result when no aggregator call is needed, else None (synthesis without consensus)."""
+    if strategy == Aggregation.BEST or len(answers) == 1:
+        why = "strategy best" if strategy == Aggregation.BEST else "a single answer"
+        return Aggregated(_best(answers, decision).text, None, why)
+    keys = [extract(a.text) for a in answers]
+    if strategy in SYNTHESISING:
+        if None not in keys and len(set(keys)) == 1:
+            return Aggregated(_best(answers, decision).text, None, f"consensus: every expert answered {keys[0]!r}")
+        return None
+    weights = [decision.scores.get(a.expert, 0.0) for a in answers]
+    winner = weighted_vote(keys, weights)
+    if winner is None:
+        return Aggregated(_best(answers, decision).text, None, "vote: no answer could be extracted; best answer")
+    weight = sum(max(w, MIN_WEIGHT) for k, w in zip(keys, weights) if k == keys[winner])
+    return Aggregated(answers[winner].text, None, f"vote: {keys[winner]!r} with weight {weight:.3f}")
+
+
+def synthesis_request(
+    query: str, answers: Sequence[_Answer], decision: Decision, healthy: dict[str, bool]
+) -> tuple[str, str]:
+    """(aggregator, prompt): the router's aggregator if healthy, else the top-scored healthy expert."""
+    aggregator = decision.aggregator
+    if not aggregator or not healthy.get(aggregator, False):
+        ranked = sorted(decision.scores, key=lambda e: -decision.scores[e])
+        aggregator = next((e for e in ranked if healthy.get(e)), _best(answers, decision).expert)
+    return aggregator, synthesis_prompt(query, [a.text for a in answers])
+
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 _MARKER_RUN = re.compile(r"<{3,}|>{3,}")

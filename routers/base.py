@@ -1,20 +1,23 @@
 """The Router interface: queries and training outcomes in, decisions out.
 
 A router knows nothing about Ray, HTTP or redis. That keeps it testable offline
-on recorded outcomes. Implementations register by name, as in RouteLLM, so the
-CLI and the service pick one by a string.
+on recorded outcomes. The implementations are listed by name in
+``routers.registry``, as in RouteLLM, so that this module imports none of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from routers.vocabulary import POLICIES, Mode, Policy
+from workers.errors import UserError
 
-class RoutingError(ValueError):
+
+class RoutingError(UserError, ValueError):
     """Input a router cannot route: k < 1, an empty pool, unknown names."""
 
 
@@ -54,13 +57,18 @@ class Decision:
     fallback: str | None = None
     """Set when the normal path could not run, e.g. no skills found: says what was done instead."""
     trace: dict[str, object] = field(default_factory=dict)
+    mode: Mode = Mode.ENSEMBLE
+    """How the scheduler runs it: separate answers then aggregation, or the latent mixture's one pass."""
+
+    @property
+    def latent(self) -> bool:
+        return self.mode == Mode.LATENT
 
 
 @dataclass
 class RouteOptions:
     k: int = 3
-    policy: str = "topk"
-    """'symbolic' (the paper's sampler), 'topk', or 'cost'."""
+    policy: str = Policy.TOPK
     cost_lambda: float = 0.0
     seed: int | None = None
 
@@ -73,17 +81,18 @@ class RouteOptions:
             raise RoutingError("the cost weight lambda must be non-negative")
 
 
-POLICIES = ("symbolic", "topk", "cost")
+class Router(ABC):
+    """Learns from recorded outcomes, then routes whole windows of queries."""
 
+    @abstractmethod
+    def fit(self, train: TrainingSet) -> None:
+        """Learn from every expert's outcomes on the training queries."""
 
-class Router(Protocol):
-    name: str
-
-    def fit(self, train: TrainingSet) -> None: ...
-
-    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
-        """Route a whole window at once (one embedding pass, one index search)."""
-        ...
+    @abstractmethod
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
+        """Route a whole window at once (one embedding pass, one index search). ``vectors`` are the texts'
+        embeddings when the caller has them; ``categories`` are known labels, which only offline data has."""
 
 
 @runtime_checkable
@@ -104,29 +113,6 @@ class BoundedRouter(Protocol):
         ...
 
 
-ROUTERS: dict[str, Callable[..., Router]] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        ROUTERS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-def make_router(name: str, **kwargs: object) -> Router:
-    import routers.baselines  # noqa: F401  (registers the built-in routers)
-    import routers.symbolic  # noqa: F401
-
-    try:
-        factory = ROUTERS[name]
-    except KeyError:
-        raise RoutingError(f"unknown router {name!r}; available: {', '.join(sorted(ROUTERS))}") from None
-    return factory(**kwargs)
-
-
 def pick(scores: np.ndarray, options: RouteOptions, cost: np.ndarray | None, rng: np.random.Generator) -> list[int]:
     """Choose expert indices for one query from per-expert expected accuracy.
 
@@ -135,10 +121,10 @@ def pick(scores: np.ndarray, options: RouteOptions, cost: np.ndarray | None, rng
     - symbolic: k draws with replacement, in proportion to the scores (callers pass paper weights).
     """
     m = len(scores)
-    if options.policy == "symbolic":
+    if options.policy == Policy.SYMBOLIC:
         w = np.clip(scores, 0, None)
         w = w / w.sum() if w.sum() > 0 else np.full(m, 1.0 / m)
         return list(rng.choice(m, size=options.k, replace=True, p=w))
-    utility = scores if options.policy == "topk" or cost is None else scores - options.cost_lambda * cost
+    utility = scores if options.policy == Policy.TOPK or cost is None else scores - options.cost_lambda * cost
     k = min(options.k, m)
     return list(np.argsort(-utility, kind="stable")[:k])

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from routers.base import Decision, RouteOptions, TrainingSet, pick, register
+from routers.base import Decision, RouteOptions, Router, TrainingSet, pick
 from routers.embedding import Embedder
+from routers.vocabulary import Policy
 
 
 def _decision(experts: list[str], chosen: list[int], scores: np.ndarray, **extra: object) -> Decision:
@@ -21,8 +22,7 @@ def _decision(experts: list[str], chosen: list[int], scores: np.ndarray, **extra
     )
 
 
-@register("random")
-class RandomRouter:
+class RandomRouter(Router):
     """k distinct experts chosen uniformly: the floor any router must clear."""
 
     def __init__(self, **_: object) -> None:
@@ -31,14 +31,14 @@ class RandomRouter:
     def fit(self, train: TrainingSet) -> None:
         self.experts = train.experts
 
-    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
         rng = np.random.default_rng(options.seed)
         m, k = len(self.experts), min(options.k, len(self.experts))
         return [_decision(self.experts, list(rng.choice(m, k, replace=False)), np.ones(m)) for _ in texts]
 
 
-@register("best_single")
-class BestSingleRouter:
+class BestSingleRouter(Router):
     """Always the expert with the best training accuracy (or best utility under the cost policy)."""
 
     def __init__(self, **_: object) -> None:
@@ -49,15 +49,15 @@ class BestSingleRouter:
         self.accuracy = train.correct.mean(axis=0)
         self.cost = None if train.cost is None else train.cost.mean(axis=0)
 
-    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
-        single = RouteOptions(k=1, policy="cost" if options.policy == "cost" else "topk",
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
+        single = RouteOptions(k=1, policy=Policy.COST if options.policy == Policy.COST else Policy.TOPK,
                               cost_lambda=options.cost_lambda)
         chosen = pick(self.accuracy, single, self.cost, np.random.default_rng(0))
         return [_decision(self.experts, chosen, self.accuracy) for _ in texts]
 
 
-@register("per_category")
-class PerCategoryRouter:
+class PerCategoryRouter(Router):
     """Composition of Experts' two steps: a category per query, then that category's best experts.
 
     Categories come from the data when present. Otherwise, and for categories
@@ -76,13 +76,8 @@ class PerCategoryRouter:
         for cat in set(cats.tolist()) - {""}:
             self.by_category[cat] = train.correct[cats == cat].mean(axis=0)
 
-    def route(
-        self,
-        texts: list[str],
-        options: RouteOptions,
-        vectors: np.ndarray | None = None,
-        categories: list[str | None] | None = None,
-    ) -> list[Decision]:
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
         rng = np.random.default_rng(options.seed)
         cats = categories or [None] * len(texts)
         out = []
@@ -92,8 +87,7 @@ class PerCategoryRouter:
         return out
 
 
-@register("knn")
-class KnnRouter:
+class KnnRouter(Router):
     """The experts that did best on the n most similar training queries (cosine, MiniLM)."""
 
     def __init__(self, embedder: Embedder, neighbours: int = 64, prior: float = 4.0, **_: object) -> None:
@@ -112,7 +106,8 @@ class KnnRouter:
         self.overall = train.correct.mean(axis=0)
         self.cost = None if train.cost is None else train.cost.mean(axis=0)
 
-    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
         vecs = vectors if vectors is not None else self.embedder.encode(texts)
         n = min(self.neighbours, self.index.ntotal)
         _, ids = self.index.search(np.ascontiguousarray(vecs, dtype=np.float32), n)
@@ -124,8 +119,7 @@ class KnnRouter:
         return out
 
 
-@register("all")
-class AllExpertsRouter:
+class AllExpertsRouter(Router):
     """Every expert answers once. The pipeline's fallback when no profiles exist for its experts."""
 
     def __init__(self, experts: list[str] | None = None, fallback: str | None = None, **_: object) -> None:
@@ -135,7 +129,8 @@ class AllExpertsRouter:
     def fit(self, train: TrainingSet) -> None:
         self.experts = train.experts
 
-    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
         if not self.experts:
             raise RuntimeError("the all-experts router has no experts: call fit() or pass experts")
         scores = np.linspace(1.0, 0.5, len(self.experts))  # config order breaks ties

@@ -2,10 +2,11 @@
 
 A router sees only the training folds. Its decisions on the test fold are scored
 with the recorded outcomes of the experts it chose:
-- vote: a vote over the recorded answers, with multiplicity, each weighted by
-  the decision's score for that expert. The vote is right when the winning
-  answer is one a right expert gave. Without recorded answers, the top-scored
-  expert's outcome counts.
+- vote: ``weighted_vote``, the vote the live aggregator runs, over the
+  recorded answers, with multiplicity, each weighted by the decision's score
+  for that expert. The winning voter's recorded outcome counts. Without
+  recorded answers, or when no recruit recorded one, the top-scored expert's
+  outcome counts.
 - best: the top-scored recruited expert's outcome.
 Cost is the sum of the recruited calls' recorded costs (k samples cost k calls).
 The baselines run in the same call, on the same folds.
@@ -13,13 +14,15 @@ The baselines run in the same call, on the same folds.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet, make_router, pick
+from routers.aggregation import weighted_vote
+from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet, pick
+from routers.registry import make_router
+from routers.vocabulary import Aggregation, Policy
 
 
 @dataclass
@@ -27,7 +30,7 @@ class EvalData(TrainingSet):
     """A training set plus what scoring needs: the recorded answers."""
 
     preds: np.ndarray | None = None
-    """[queries, experts] recorded answers (e.g. option letters), where recorded."""
+    """[queries, experts] recorded answers (e.g. option letters, None where none was extracted)."""
 
     def subset(self, idx: np.ndarray) -> EvalData:
         def take(a: np.ndarray | None) -> np.ndarray | None:
@@ -67,20 +70,14 @@ def score(decisions: list[Decision], data: EvalData, aggregation: str) -> FoldSc
         if cost is not None:
             cost[q] = data.cost[q, chosen].sum()
         if data.preds is not None and len(chosen) > 1:
-            consensus[q] = len({data.preds[q, j] for j in chosen}) == 1
+            answers = {data.preds[q, j] for j in chosen}
+            consensus[q] = len(answers) == 1 and None not in answers  # as the live consensus skip decides
         top = max(chosen, key=lambda j: d.scores.get(data.experts[j], 0.0))
-        if aggregation == "vote" and data.preds is not None and len(chosen) > 1:
-            tally: dict[str, float] = defaultdict(float)
-            for j in chosen:
-                tally[data.preds[q, j]] += max(d.scores.get(data.experts[j], 0.0), 1e-9)
-            best = max(tally.values())
-            winners = {a for a, w in tally.items() if w == best}
-            # Ties go to the answer of the top-scored expert among the tied, else any tied answer.
-            answer = data.preds[q, top] if data.preds[q, top] in winners else sorted(winners)[0]
-            right = [j for j in chosen if data.preds[q, j] == answer]
-            correct[q] = data.correct[q, right[0]]
-        else:
-            correct[q] = data.correct[q, top]
+        if aggregation == Aggregation.VOTE and data.preds is not None and len(chosen) > 1:
+            winner = weighted_vote([data.preds[q, j] for j in chosen],
+                                   [d.scores.get(data.experts[j], 0.0) for j in chosen])
+            top = top if winner is None else chosen[winner]
+        correct[q] = data.correct[q, top]
     return FoldScore(correct, cost, consensus)
 
 
@@ -104,8 +101,7 @@ def run_router(
         if budget_share is not None:
             options = _budgeted(router, train, options, budget_share)
         test = data.subset(test_idx)
-        kwargs = {"categories": test.categories} if router.name == "per_category" else {}
-        decisions = router.route(test.texts, options, test.vectors, **kwargs)
+        decisions = router.route(test.texts, options, test.vectors, test.categories)
         fold = score(decisions, test, aggregation)
         correct[test_idx] = fold.correct
         consensus[test_idx] = fold.consensus
@@ -128,7 +124,7 @@ def _budgeted(router: Router, train: EvalData, options: RouteOptions, share: flo
     best = int(np.argmax(train.correct.mean(axis=0)))
     budget = share * float(train.cost[:, best].mean())
     lam = solve_lambda(router, train, options, budget)
-    return RouteOptions(k=options.k, policy="cost", cost_lambda=lam, seed=options.seed)
+    return RouteOptions(k=options.k, policy=Policy.COST, cost_lambda=lam, seed=options.seed)
 
 
 def oracle(data: EvalData, idx: np.ndarray) -> Outcome:
@@ -166,18 +162,18 @@ def baselines(
     def one(name: str, opts: RouteOptions, aggregation: str) -> Outcome:
         return run_router(lambda: make_router(name, **router_kwargs), data, opts, aggregation, splits)
 
-    single = one("best_single", RouteOptions(k=1), "best")
+    single = one("best_single", RouteOptions(k=1), Aggregation.BEST)
     # The most frequent choice across folds names the best single expert.
     full = make_router("best_single")
     full.fit(data)
     out["best_single"] = {"accuracy": single.accuracy, "mean_cost": single.mean_cost,
                           "name": full.route(["-"], RouteOptions(k=1))[0].experts[0]}
     if any(c for c in data.categories):
-        top1 = one("per_category", RouteOptions(k=1), "best")
-        topk = one("per_category", RouteOptions(k=k), "vote")
+        top1 = one("per_category", RouteOptions(k=1), Aggregation.BEST)
+        topk = one("per_category", RouteOptions(k=k), Aggregation.VOTE)
         out["per_category"] = {"accuracy": top1.accuracy, "mean_cost": top1.mean_cost}
         out[f"per_category_top{k}_vote"] = {"accuracy": topk.accuracy, "mean_cost": topk.mean_cost}
-    rnd = one("random", RouteOptions(k=1, seed=seed), "best")
+    rnd = one("random", RouteOptions(k=1, seed=seed), Aggregation.BEST)
     out["random"] = {"accuracy": rnd.accuracy, "mean_cost": rnd.mean_cost}
     orc = oracle(data, idx)
     out["oracle"] = {"accuracy": orc.accuracy, "mean_cost": orc.mean_cost}
@@ -205,7 +201,7 @@ def solve_lambda(
     rng = np.random.default_rng(options.seed)
 
     def mean_cost(lam: float) -> float:
-        opts = RouteOptions(k=options.k, policy="cost", cost_lambda=lam)
+        opts = RouteOptions(k=options.k, policy=Policy.COST, cost_lambda=lam)
         return float(np.mean([train.cost[q, pick(s, opts, unit_cost, rng)].sum() for q, s in enumerate(scores)]))
 
     if mean_cost(0.0) <= budget:

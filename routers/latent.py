@@ -20,8 +20,8 @@ What keeps it cheap, unlike the paper's lockstep decoding:
 
 The experts stay frozen. Only the router and the interaction layers train.
 This module is torch only: it knows nothing of Ray, HTTP or the scheduler.
-``LatentRouting`` registers the trained router as ``latent`` in the router
-registry, so that the service routes with it like any other router.
+``LatentRouting`` wraps the trained router as a service router, so that the
+service routes with it like any other; its decisions carry ``Mode.LATENT``.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.ragged_attention import ragged_attention
-from routers.base import Decision, RouteOptions, RoutingError, TrainingSet, register
+from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet
 from routers.embedding import Embedder
+from routers.vocabulary import Mode
+from workers.errors import UserError
 
 
-class LatentError(ValueError):
+class LatentError(UserError, ValueError):
     """A latent mixture asked to do what it cannot: k past the pool, a checkpoint for other experts."""
 
 
@@ -71,17 +73,13 @@ class LatentRouter(nn.Module):
         return self.net(embeddings)
 
 
-
-@register("latent")
-class LatentRouting:
+class LatentRouting(Router):
     """The trained router as a service router: per query, the top-k experts with the primary first.
 
     The decision names the primary (``experts[0]``) and its peers; the scheduler
     runs such decisions in the latent group instead of the solve and aggregate
     phases, and the primary writes the one answer.
     """
-
-    name = "latent"
 
     def __init__(self, router: LatentRouter, experts: list[str], embedder: Embedder) -> None:
         if router.net[-1].out_features != len(experts):
@@ -99,7 +97,8 @@ class LatentRouting:
                                f"({', '.join(self.experts)})")
 
     @torch.no_grad()
-    def route(self, texts: list[str], options: RouteOptions, vectors: object = None) -> list[Decision]:
+    def route(self, texts: list[str], options: RouteOptions, vectors: object = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
         self.check(options)
         embeddings = torch.as_tensor(vectors if vectors is not None else self.embedder.encode(texts)).float()
         logits = self.router(embeddings.to(self.router.net[0].weight.device)).cpu()
@@ -108,8 +107,8 @@ class LatentRouting:
         for row, picked in zip(probs.tolist(), chosen):
             names = [self.experts[i] for i in picked]
             decisions.append(Decision(
-                experts=names, scores=dict(zip(self.experts, row)), aggregator=names[0],
-                trace={"mode": "latent", "primary": names[0], "peers": names[1:],
+                experts=names, scores=dict(zip(self.experts, row)), aggregator=names[0], mode=Mode.LATENT,
+                trace={"primary": names[0], "peers": names[1:],
                        "why": "the trained router's top-k by softmax score; the top-1 writes the answer while "
                               "cross-attending to its peers' prompt latents"},
             ))

@@ -17,11 +17,13 @@ from typing import TypeVar
 
 import numpy as np
 
+from workers.errors import UserError
+
 PROFILE_VERSION = 1
 T = TypeVar("T")
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """Profiles that cannot be built or read."""
 
 

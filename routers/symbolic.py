@@ -22,16 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from routers.annotators import EmbeddingAnnotator
-from routers.base import Decision, RouteOptions, TrainingSet, pick, register
+from routers.base import Decision, RouteOptions, Router, TrainingSet, pick
 from routers.embedding import Embedder
 from routers.profiles import Profiles, build_profiles
 from routers.skill_index import Mapping, SkillIndex
+from routers.vocabulary import Policy
 
 
-@register("skill")
-class SkillRouter:
-    name = "skill"
-
+class SkillRouter(Router):
     def __init__(
         self,
         embedder: Embedder,
@@ -90,7 +88,8 @@ class SkillRouter:
         local = np.where(local > 0, local, 0.0)
         return local * self._global
 
-    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None) -> list[Decision]:
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
         if self.profiles is None:
             raise RuntimeError("the skill router has no profiles: call fit() first")
         experts = self.profiles.experts
@@ -103,10 +102,10 @@ class SkillRouter:
             fallback = None
             if not mapping.keywords:
                 fallback = "no skills found: " + (
-                    "uniform random draw" if options.policy == "symbolic" else "overall accuracy"
+                    "uniform random draw" if options.policy == Policy.SYMBOLIC else "overall accuracy"
                 )
-                scores = np.ones(len(experts)) if options.policy == "symbolic" else self.profiles.overall
-            elif options.policy == "symbolic" or not self.soft:
+                scores = np.ones(len(experts)) if options.policy == Policy.SYMBOLIC else self.profiles.overall
+            elif options.policy == Policy.SYMBOLIC or not self.soft:
                 scores = self._paper_weights(mapping)
             else:
                 scores = self._expected_accuracy(mapping)
@@ -132,7 +131,6 @@ class SkillRouter:
             )
         return decisions
 
-
     def learn(self, decision: Decision, expert: str, correct: float) -> bool:
         """Online profile update from feedback, in the spirit of MixLLM's continual learning.
 
@@ -154,15 +152,12 @@ class SkillRouter:
         return bool(rows)
 
 
-@register("skill_paper")
 class PaperSkillRouter(SkillRouter):
     """The paper's scoring for every policy: top-1 mapping, raw ±1 counts × global strength.
 
     For ablation against the soft, smoothed default: with ``topk`` it picks
     deterministically by the paper's weights instead of sampling.
     """
-
-    name = "skill_paper"
 
     def __init__(self, embedder: Embedder, **kwargs: object) -> None:
         super().__init__(embedder, soft=False, **kwargs)

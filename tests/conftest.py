@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.runtime import prepare_ray_env
+from orchestrator.engine.runtime import prepare_ray_env
 
 prepare_ray_env()  # before anything imports ray
 # No GPU here: Triton kernels run in Triton's interpreter, which it reads when a kernel module is imported.
@@ -21,12 +21,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from orchestrator.config import RayConfig  # noqa: E402
-from orchestrator.runtime import init_ray  # noqa: E402
+from orchestrator.engine.runtime import init_ray  # noqa: E402
+from orchestrator.env import model_store_root  # noqa: E402
 from workers.model_store import BUNDLED, ModelStore  # noqa: E402
 
 BENCH_DATA = Path(
     os.environ.get("CONCILIUM_BENCH_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "bench-data")
 )
+STORE_ROOT = model_store_root()
+"""The model store every test reads: the machine's default, as `make models` fills it."""
 SMOLLM = "smollm2-135m-instruct"
 GEMMA = "gemma3-270m"
 
@@ -43,7 +46,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def store() -> ModelStore:
     """The default store, with both bundled models pulled (a no-op after `make models`)."""
-    ms = ModelStore()
+    ms = ModelStore(STORE_ROOT)
     for name in BUNDLED:
         ms.pull(name)
     return ms

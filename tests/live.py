@@ -27,17 +27,12 @@ import uvicorn
 import yaml
 from fastapi import FastAPI, Header, HTTPException
 
-from orchestrator.app import create_app
+from orchestrator.api.app import create_app
 from orchestrator.client import wait_until_ready
 from orchestrator.config import load_config, parse_config
+from orchestrator.env import LOOPBACK, free_port
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+HOST = LOOPBACK
 
 
 class RedisServer:

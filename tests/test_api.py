@@ -22,11 +22,11 @@ import pytest
 from openai import NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.auth import digest
+from orchestrator.api.security import digest
 from orchestrator.client import AsyncClient, Client, ConciliumError
 from tests.conftest import BENCH_DATA
-from tests.test_cli import concilium
 from tests.live import ProcessServer, RedisServer, ThreadServer, free_port, write_config
+from tests.test_cli import concilium
 
 KEY = "test-key-" + uuid.uuid4().hex[:8]
 

@@ -118,7 +118,7 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults():
 
 
 def test_aggregator_preference_from_config_or_profile_ranking(tmp_path):
-    from orchestrator.pipeline import aggregator_preference
+    from orchestrator.engine.pipeline import aggregator_preference
 
     cfg = parse_config({"routing": {"profiles": str(tmp_path)}})
     assert aggregator_preference(cfg) == ((), "router's top-scored expert")  # no profiles yet

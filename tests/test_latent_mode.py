@@ -14,26 +14,22 @@ import pytest
 import ray
 import torch
 
+from orchestrator.api.errors import InvalidRequest
+from orchestrator.api.schemas import QueryBody
+from orchestrator.api.service import Service
+from orchestrator.api.store import open_store
 from orchestrator.config import ConciliumConfig, parse_config
-from orchestrator.latent import (
-    MINILM_DIM,
-    LatentSettings,
-    build_mixture,
-    group_backends,
-    load_experts,
-    save_checkpoint,
-)
-from orchestrator.latent_group import LatentGroup, LatentGroupWorker
-from orchestrator.pipeline import Pipeline, check_artifacts
-from orchestrator.scheduler import QueryRequest
-from orchestrator.schemas import QueryBody
-from orchestrator.service import InvalidRequest, Service
-from orchestrator.store import open_store
+from orchestrator.engine.pipeline import Pipeline, check_artifacts
+from orchestrator.engine.requests import QueryRequest
+from orchestrator.latent.checkpoint import LatentSettings, save_checkpoint
+from orchestrator.latent.experts import build_mixture, group_backends, load_experts
+from orchestrator.latent.group import LatentGroup, LatentGroupWorker
 from routers.base import RouteOptions
+from routers.embedding import DIM
 from routers.latent import LatentError
-from workers.types import Prompt, SamplingParams
 from tests.conftest import run
 from tests.test_cli import concilium
+from workers.types import Prompt, SamplingParams
 
 pytestmark = pytest.mark.models
 
@@ -53,7 +49,7 @@ def checkpoints(store, tmp_path_factory):
     folder = tmp_path_factory.mktemp("latent")
     paths = {}
     for name, gate in (("closed", 0.0), ("open", 30.0)):  # a gate this wide must move greedy text
-        mixture = build_mixture(experts, shapes, settings, MINILM_DIM, seed=3)
+        mixture = build_mixture(experts, shapes, settings, DIM, seed=3)
         with torch.no_grad():
             for g in mixture.interaction.gate.values():
                 g.fill_(gate)
@@ -92,7 +88,7 @@ def test_untrained_latent_mode_answers_exactly_as_the_primary_alone(pipeline, ch
     answers = loop.run_until_complete(ask_all())
     for q, a in zip(QUESTIONS, answers):
         d = a.decision
-        assert a.aggregation == "latent" and d.trace["mode"] == "latent"
+        assert a.aggregation == "latent" and d.mode == "latent" and d.latent
         assert sorted(d.experts) == ["gemma3", "smollm2"] and a.aggregator == d.experts[0]
         assert [x.expert for x in a.answers] == [d.experts[0]]  # one answer: the primary's
         peer = d.experts[1]
@@ -151,7 +147,7 @@ def test_mismatched_checkpoint_k_and_memory_are_refused_before_any_work(ray_clus
         with pytest.raises(LatentError, match=message):  # the pipeline refuses before it starts any actor
             run(Pipeline.start(config))
     with pytest.raises(LatentError, match="the latent group needs 64 CPU, but the cluster has .* free"):
-        run(LatentGroup.start(_config(closed, num_cpus=64), store.root))
+        run(LatentGroup.start(_config(closed, num_cpus=64)))
     assert {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} == before
 
 

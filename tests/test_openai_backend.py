@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import run
+from tests.conftest import STORE_ROOT, run
 from tests.live import FakeOpenAI
 from workers.backends.openai_backend import OpenAIBackend, RemoteExpertError
 from workers.config import OpenAIExpert, PoolConfig
@@ -68,7 +68,7 @@ def test_remote_expert_through_a_ray_actor(remote, ray_cluster, monkeypatch):
     monkeypatch.setenv("TEST_REMOTE_KEY", "sekrit")  # the local actor inherits the driver's environment
 
     async def main():
-        pool = await ExpertPool.start([_expert(url)], PoolConfig(), namespace=f"t-{uuid.uuid4().hex[:8]}")
+        pool = await ExpertPool.start([_expert(url)], PoolConfig(), STORE_ROOT, namespace=f"t-{uuid.uuid4().hex[:8]}")
         try:
             return await pool.generate("remote", ["hello there"]), (await pool.info())[0]
         finally:

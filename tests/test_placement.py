@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import run
+from tests.conftest import STORE_ROOT, run
 from workers.config import PoolConfig, ReplayExpert
 from workers.placement import PlacementError, actor_options, check_placement, demand
 from workers.pool import ExpertPool
@@ -59,7 +59,7 @@ def test_actors_get_logical_gpus_from_ray(ray_cluster, bench_data):
     ]
 
     async def main():
-        pool = await ExpertPool.start(experts, PoolConfig(), namespace=f"t-{uuid.uuid4().hex[:8]}")
+        pool = await ExpertPool.start(experts, PoolConfig(), STORE_ROOT, namespace=f"t-{uuid.uuid4().hex[:8]}")
         try:
             return {i.name: i for i in await pool.info()}
         finally:
@@ -75,7 +75,7 @@ def test_actors_get_logical_gpus_from_ray(ray_cluster, bench_data):
 
 def test_unplaceable_config_fails_before_any_actor_starts(ray_cluster, bench_data):
     async def main(experts):
-        await ExpertPool.start(experts, PoolConfig(), namespace=f"t-{uuid.uuid4().hex[:8]}")
+        await ExpertPool.start(experts, PoolConfig(), STORE_ROOT, namespace=f"t-{uuid.uuid4().hex[:8]}")
 
     with pytest.raises(PlacementError, match="needs 4 GPU on one node; the largest node offers 2"):
         run(main([_replay("greedy", bench_data, num_gpus=4)]))

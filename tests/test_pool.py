@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import GEMMA, SMOLLM, run
+from tests.conftest import GEMMA, SMOLLM, STORE_ROOT, run
 from workers.config import PoolConfig, TransformersExpert
 from workers.pool import BudgetError, ExpertPool, ExpertUnavailableError, UnknownExpertError
 from workers.types import SamplingParams
@@ -25,7 +25,7 @@ def _experts(**extra):
 
 
 def _start(experts, **pool_kwargs):
-    return ExpertPool.start(experts, PoolConfig(**pool_kwargs), namespace=f"t-{uuid.uuid4().hex[:8]}")
+    return ExpertPool.start(experts, PoolConfig(**pool_kwargs), STORE_ROOT, namespace=f"t-{uuid.uuid4().hex[:8]}")
 
 
 def test_budget_that_fits_one_model_evicts_the_least_recently_used(ray_cluster, store):

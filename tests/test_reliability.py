@@ -30,7 +30,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.auth import KeyRing, digest
+from orchestrator.api.security import KeyRing, digest
 from routers.aggregation import SYNTHESIS_INSTRUCTIONS
 from tests.live import (
     INJECTION,
@@ -148,7 +148,7 @@ def test_jobs_refused_by_a_full_queue_wait_in_the_store_and_all_finish(faulty):
 
 
 def test_redis_down_turns_the_cache_off_and_jobs_to_503_then_recovers(ray_cluster, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="orchestrator.service")
+    caplog.set_level(logging.WARNING, logger="orchestrator.api.service")
     redis = RedisServer(tmp_path / "a")
     s = ThreadServer({
         "ray": {"namespace": f"rel-{uuid.uuid4().hex[:6]}"},

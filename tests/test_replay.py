@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import run
+from tests.conftest import STORE_ROOT, run
 from workers.backends.replay import ReplayBackend
 from workers.config import PoolConfig, ReplayExpert
 from workers.pool import ExpertPool
@@ -78,7 +78,7 @@ def test_replay_experts_through_the_pool(ray_cluster, bench_data):
     ]
 
     async def main():
-        pool = await ExpertPool.start(experts, PoolConfig(), namespace=f"t-{uuid.uuid4().hex[:8]}")
+        pool = await ExpertPool.start(experts, PoolConfig(), STORE_ROOT, namespace=f"t-{uuid.uuid4().hex[:8]}")
         try:
             rec = load_recorded(bench_data / "routerbench-arc-wino-mbpp").records[3]
             return rec, [await pool.generate(n, [rec.text]) for n in pool.names]

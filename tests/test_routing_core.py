@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from routers.annotators import LLMAnnotator, agreed_keywords, candidate_phrases, parse_keywords
-from routers.base import Decision, RouteOptions, RoutingError, TrainingSet, make_router, pick
+from routers.base import Decision, RouteOptions, RoutingError, TrainingSet, pick
 from routers.evaluate import EvalData, cross_validation_splits, oracle, score
 from routers.profiles import ProfileError, Profiles, build_profiles
+from routers.registry import make_router
 from routers.skill_index import SkillIndex
 
 
@@ -254,3 +255,54 @@ def test_skill_router_learns_from_feedback(embedder):
     assert router.learn(decision, "b", 0.0) and profiles.right[0, 1] == 3 and profiles.seen[0, 1] == 5
     assert not router.learn(decision, "nobody", 1.0)
     assert not router.learn(Decision(experts=[], scores={}, trace={}), "a", 1.0)
+
+
+VOTE_CASES = [
+    # (recruited experts with multiplicity, their answers (None: nothing extracted), the router's scores)
+    (["a", "b", "c"], ["A", "A", "B"], {"a": 0.5, "b": 0.4, "c": 0.9}),  # A and B tie on weight; B's voter weighs most
+    (["a", "b", "c", "d"], ["A", "B", "A", "B"], {"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5}),  # a full tie: earliest
+    (["a", "b", "c"], [None, "C", "D"], {"a": 0.9, "b": 0.2, "c": 0.3}),  # a abstains, D outweighs C
+    (["a", "a", "b"], ["E", "E", "F"], {"a": 0.3, "b": 0.5}),  # a sampled twice: two votes
+    (["a", "b"], [None, None], {"a": 0.1, "b": 0.7}),  # nobody voted: the top-scored expert's answer
+    (["a", "b", "c"], ["G", "H", "H"], {"a": 0.0, "b": 0.0, "c": 0.0}),  # zero scores still count
+]
+
+
+@pytest.mark.parametrize(("experts", "answers", "scores"), VOTE_CASES)
+def test_the_live_vote_and_the_offline_vote_pick_the_same(experts, answers, scores):
+    """One weighted vote: the scheduler's aggregator and `concilium eval`'s scorer get the same candidates,
+    weights and ties, and must land on the same answer."""
+    from dataclasses import dataclass
+
+    from routers.aggregation import aggregate_without_call
+    from routers.grading import extract_choice
+
+    @dataclass
+    class Said:
+        expert: str
+        text: str
+
+    # An empty answer is the live form of "nothing extracted": extract() gives None, and the voter abstains.
+    said = [Said(e, f"The answer is ({a})." if a else "") for e, a in zip(experts, answers)]
+    decision = Decision(experts=experts, scores=scores)
+    live = extract_choice(aggregate_without_call("vote", said, decision).text)
+    names = sorted(scores)
+    cols = {e: names.index(e) for e in names}
+    preds = np.array([[None] * len(names)], dtype=object)
+    for e, a in zip(experts, answers):
+        preds[0, cols[e]] = a
+    for gold in sorted({a for a in answers if a} | {"Z"}):
+        correct = np.array([[1.0 if preds[0, j] == gold else 0.0 for j in range(len(names))]])
+        data = EvalData(texts=["q"], correct=correct, experts=names, categories=[None], preds=preds)
+        offline_right = score([Decision(experts=experts, scores=scores)], data, "vote").correct[0] == 1.0
+        assert offline_right == (live == gold), (gold, live)
+
+
+def test_weighted_vote_rules():
+    from routers.aggregation import weighted_vote
+
+    assert weighted_vote(["A", "A", "B"], [0.5, 0.4, 0.9]) == 2  # 0.9 = 0.9: the heaviest voter's answer
+    assert weighted_vote(["A", "B", "A", "B"], [0.5] * 4) == 0  # a full tie: the earliest voter
+    assert weighted_vote(["A", "B", "B"], [0.9, 0.5, 0.5]) == 1  # 1.0 beats 0.9; B's first heaviest voter
+    assert weighted_vote([None, "C"], [5.0, 0.1]) == 1  # an abstention carries no weight
+    assert weighted_vote([None, None], [1.0, 1.0]) is None

@@ -14,11 +14,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from orchestrator.scheduler import AllExpertsFailed, QueryRequest, RequestError, Scheduler, SchedulerSettings
+from orchestrator.engine.requests import AllExpertsFailed, QueryRequest, RequestError
+from orchestrator.engine.scheduler import Scheduler
+from orchestrator.engine.settings import SchedulerSettings
 from routers.base import Decision, RouteOptions
-from tests.conftest import GEMMA, SMOLLM, run
+from tests.conftest import GEMMA, SMOLLM, STORE_ROOT, run
 from workers.config import PoolConfig, TransformersExpert
 from workers.pool import ExpertPool
+
 pytestmark = pytest.mark.models
 
 
@@ -49,7 +52,7 @@ EXPERTS = [
 
 
 async def _scheduler(table, budget_gb=1.2, experts=EXPERTS, **settings):
-    pool = await ExpertPool.start(experts, PoolConfig(memory_budget_gb={"cpu": budget_gb}),
+    pool = await ExpertPool.start(experts, PoolConfig(memory_budget_gb={"cpu": budget_gb}), STORE_ROOT,
                                   namespace=f"t-{uuid.uuid4().hex[:8]}")
     router = TableRouter(table)
     sched = Scheduler({"table": router}, pool, SchedulerSettings(**settings), {"smollm2": 0.1, "gemma3": 0.2})

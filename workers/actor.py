@@ -16,7 +16,7 @@ import ray
 
 from workers.backends import make_backend
 from workers.config import ExpertConfig
-from workers.types import GenerationResult, HiddenStates, Prompt, SamplingParams, WorkerInfo
+from workers.types import GenerationResult, Prompt, SamplingParams, WorkerInfo
 
 
 class ExpertLoadError(RuntimeError):
@@ -28,9 +28,9 @@ class NotLoadedError(RuntimeError):
 
 
 class ExpertWorker:
-    def __init__(self, config: ExpertConfig, model_store: str | None = None) -> None:
+    def __init__(self, config: ExpertConfig, model_store: str) -> None:
         self.config = config
-        self.backend = make_backend(config, Path(model_store) if model_store else None)
+        self.backend = make_backend(config, Path(model_store))
         self.state = "unloaded"
         self.error: str | None = None
         self.load_s: float | None = None
@@ -110,8 +110,3 @@ class ExpertWorker:
             generate_s=time.perf_counter() - started,
             batch_size=len(parsed),
         )
-
-    def hidden_states(self, prompts: list[str | Prompt], layers: list[int]) -> HiddenStates:
-        with self.lock:
-            self._require_loaded()
-            return self.backend.hidden_states([Prompt.of(p) for p in prompts], layers)

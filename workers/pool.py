@@ -23,8 +23,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from workers.actor import ExpertLoadError, ExpertWorker, NotLoadedError
 from workers.config import ExpertConfig, PoolConfig
+from workers.errors import UserError
 from workers.placement import actor_options, check_placement
-from workers.types import GenerationResult, HiddenStates, Prompt, SamplingParams, WorkerInfo
+from workers.types import GenerationResult, Prompt, SamplingParams, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,16 @@ def reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, RuntimeError | ValueError | KeyError) else f"{type(exc).__name__}: {exc}"
 
 
-class UnknownExpertError(KeyError):
+class UnknownExpertError(UserError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-class BudgetError(RuntimeError):
+class BudgetError(UserError, RuntimeError):
     """An expert is larger than its device's whole budget."""
 
 
-class ExpertUnavailableError(RuntimeError):
+class ExpertUnavailableError(UserError, RuntimeError):
     """An expert failed to load or its actor is gone for good."""
 
 
@@ -82,7 +83,7 @@ class _Slot:
 class ExpertPool:
     """Create with ``await ExpertPool.start(...)`` once Ray is initialised."""
 
-    def __init__(self, config: PoolConfig, model_store: Path | None, namespace: str, detached: bool = False) -> None:
+    def __init__(self, config: PoolConfig, model_store: Path, namespace: str, detached: bool = False) -> None:
         """``detached``: the experts are shared, named actors that outlive this pool (Ray Serve replicas)."""
         self.slots: dict[str, _Slot] = {}
         self.config = config
@@ -97,8 +98,8 @@ class ExpertPool:
         cls,
         experts: list[ExpertConfig],
         config: PoolConfig,
-        model_store: Path | None = None,
-        namespace: str = "concilium",
+        model_store: Path,
+        namespace: str,
         detached: bool = False,
     ) -> ExpertPool:
         check_placement(experts, live_nodes())
@@ -109,7 +110,7 @@ class ExpertPool:
 
     def _spawn(self, expert: ExpertConfig) -> _Slot:
         actor = ray.remote(ExpertWorker).options(**actor_options(expert, self.namespace, self.detached)).remote(
-            expert, str(self.model_store) if self.model_store else None
+            expert, str(self.model_store)
         )
         return _Slot(config=expert, actor=actor)
 
@@ -299,15 +300,10 @@ class ExpertPool:
     async def generate(
         self, name: str, prompts: list[str | Prompt], params: SamplingParams | None = None
     ) -> GenerationResult:
-        if params is None:
-            gen = self.config_of(name).generation
-            params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.seed)
-        return await self._call(name, "generate", prompts, params)
-
-    async def hidden_states(self, name: str, prompts: list[str | Prompt], layers: list[int]) -> HiddenStates:
-        return await self._call(name, "hidden_states", prompts, layers)
+        return await self._call(name, "generate", prompts, params or self.config_of(name).generation.sampling())
 
     async def unload(self, name: str) -> None:
+        """Unload an idle expert now, as the naive per-query baseline of ``bench scheduler`` does."""
         slot = self._slot(name)
         async with self._changed:
             if slot.resident and slot.in_use == 0:

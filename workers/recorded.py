@@ -12,13 +12,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.errors import UserError
+
 ID_FIELDS = ("question_id", "sample_id", "id")
 TEXT_FIELDS = ("question", "query")
 OUTCOME_FIELDS = ("correct", "score")
 CATEGORY_FIELDS = ("category", "eval_name")
 
 
-class RecordedDataError(ValueError):
+class RecordedDataError(UserError, ValueError):
     """A bench-data folder that is missing, malformed or inconsistent."""
 
 
@@ -28,7 +30,8 @@ class Record:
     text: str
     category: str | None
     outcome: tuple[float, ...]
-    pred: tuple[str, ...] | None
+    pred: tuple[str | None, ...] | None
+    """Each model's extracted answer; None where the recording extracted none."""
     cost: tuple[float, ...] | None
 
 
@@ -55,11 +58,11 @@ def _first(row: dict, fields: tuple[str, ...], where: str, required: bool = True
     return None
 
 
-def _per_model(value: object, n: int, field: str, where: str, kind: type) -> tuple:
+def _per_model(value: object, n: int, field: str, where: str, kind: type, nullable: bool = False) -> tuple:
     if not isinstance(value, list) or len(value) != n:
         raise RecordedDataError(f"{where}: {field!r} must be a list of {n} values, one per model")
     try:
-        return tuple(kind(v) for v in value)
+        return tuple(None if nullable and v is None else kind(v) for v in value)
     except (TypeError, ValueError):
         raise RecordedDataError(f"{where}: {field!r} holds a value that is not {kind.__name__}") from None
 
@@ -100,7 +103,7 @@ def load_recorded(folder: str | Path) -> RecordedOutcomes:
                     text=str(_first(row, TEXT_FIELDS, where)),
                     category=None if category is None else str(category),
                     outcome=outcome,
-                    pred=None if pred is None else _per_model(pred, n, "pred", where, str),
+                    pred=None if pred is None else _per_model(pred, n, "pred", where, str, nullable=True),
                     cost=None if cost is None else _per_model(cost, n, "cost_usd", where, float),
                 )
             )

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from workers.errors import UserError
 
-class EmptyPromptError(ValueError):
+
+class EmptyPromptError(UserError, ValueError):
     """A prompt with no text; generating from it is meaningless."""
 
 
@@ -89,15 +91,6 @@ class GenerationResult:
     @property
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.completions)
-
-
-@dataclass
-class HiddenStates:
-    """Per-prompt hidden states at the requested layers, for the latent router."""
-
-    layers: list[int]
-    states: list[list[object]]
-    """states[i][j]: a [tokens, hidden] tensor for prompt i at layers[j], padding removed."""
 
 
 @dataclass

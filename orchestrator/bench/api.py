@@ -13,7 +13,6 @@ the store's answer record.
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -22,10 +21,12 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 
-from orchestrator.app import create_app
+from orchestrator import env
+from orchestrator.api.app import create_app
+from orchestrator.api.schemas import QueryBody
+from orchestrator.api.service import Service
 from orchestrator.config import ConciliumConfig
-from orchestrator.schemas import QueryBody
-from orchestrator.service import Service
+from routers.vocabulary import Aggregation
 from workers.config import SimulatedExpert
 
 
@@ -51,21 +52,19 @@ def _p(values: list[float], q: int) -> float:
 async def run_api_bench(config: ConciliumConfig, n: int, progress: Callable[[str], None]) -> list[LatencyFigures]:
     config = config.model_copy(update={"server": config.server.model_copy(update={"cache_ttl_s": 0.0})})
     service = await Service.start(config)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(config, service=service), host="127.0.0.1", port=port,
+    port = env.free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(config, service=service), host=env.LOOPBACK, port=port,
                                            log_level="warning"))
     serving = asyncio.create_task(server.serve())
     times: dict[str, list[float]] = {"pipeline.ask (direct)": [], "POST /v1/query": [], "POST /v1/route": []}
     try:
         while not server.started:
             await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        async with httpx.AsyncClient(base_url=f"http://{env.LOOPBACK}:{port}", timeout=60) as http:
             for i in range(-5, n):  # five warm-up rounds, not counted
                 if i % 50 == 0:
                     progress(f"round {max(i, 0)}/{n}")
-                body = {"query": f"Question {i}: what is {i} + {i}?", "max_tokens": 4, "aggregation": "best"}
+                body = {"query": f"Question {i}: what is {i} + {i}?", "max_tokens": 4, "aggregation": Aggregation.BEST.value}
                 t0 = time.perf_counter()
                 await service.pipeline.ask(service.to_request(QueryBody.model_validate(body)))
                 t1 = time.perf_counter()

@@ -24,7 +24,7 @@ import numpy as np
 
 from orchestrator.bench.models import PROMPTS
 from orchestrator.config import ConciliumConfig
-from workers.config import ExpertConfig, PoolConfig, SimulatedExpert
+from workers.config import PoolConfig, SimulatedExpert
 from workers.pool import ExpertPool
 from workers.types import SamplingParams
 
@@ -52,13 +52,14 @@ def fit_steps(step_s_by_batch: dict[int, float]) -> tuple[float, float]:
 
 
 async def calibrate(
-    experts: list[ExpertConfig],
+    config: ConciliumConfig,
     batch_sizes: list[int],
     new_tokens: int,
     repeats: int,
     progress: Callable[[str], None],
 ) -> list[Calibration]:
-    pool = await ExpertPool.start(experts, PoolConfig(), namespace=f"calibrate-{uuid.uuid4().hex[:8]}")
+    experts = config.experts
+    pool = await ExpertPool.start(experts, PoolConfig(), config.store_root, namespace=f"calibrate-{uuid.uuid4().hex[:8]}")
     params = SamplingParams(max_new_tokens=new_tokens)
     out = []
     try:

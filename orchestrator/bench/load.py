@@ -40,14 +40,17 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
+from orchestrator import env
 from orchestrator.client import wait_until_ready
+from routers.vocabulary import Aggregation
+from workers.errors import UserError
 from workers.recorded import load_recorded
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+LOOPBACK_HOSTS = {env.LOOPBACK, "localhost", "::1", "[::1]"}
 REPLAY_MODELS = ("gemini-1.5-pro-002", "Meta-Llama-3_1-70B-Instruct", "Qwen1.5-72B-Chat")
 
 
-class LoadError(ValueError):
+class LoadError(UserError, ValueError):
     """A load test that cannot run as asked (a remote URL, a server that would not start)."""
 
 
@@ -100,7 +103,7 @@ def replay_server_config(data: Path, max_pending: int) -> dict:
     recorded = load_recorded(data)
     models = [m for m in REPLAY_MODELS if m in recorded.models] or list(recorded.models[:3])
     return {
-        "routing": {"aggregation": "vote", "max_wait_ms": 5, "max_batch": 32, "max_pending": max_pending},
+        "routing": {"aggregation": Aggregation.VOTE.value, "max_wait_ms": 5, "max_batch": 32, "max_pending": max_pending},
         "server": {"cache_ttl_s": 0},
         "experts": [{"name": f"replay-{i}", "backend": "replay", "path": str(data), "model": m}
                     for i, m in enumerate(models)],
@@ -111,14 +114,10 @@ class StartedServer:
     """``concilium serve`` in its own process group on a free loopback port, stopped by its PID."""
 
     def __init__(self, config: dict, ready_timeout_s: float = 240) -> None:
-        import socket
-
         self.folder = Path(tempfile.mkdtemp(prefix="concilium-load-"))
         (self.folder / "config.yaml").write_text(yaml.safe_dump(config))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        port = env.free_port()
+        self.url = f"http://{env.LOOPBACK}:{port}"
         self.log = (self.folder / "serve.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", "serve", "--port", str(port),

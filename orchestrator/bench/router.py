@@ -26,6 +26,7 @@ from routers.embedding import DIM, Embedder
 from routers.profiles import Profiles
 from routers.skill_index import SkillIndex
 from routers.symbolic import SkillRouter
+from routers.vocabulary import Policy
 
 
 @dataclass
@@ -73,7 +74,7 @@ def run_router_bench(
     progress: Callable[[str], None],
 ) -> list[RouterFigures]:
     results = []
-    options = RouteOptions(k=3, policy="topk")
+    options = RouteOptions(k=3, policy=Policy.TOPK)
     for n_skills in skill_counts:
         for n_experts in expert_counts:
             progress(f"building a {n_skills}-skill index for {n_experts} experts")

@@ -35,9 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.bench.models import PROMPTS
-from orchestrator.scheduler import QueryRequest, Scheduler, SchedulerSettings
-from routers.base import Decision
+from orchestrator.config import ConciliumConfig
+from orchestrator.engine.requests import QueryRequest
+from orchestrator.engine.scheduler import Scheduler
+from orchestrator.engine.settings import SchedulerSettings
+from routers.base import Decision, RouteOptions, Router
+from routers.vocabulary import Aggregation
 from workers.config import ExpertConfig, PoolConfig
+from workers.errors import UserError
 from workers.pool import ExpertPool
 from workers.types import SamplingParams
 
@@ -62,10 +67,8 @@ class VariantFigures:
         return self.n / max(self.wall_s, self.device_s)
 
 
-class _FixedRouter:
+class _FixedRouter(Router):
     """Replays a given assignment: the benchmark measures scheduling, not routing."""
-
-    name = "fixed"
 
     def __init__(self, assignment: dict[str, list[str]]) -> None:
         self.assignment = assignment
@@ -73,7 +76,8 @@ class _FixedRouter:
     def fit(self, train: object) -> None:
         raise NotImplementedError("a fixed assignment learns nothing")
 
-    def route(self, texts: list[str], options: object, vectors: object = None) -> list[Decision]:
+    def route(self, texts: list[str], options: RouteOptions, vectors: object = None,
+              categories: object = None) -> list[Decision]:
         return [
             Decision(experts=self.assignment[t], scores={e: 1.0 for e in self.assignment[t]}) for t in texts
         ]
@@ -104,7 +108,7 @@ def time_scale(experts: list[ExpertConfig]) -> float:
     """The simulated experts' common time scale; 1 for real experts. Mixed scales would mix clocks."""
     scales = {getattr(e, "time_scale", 1.0) for e in experts}
     if len(scales) > 1:
-        raise ValueError(f"the experts' time_scale values differ ({sorted(scales)}); use one for all")
+        raise UserError(f"the experts' time_scale values differ ({sorted(scales)}); use one for all")
     return scales.pop()
 
 
@@ -116,7 +120,7 @@ async def _batched(pool: ExpertPool, work: dict[str, list[str]], params: Samplin
     latencies: list[float] = []
 
     async def one(q: str) -> int:
-        request = QueryRequest(q, aggregation="best", max_new_tokens=params.max_new_tokens,
+        request = QueryRequest(q, aggregation=Aggregation.BEST, max_new_tokens=params.max_new_tokens,
                                temperature=params.temperature)
         ans = await sched.submit(request)
         latencies.append(time.perf_counter() - t0)
@@ -152,7 +156,7 @@ async def _per_query(pool: ExpertPool, work: dict[str, list[str]], params: Sampl
 
 
 async def run_scheduler_bench(
-    experts: list[ExpertConfig],
+    config: ConciliumConfig,
     sizes: list[int],
     new_tokens: int,
     budget_gb: float,
@@ -161,6 +165,7 @@ async def run_scheduler_bench(
     progress: Callable[[str], None],
 ) -> list[VariantFigures]:
     """For each N: under the tight budget, batched vs naive; with no budget, batched vs resident."""
+    experts = config.experts
     names = [e.name for e in experts]
     scale = time_scale(experts)
     params = SamplingParams(max_new_tokens=new_tokens)
@@ -168,8 +173,8 @@ async def run_scheduler_bench(
     for n in sizes:
         work = workload(n, names)
         for budget, gb in ((f"{budget_gb:g} GB", budget_gb), ("unlimited", None)):
-            config = PoolConfig(memory_budget_gb={device: gb} if gb else {})
-            pool = await ExpertPool.start(experts, config, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+            budgets = PoolConfig(memory_budget_gb={device: gb} if gb else {})
+            pool = await ExpertPool.start(experts, budgets, config.store_root, namespace=f"bench-{uuid.uuid4().hex[:8]}")
             try:
                 progress(f"N={n}, {budget}: batched-by-expert")
                 # Every variant of a budget starts alike: one expert resident, or all of them.

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Protocol
 
 from workers.config import ExpertConfig
-from workers.types import Completion, HiddenStates, Prompt, SamplingParams
+from workers.types import Completion, Prompt, SamplingParams
 
 
 class BackendUnsupported(NotImplementedError):
-    """The backend cannot do this (e.g. hidden states from a remote endpoint)."""
+    """The backend cannot do what its config asks (e.g. a chat template the tokenizer lacks)."""
 
 
 class Backend(Protocol):
@@ -27,8 +27,6 @@ class Backend(Protocol):
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]: ...
 
-    def hidden_states(self, prompts: list[Prompt], layers: list[int]) -> HiddenStates: ...
-
     def estimate_memory_bytes(self) -> int:
         """Resident size before loading, for the pool's memory budget."""
         ...
@@ -38,7 +36,7 @@ class Backend(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
-def make_backend(config: ExpertConfig, model_store: Path | None) -> Backend:
+def make_backend(config: ExpertConfig, model_store: Path) -> Backend:
     factories: dict[str, Callable[[], Backend]] = {
         "transformers": lambda: _transformers(config, model_store),
         "openai": lambda: _openai(config),
@@ -48,7 +46,7 @@ def make_backend(config: ExpertConfig, model_store: Path | None) -> Backend:
     return factories[config.backend]()
 
 
-def _transformers(config: ExpertConfig, model_store: Path | None) -> Backend:
+def _transformers(config: ExpertConfig, model_store: Path) -> Backend:
     from workers.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(config, model_store)

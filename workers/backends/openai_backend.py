@@ -11,9 +11,8 @@ import os
 
 import httpx
 
-from workers.backends import BackendUnsupported
 from workers.config import OpenAIExpert
-from workers.types import Completion, HiddenStates, Prompt, SamplingParams
+from workers.types import Completion, Prompt, SamplingParams
 
 
 class RemoteExpertError(RuntimeError):
@@ -103,9 +102,6 @@ class OpenAIBackend:
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=choice.get("finish_reason") or "stop",
         )
-
-    def hidden_states(self, prompts: list[Prompt], layers: list[int]) -> HiddenStates:
-        raise BackendUnsupported(f"{self.config.name}: a remote endpoint exposes no hidden states")
 
     def describe(self) -> dict[str, object]:
         return {"base_url": self.config.base_url, "model": self.config.model}

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 
-from workers.backends import BackendUnsupported
 from workers.config import ReplayExpert
 from workers.recorded import Record, RecordedOutcomes, load_recorded
-from workers.types import Completion, HiddenStates, Prompt, SamplingParams
+from workers.types import Completion, Prompt, SamplingParams
 
 
 def _key(text: str) -> str:
@@ -83,9 +82,6 @@ class ReplayBackend:
                 )
             )
         return out
-
-    def hidden_states(self, prompts: list[Prompt], layers: list[int]) -> HiddenStates:
-        raise BackendUnsupported(f"{self.config.name}: a replay expert has no hidden states")
 
     def describe(self) -> dict[str, object]:
         return {"path": str(self.config.path), "model": self.config.model}

@@ -16,9 +16,8 @@ from __future__ import annotations
 import hashlib
 import time
 
-from workers.backends import BackendUnsupported
 from workers.config import SimulatedExpert
-from workers.types import Completion, HiddenStates, Prompt, SamplingParams
+from workers.types import Completion, Prompt, SamplingParams
 
 _LETTERS = "ABCD"
 
@@ -65,9 +64,6 @@ class SimulatedBackend:
             out.append(Completion(f"The answer is ({letter}).", count, params.max_new_tokens, "length",
                                   meta={"simulated": True}))
         return out
-
-    def hidden_states(self, prompts: list[Prompt], layers: list[int]) -> HiddenStates:
-        raise BackendUnsupported(f"{self.config.name}: a simulated expert has no hidden states")
 
     def describe(self) -> dict[str, object]:
         c = self.config

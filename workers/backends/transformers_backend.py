@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from workers.backends import BackendUnsupported
 from workers.config import TransformersExpert
 from workers.model_store import ModelStore
-from workers.types import Completion, HiddenStates, Prompt, SamplingParams
+from workers.types import Completion, Prompt, SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class TransformersBackend:
-    def __init__(self, config: TransformersExpert, model_store: Path | None) -> None:
+    def __init__(self, config: TransformersExpert, model_store: Path) -> None:
         self.config = config
         self.store = ModelStore(model_store)
         self.model = None
@@ -157,27 +157,6 @@ class TransformersBackend:
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
-
-    @torch.inference_mode()
-    def hidden_states(self, prompts: list[Prompt], layers: list[int]) -> HiddenStates:
-        """Hidden states of the prompt tokens (padding removed) at the given layers.
-
-        Layer 0 is the embedding output and layer L the last block's output, as
-        transformers numbers them; negative indices count from the end.
-        """
-        self._require_loaded()
-        enc = self._encode(prompts)
-        result = self.model(**enc, output_hidden_states=True)
-        n_layers = len(result.hidden_states)
-        for layer in layers:
-            if not -n_layers <= layer < n_layers:
-                raise ValueError(f"layer {layer} is out of range for {n_layers} hidden-state layers")
-        mask = enc["attention_mask"].bool()
-        states = [
-            [result.hidden_states[layer][i][mask[i]].float().cpu() for layer in layers]
-            for i in range(len(prompts))
-        ]
-        return HiddenStates(layers=list(layers), states=states)
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {"dtype": self.config.dtype, "source": self.config.source}

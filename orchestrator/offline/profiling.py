@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from routers.embedding import Embedder
 from routers.grading import is_correct
 from routers.profiles import Profiles, build_profiles
 from routers.skill_index import SkillIndex
+from workers.pool import ExpertPool
 
 LIVE_PROMPT = (
     "Answer the following question. Think briefly, then finish with 'The answer is (X)' for a "
@@ -136,6 +138,8 @@ async def live_outcomes(
     return correct, answers
 
 
+ANNOTATION_TOKENS = 32
+"""Enough for a few comma-separated keywords."""
 AGGREGATOR_FORMAT = "Finish with 'The answer is (X)' or, for a numeric answer, \\boxed{N}."
 
 
@@ -165,3 +169,39 @@ async def rank_aggregators(
         right = [is_correct(c.text, it.gold) for c, it in zip(result.completions, items)]
         scores[expert] = sum(right) / len(right)
     return scores
+
+
+@dataclass
+class LiveProfile:
+    """What a live profiling run learns about the configured experts."""
+
+    correct: np.ndarray
+    keywords: list[list[str]] | None
+    """The annotator expert's skills per question; None: the embedding annotator names them later."""
+    aggregator_accuracy: dict[str, float] | None
+
+
+async def profile_live(
+    pool: ExpertPool, questions: list[str], gold: list[str], max_new_tokens: int | None, annotator: str | None,
+    select_aggregator: bool, on_expert: Callable[[str], None], on_stage: Callable[[str], None],
+) -> LiveProfile:
+    """Every expert answers every question (one batched call each); optionally an expert names the skills
+    (the paper's LLM annotator) and the aggregators are ranked by the synthesis test."""
+
+    async def gen(name: str, prompts: list[str]):  # noqa: ANN202
+        return await pool.generate(name, prompts, pool.config_of(name).generation.sampling(max_new_tokens))
+
+    async def annotate(prompts: list[str], temperature: float):  # noqa: ANN202
+        params = pool.config_of(annotator).generation.sampling(ANNOTATION_TOKENS, temperature)
+        return await pool.generate(annotator, prompts, params)
+
+    correct, answers = await live_outcomes(gen, pool.names, questions, gold, on_expert)
+    keywords, ranking = None, None
+    if annotator is not None:
+        llm = LLMAnnotator()
+        on_stage(f"{annotator} is naming skills ({llm.samples} samples each)")
+        keywords = await llm_keywords(annotate, questions, llm)
+    if select_aggregator:
+        on_stage("synthesis test for the aggregator ranking")
+        ranking = await rank_aggregators(gen, pool.names, questions, gold, answers, correct)
+    return LiveProfile(correct, keywords, ranking)

@@ -23,9 +23,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from orchestrator.scheduler import Overloaded
-from orchestrator.schemas import JobOut, QueryBody, QueryResponse
-from orchestrator.store import Store, StoreUnavailable
+from orchestrator.api.schemas import JobOut, QueryBody, QueryResponse
+from orchestrator.api.store import Store, StoreUnavailable
+from orchestrator.engine.requests import Overloaded
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Aggregation = Literal["synthesize", "vote", "best", "moa", "self-moa"]
-Policy = Literal["symbolic", "topk", "cost"]
+from routers.vocabulary import Aggregation, Mode, Policy
+
+DEFAULT_MODEL = "concilium"
+"""The chat model that routes with the service's default router; ``concilium/<router>`` picks a router."""
 JobStatus = Literal["queued", "running", "done", "failed"]
 
 
@@ -54,6 +56,8 @@ class Usage(BaseModel):
 
 class Routing(BaseModel):
     router: str
+    mode: Mode = Mode.ENSEMBLE
+    """ensemble: the experts answered and an aggregator merged; latent: the primary read its peers' latents."""
     experts: list[str]
     scores: dict[str, float]
     aggregator: str | None
@@ -92,7 +96,7 @@ class ChatMessage(BaseModel):
 class ChatBody(_Request):
     """The OpenAI chat-completions request, with the fields Concilium honours and its own routing knobs."""
 
-    model: str = "concilium"
+    model: str = DEFAULT_MODEL
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -133,7 +137,7 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
-    owned_by: str = "concilium"
+    owned_by: str = DEFAULT_MODEL
 
 
 class ModelList(BaseModel):

@@ -1,7 +1,8 @@
 """The routed pipeline: query → route → solve → aggregate → answer.
 
-A plain Python controller over the router, the expert pool and the scheduler,
-used by the CLI now and by the API later.
+A plain Python controller over the routers, the expert pool, the latent group
+and the scheduler: ``concilium ask`` uses it directly, and the API's service
+controller wraps it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ import logging
 from pathlib import Path
 
 from orchestrator.config import ConciliumConfig
-from orchestrator.runtime import start_pool
-from orchestrator.scheduler import Answer, LatentExecutor, QueryRequest, Scheduler, SchedulerSettings
-from routers.base import Router, make_router
+from orchestrator.engine.executor import LatentExecutor
+from orchestrator.engine.requests import Answer, QueryRequest
+from orchestrator.engine.runtime import start_pool
+from orchestrator.engine.scheduler import Scheduler
+from orchestrator.engine.settings import TOP_SCORED, SchedulerSettings
+from routers.base import Router
 from routers.embedding import Embedder
 from routers.profiles import ProfileError, Profiles, read_artifact
+from routers.registry import make_router
 from routers.skill_index import SkillIndex
 from routers.symbolic import SkillRouter
+from routers.vocabulary import LATENT_ROUTER
+from workers.errors import UserError
 from workers.model_store import embedder_path
 from workers.pool import ExpertPool
 
@@ -34,7 +41,7 @@ def _latest_profiles(config: ConciliumConfig) -> Path | None:
     return folder
 
 
-def check_artifacts(config: ConciliumConfig, store_root: Path | None = None) -> None:
+def check_artifacts(config: ConciliumConfig) -> None:
     """Read the newest profile artifacts and the latent checkpoint once, before anything starts, so that a
     missing, corrupt or mismatched file stops ``serve`` with its name instead of leaving a half-started server."""
     folder = _latest_profiles(config)
@@ -43,12 +50,12 @@ def check_artifacts(config: ConciliumConfig, store_root: Path | None = None) -> 
         SkillIndex.load(folder)
     aggregator_preference(config)
     if config.latent.checkpoint is not None:
-        from orchestrator.latent_group import check_latent
+        from orchestrator.latent.group import check_latent
 
-        check_latent(config, store_root or config.model_store)
+        check_latent(config)
 
 
-def load_routers(config: ConciliumConfig, experts: list[str], store_root: Path | None = None) -> dict[str, Router]:
+def load_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
     """Routers by name, the default first: the skill router over the newest profiles for exactly these
     experts, and ``all`` (every expert answers), which is the default when there are no such profiles.
     With ``latent.checkpoint`` set, ``latent`` is served as well (never the default: it needs a trained
@@ -60,9 +67,9 @@ def load_routers(config: ConciliumConfig, experts: list[str], store_root: Path |
     """
     routers = _base_routers(config, experts)
     if config.latent.checkpoint is not None:
-        from orchestrator.latent_group import latent_routing
+        from orchestrator.latent.group import latent_routing
 
-        routers["latent"] = latent_routing(config, store_root or config.model_store)
+        routers[LATENT_ROUTER] = latent_routing(config)
     return routers
 
 
@@ -90,7 +97,7 @@ def aggregator_preference(config: ConciliumConfig) -> tuple[tuple[str, ...], str
         ranking = (data.get("aggregator_ranking") if isinstance(data, dict) else None) or []
         configured = {e.name for e in config.experts}
         return tuple(e for e in ranking if e in configured), f"profiles' aggregator ranking ({summary})"
-    return (), "router's top-scored expert"
+    return (), TOP_SCORED
 
 
 def scheduler_settings(config: ConciliumConfig) -> SchedulerSettings:
@@ -106,37 +113,35 @@ def expert_costs(config: ConciliumConfig) -> dict[str, float]:
     return {e.name: e.cost_per_1k_tokens for e in config.experts}
 
 
-class ReloadError(ValueError):
+class ReloadError(UserError, ValueError):
     """A new config that cannot be applied without a restart."""
 
 
 class Pipeline:
     def __init__(self, config: ConciliumConfig, pool: ExpertPool, scheduler: Scheduler,
-                 latent: LatentExecutor | None = None, model_store: Path | None = None) -> None:
+                 latent: LatentExecutor | None = None) -> None:
         self.config = config
         self.pool = pool
         self.scheduler = scheduler
         self.latent = latent
-        self.model_store = model_store
 
     @classmethod
-    async def start(cls, config: ConciliumConfig, model_store: Path | None = None, detached: bool = False) -> Pipeline:
+    async def start(cls, config: ConciliumConfig, detached: bool = False) -> Pipeline:
         """``detached``: share the experts as named actors that outlive this pipeline (Ray Serve replicas)."""
-        store_root = model_store or config.model_store
-        routers = load_routers(config, [e.name for e in config.experts], store_root)
-        pool = await start_pool(config, model_store, detached)
+        routers = load_routers(config, [e.name for e in config.experts])
+        pool = await start_pool(config, detached)
         latent = None
         if config.latent.checkpoint is not None:
-            from orchestrator.latent_group import LatentGroup
+            from orchestrator.latent.group import LatentGroup
 
             try:
-                latent = await LatentGroup.start(config, store_root, detached)
+                latent = await LatentGroup.start(config, detached)
             except Exception:
                 pool.shutdown()
                 raise
         scheduler = Scheduler(routers, pool, scheduler_settings(config), expert_costs(config), latent)
         scheduler.start()
-        return cls(config, pool, scheduler, latent, store_root)
+        return cls(config, pool, scheduler, latent)
 
     async def reload(self, config: ConciliumConfig) -> dict[str, list[str]]:
         """Apply a new config's experts, routing and budgets in place: only added, removed or changed experts are
@@ -153,7 +158,7 @@ class Pipeline:
             await self.pool.remove(name)
         for name in changed + added:
             await self.pool.add(new[name])
-        routers = load_routers(config, self.pool.names, self.model_store)
+        routers = load_routers(config, self.pool.names)
         self.scheduler.reconfigure(routers, scheduler_settings(config), expert_costs(config))
         self.config = config
         return {"added": added, "removed": removed, "changed": changed, "routers": list(routers)}

@@ -8,9 +8,9 @@ ingress restart never reloads a model, and several replicas share one set of
 experts on the GPU nodes.
 
 Three ways to run it, all through ``build``:
-- ``concilium cluster deploy --address HOST:PORT --config FILE`` (``orchestrator.cluster``);
-- ``serve run orchestrator.serve:build config=FILE``;
-- a Serve config file or a KubeRay ``serveConfigV2`` naming ``import_path: orchestrator.serve:build``
+- ``concilium cluster deploy --address HOST:PORT --config FILE`` (``orchestrator.serving.cluster``);
+- ``serve run orchestrator.serving.serve:build config=FILE``;
+- a Serve config file or a KubeRay ``serveConfigV2`` naming ``import_path: orchestrator.serving.serve:build``
   with ``args: {config: FILE}`` (``deploy/kuberay/rayservice.yaml``).
 """
 
@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from orchestrator.app import create_app
+from orchestrator.api.app import create_app
 from orchestrator.config import ConciliumConfig, load_config
 
 

@@ -2,8 +2,8 @@
 
 It turns validated request models into pipeline requests, applies the
 configured limits, serves the response cache, keeps the answer records that
-feedback refers to, and runs jobs. The FastAPI app (``orchestrator.app``) is
-a thin layer over it, as RouteLLM's server is over its controller, so the
+feedback refers to, and runs jobs. The FastAPI routes (``orchestrator.api.routes``)
+are a thin layer over it, as RouteLLM's server is over its controller, so the
 same behaviour is reachable from Ray Serve or a test without HTTP.
 """
 
@@ -12,19 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from orchestrator.config import ConciliumConfig, ConfigError, load_config
-from orchestrator.jobs import JobRunner
-from orchestrator.metrics import Metrics
-from orchestrator.pipeline import Pipeline, ReloadError
-from orchestrator.scheduler import AllExpertsFailed, Answer, QueryRequest, RequestError
-from orchestrator.schemas import (
+from orchestrator import env
+from orchestrator.api.errors import InvalidRequest, NotFound, Unavailable
+from orchestrator.api.jobs import JobRunner
+from orchestrator.api.metrics import Metrics
+from orchestrator.api.schemas import (
+    DEFAULT_MODEL,
     ChatBody,
     ExpertAnswerOut,
     ExpertOut,
@@ -40,45 +39,22 @@ from orchestrator.schemas import (
     Routing,
     Usage,
 )
-from orchestrator.store import Store, StoreUnavailable, open_store
+from orchestrator.api.store import Store, StoreUnavailable, open_store
+from orchestrator.config import ConciliumConfig, ConfigError, load_config
+from orchestrator.engine.pipeline import Pipeline, ReloadError
+from orchestrator.engine.requests import AllExpertsFailed, Answer, QueryRequest, RequestError
 from routers.base import Decision, OnlineRouter, RouteOptions, RoutingError
+from routers.vocabulary import Aggregation, Policy
 from workers.placement import PlacementError
 from workers.types import Message
 
 log = logging.getLogger(__name__)
 
-REDIS_URL_ENV = "REDIS_URL"
 T = TypeVar("T")
 
 
-class ServiceError(Exception):
-    """An error with its HTTP status and type; subclasses fix the common ones."""
-
-    status = 500
-    type = "internal_error"
-
-    def __init__(self, message: str, status: int | None = None, kind: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status or self.status
-        self.type = kind or self.type
-        self.headers = headers
-
-
-class InvalidRequest(ServiceError):
-    status, type = 422, "invalid_request"
-
-
-class NotFound(ServiceError):
-    status, type = 404, "not_found"
-
-
-class Unavailable(ServiceError):
-    status, type = 503, "unavailable"
-
-
 def _routing(d: Decision) -> Routing:
-    return Routing(router=str(d.trace.get("router", "")), experts=d.experts, scores=d.scores,
+    return Routing(router=str(d.trace.get("router", "")), mode=d.mode, experts=d.experts, scores=d.scores,
                    aggregator=d.aggregator, skills=d.skills, fallback=d.fallback, trace=d.trace)
 
 
@@ -122,10 +98,9 @@ class Service:
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     @classmethod
-    async def start(cls, config: ConciliumConfig, model_store: Path | None = None,
-                    config_path: Path | None = None, detached: bool = False) -> Service:
-        store = open_store(os.environ.get(REDIS_URL_ENV) or config.server.redis_url)
-        pipeline = await Pipeline.start(config, model_store, detached)
+    async def start(cls, config: ConciliumConfig, config_path: Path | None = None, detached: bool = False) -> Service:
+        store = open_store(env.get(env.REDIS_URL) or config.server.redis_url)
+        pipeline = await Pipeline.start(config, detached)
         service = cls(config, pipeline, store, config_path)
         # Serve even without the store: the cache is off and jobs answer 503 until it is back.
         await service._store_call("start", store.ping())
@@ -160,7 +135,7 @@ class Service:
             raise InvalidRequest(f"k: {k} is above the limit of {limits.max_k}")
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
             raise InvalidRequest(f"max_tokens: {body.max_tokens} is above the limit of {limits.max_tokens}")
-        policy = body.policy or ("cost" if body.cost_lambda else defaults.policy)
+        policy = body.policy or (Policy.COST if body.cost_lambda else defaults.policy)
         try:
             request = QueryRequest(
                 query=body.query, options=RouteOptions(k=k, policy=policy, cost_lambda=body.cost_lambda or 0.0),
@@ -175,7 +150,7 @@ class Service:
 
     def _cacheable(self, request: QueryRequest) -> bool:
         """Only deterministic answers are cached: greedy decoding, and no self-moa sampling."""
-        if self.config.server.cache_ttl_s <= 0 or request.aggregation == "self-moa":
+        if self.config.server.cache_ttl_s <= 0 or request.aggregation == Aggregation.SELF_MOA:
             return False
         if request.temperature is not None:
             return request.temperature == 0
@@ -257,10 +232,10 @@ class Service:
         routers, experts = self.pipeline.scheduler.routers, self.pipeline.pool.names
         router, allow, k, aggregation = None, None, body.k, body.aggregation
         if body.model in experts:
-            allow, k, aggregation = [body.model], 1, aggregation or "best"
-        elif body.model.startswith("concilium/") and body.model.split("/", 1)[1] in routers:
+            allow, k, aggregation = [body.model], 1, aggregation or Aggregation.BEST
+        elif body.model.startswith(f"{DEFAULT_MODEL}/") and body.model.split("/", 1)[1] in routers:
             router = body.model.split("/", 1)[1]
-        elif body.model != "concilium":
+        elif body.model != DEFAULT_MODEL:
             raise NotFound(
                 f"model {body.model!r} does not exist; available: "
                 + ", ".join(m.id for m in self.models().data)
@@ -273,7 +248,7 @@ class Service:
 
     def models(self) -> ModelList:
         routers = self.pipeline.scheduler.routers
-        ids = ["concilium", *(f"concilium/{r}" for r in routers), *self.pipeline.pool.names]
+        ids = [DEFAULT_MODEL, *(f"{DEFAULT_MODEL}/{r}" for r in routers), *self.pipeline.pool.names]
         return ModelList(data=[ModelCard(id=i) for i in ids])
 
     async def experts(self) -> list[ExpertOut]:

@@ -22,14 +22,8 @@ import ray
 import torch
 
 from orchestrator.config import ConciliumConfig
-from orchestrator.latent import (
-    check_fit,
-    checkpoint_experts,
-    group_backends,
-    load_experts,
-    load_mixture,
-    router_for,
-)
+from orchestrator.latent.checkpoint import checkpoint_experts, load_mixture, router_for
+from orchestrator.latent.experts import check_fit, group_backends, load_experts
 from routers.embedding import Embedder
 from routers.latent import LatentError, LatentRouter, LatentRouting
 from workers.config import TransformersExpert
@@ -60,21 +54,21 @@ def _memory_limit(config: ConciliumConfig) -> int | None:
     return None if gb is None else int(gb * 2**30)
 
 
-def check_latent(config: ConciliumConfig, store_root: Path | None) -> tuple[list[TransformersExpert], LatentRouter]:
+def check_latent(config: ConciliumConfig) -> tuple[list[TransformersExpert], LatentRouter]:
     """Refuse, before any work, a latent setup that cannot run: a checkpoint that is missing or trained for
     other experts or weights, a default k past the mixture's experts, or experts that do not fit one device.
     Returns the experts and the checkpoint's router."""
     configs, router = router_for(config.latent.checkpoint, lambda names: latent_experts(config, names),
-                                 ModelStore(store_root))
+                                 ModelStore(config.store_root))
     if config.latent.k > len(configs):
         raise LatentError(f"latent.k = {config.latent.k}, but the checkpoint's mixture has {len(configs)} experts")
-    check_fit(group_backends(configs, store_root), _memory_limit(config), "latent.device_memory_gb")
+    check_fit(group_backends(configs, config.store_root), _memory_limit(config), "latent.device_memory_gb")
     return configs, router
 
 
-def latent_routing(config: ConciliumConfig, store_root: Path | None) -> LatentRouting:
+def latent_routing(config: ConciliumConfig) -> LatentRouting:
     """The ``latent`` router for the process that routes: the checkpoint's router over the MiniLM embedder."""
-    configs, router = check_latent(config, store_root)
+    configs, router = check_latent(config)
     return LatentRouting(router, [c.name for c in configs], Embedder(embedder_path()))
 
 
@@ -82,7 +76,7 @@ class LatentGroupWorker:
     """The actor's body. Loading happens in ``__init__``, so that a restarted actor loads again by itself;
     a failure is kept and reported by ``ready`` with its message, not as a dead actor's traceback."""
 
-    def __init__(self, configs: list[TransformersExpert], checkpoint: Path, store_root: Path | None,
+    def __init__(self, configs: list[TransformersExpert], checkpoint: Path, store_root: Path,
                  threads: int, memory_limit: int | None) -> None:
         self.error: str | None = None
         self.device = "cpu"
@@ -92,15 +86,11 @@ class LatentGroupWorker:
         except Exception as exc:  # reported by ready(), whatever it was
             self.error = reason(exc)
 
-    def _load(self, configs: list[TransformersExpert], checkpoint: Path, store_root: Path | None, threads: int,
+    def _load(self, configs: list[TransformersExpert], checkpoint: Path, store_root: Path, threads: int,
               memory_limit: int | None) -> None:
         t0 = time.perf_counter()
-        self.backends = group_backends(configs, store_root, threads)
-        devices = {b.device for b in self.backends.values()}
-        if len(devices) > 1:
-            raise LatentError(f"the latent group's experts must share one device, but they would run on "
-                              f"{', '.join(sorted(devices))}: set every expert's device alike")
-        self.device = devices.pop()
+        self.backends = group_backends(configs, store_root, threads)  # refuses experts on different devices
+        self.device = next(iter(self.backends.values())).device
         check_fit(self.backends, memory_limit, "latent.device_memory_gb")
         if self.device == "cuda":
             check_fit(self.backends, torch.cuda.mem_get_info()[0], "the GPU's free memory")
@@ -143,7 +133,7 @@ class LatentGroup:
     detached: bool
 
     @classmethod
-    async def start(cls, config: ConciliumConfig, store_root: Path | None, detached: bool = False) -> LatentGroup:
+    async def start(cls, config: ConciliumConfig, detached: bool = False) -> LatentGroup:
         """Start the actor (Ray must be up) and wait until its experts and checkpoint are loaded."""
         latent = config.latent
         free = ray.available_resources()
@@ -159,7 +149,7 @@ class LatentGroup:
         if detached:
             options.update(lifetime="detached", get_if_exists=True)
         actor = ray.remote(LatentGroupWorker).options(**options).remote(
-            latent_experts(config, checkpoint_experts(latent.checkpoint)), latent.checkpoint, store_root,
+            latent_experts(config, checkpoint_experts(latent.checkpoint)), latent.checkpoint, config.store_root,
             latent.threads, _memory_limit(config),
         )
         try:

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from routers.base import RouteOptions, RoutingError, make_router
+from orchestrator.offline.plots import plot_accuracy_vs_k, plot_frontier
+from routers.base import RouteOptions, RoutingError
 from routers.embedding import Embedder
-from orchestrator.plots import plot_accuracy_vs_k, plot_frontier
 from routers.evaluate import EvalData, baselines, cross_validation_splits, run_router
 from routers.frontier import aiq
+from routers.registry import make_router
+from routers.vocabulary import OFFLINE_AGGREGATIONS, Aggregation, Policy
 from workers.recorded import load_recorded
 
-AGGREGATIONS = ("vote", "best")
 POOLS: dict[str, list[str]] = {
     # The project's typical self-hosted fleet: 15 open models of 7B-13B (bench-data README).
     "open-small": [
@@ -85,8 +86,8 @@ def evaluate(
     plots: Path | None = None,
 ) -> dict[str, object]:
     """The JSON result of ``concilium eval``: the router and its baselines on the same splits."""
-    if aggregation not in AGGREGATIONS:
-        raise RoutingError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    if aggregation not in OFFLINE_AGGREGATIONS:
+        raise RoutingError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(OFFLINE_AGGREGATIONS)}")
     if budget_share is not None and budget_share <= 0:
         raise RoutingError("--budget-share must be positive")
     make_router(router, embedder=embedder)  # reject an unknown router before any work
@@ -142,7 +143,8 @@ def cost_frontier(
     """
     points = []
     for lam in LAMBDAS:
-        o = run_router(make, data, RouteOptions(k=1, policy="cost", cost_lambda=lam, seed=seed), "best", splits)
+        o = run_router(make, data, RouteOptions(k=1, policy=Policy.COST, cost_lambda=lam, seed=seed), Aggregation.BEST,
+                       splits)
         points.append((o.mean_cost, o.accuracy))
     idx = np.concatenate([t for _, t in splits])
     singles = {
@@ -163,8 +165,9 @@ def accuracy_by_k(
 ) -> list[dict[str, float]]:
     rows = []
     for k in range(1, 6):
-        opts = RouteOptions(k=k, policy=options.policy if options.policy != "cost" else "topk", seed=options.seed)
-        agg = "vote" if k > 1 else "best"
+        opts = RouteOptions(k=k, policy=options.policy if options.policy != Policy.COST else Policy.TOPK,
+                            seed=options.seed)
+        agg = Aggregation.VOTE if k > 1 else Aggregation.BEST
         r = run_router(make, data, opts, agg, splits)
         pc = run_router(lambda: make_router("per_category"), data, RouteOptions(k=k), agg, splits)
         rows.append({"k": k, "router": r.accuracy, "per_category_vote": pc.accuracy, "best_single": best_single})

@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator import env
 from orchestrator.config import ConciliumConfig, RayConfig
+from workers.errors import UserError
 
 if TYPE_CHECKING:  # importing workers.pool imports ray, which must wait for prepare_ray_env()
     from workers.pool import ExpertPool
 
-LOOPBACK = "127.0.0.1"
 
 
-class RayConnectError(RuntimeError):
+class RayConnectError(UserError, RuntimeError):
     """The configured Ray cluster cannot be reached, or local Ray left loopback."""
 
 
@@ -52,7 +53,7 @@ def init_ray(config: RayConfig) -> None:
     }
     if config.address is None:
         kwargs.update(
-            _node_ip_address=LOOPBACK,
+            _node_ip_address=env.LOOPBACK,
             include_dashboard=False,
             num_cpus=config.num_cpus,
             num_gpus=config.num_gpus,
@@ -66,20 +67,18 @@ def init_ray(config: RayConfig) -> None:
         raise RayConnectError(f"cannot connect to Ray at {config.address or 'local'}: {exc}") from None
     if config.address is None:
         addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
-        if addresses != {LOOPBACK}:
+        if addresses != {env.LOOPBACK}:
             ray.shutdown()
             raise RayConnectError(
-                f"local Ray bound to {sorted(addresses)}, not {LOOPBACK}: set "
+                f"local Ray bound to {sorted(addresses)}, not {env.LOOPBACK}: set "
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before anything imports ray"
             )
 
 
-async def start_pool(config: ConciliumConfig, model_store: Path | None = None, detached: bool = False) -> ExpertPool:
+async def start_pool(config: ConciliumConfig, detached: bool = False) -> ExpertPool:
     """Ray, then the configured experts' actors: the one way the CLI and the pipeline start a pool."""
     from workers.pool import ExpertPool
 
     init_ray(config.ray)
-    return await ExpertPool.start(
-        config.experts, config.pool, model_store or config.model_store, namespace=config.ray.namespace,
-        detached=detached,
-    )
+    return await ExpertPool.start(config.experts, config.pool, config.store_root, namespace=config.ray.namespace,
+                                  detached=detached)

@@ -17,8 +17,9 @@ import ray
 from ray import serve
 
 from orchestrator.config import ConciliumConfig, RayConfig
-from orchestrator.runtime import init_ray
-from orchestrator.serve import application
+from orchestrator.engine.runtime import init_ray
+from orchestrator.serving.serve import application
+from workers.errors import UserError
 from workers.placement import ACTOR_PREFIX, check_placement
 from workers.pool import live_nodes
 
@@ -26,7 +27,7 @@ CONNECT_TIMEOUT_S = 5.0
 INFO_TIMEOUT_S = 10.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The cluster cannot be reached, or the deployment cannot be done as asked."""
 
 

@@ -1,0 +1,202 @@
+"""``concilium bench scheduler``, ``bench calibrate``, ``bench api`` and ``bench load``: what serving costs, side
+by side with the naive ways of doing it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.table import Table
+
+from orchestrator import env
+from orchestrator.cli.common import MMLU_PRO, ConfigOpt, configure, err, friendly, int_list, out
+from orchestrator.config import ConciliumConfig
+
+
+def bench_scheduler(
+    n: Annotated[str, typer.Option(help="queries per burst; a comma list runs each size, e.g. 64,128,256")] = "128",
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer (greedy)")] = 8,
+    budget_gb: Annotated[float, typer.Option(min=0.001, help="a tight memory budget, e.g. one that fits one expert")]
+    = 1.2,
+    device: Annotated[str, typer.Option(help="the device the tight budget applies to: cpu or cuda:N")] = "cpu",
+    max_batch: Annotated[int, typer.Option(min=1, help="the scheduler's window size")] = 64,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Batched-by-expert vs naive per-query (load/generate/unload) vs resident without batching.
+
+    With a config of simulated experts (from `concilium bench calibrate`, or a projection such as
+    deploy/projection-16x8b.yaml) the same comparison runs on the cost model.
+    """
+    from dataclasses import asdict
+
+    from orchestrator.bench.scheduler import run_scheduler_bench, time_scale
+    from orchestrator.engine.runtime import init_ray
+
+    sizes = int_list(n, "--n")
+    cfg = configure(config)
+    scale = time_scale(cfg.experts)
+    init_ray(cfg.ray)
+    with err.status("benchmarking the scheduler") as status:
+        results = asyncio.run(
+            run_scheduler_bench(cfg, sizes, new_tokens, budget_gb, device, max_batch, status.update)
+        )
+    kind = "" if scale == 1.0 else f", SIMULATED (time scale {scale:g}; clock figures in modelled seconds)"
+    table = Table(title=f"scheduler, {new_tokens} new tokens per answer, {len(cfg.experts)} experts{kind}")
+    for col in ("N", "budget", "variant", "loads", "wall s", "device s", "q/s", "q/s one device", "tok/s",
+                "p50 s", "p95 s", "overhead ms/q"):
+        table.add_column(col)
+    for r in results:
+        overhead = "-" if r.overhead_ms_per_query is None else f"{r.overhead_ms_per_query:.2f}"
+        table.add_row(str(r.n), r.budget, r.variant, str(r.loads), f"{r.wall_s:.1f}", f"{r.device_s:.1f}",
+                      f"{r.queries_per_s:.2f}", f"{r.serial_queries_per_s:.2f}", f"{r.tokens_per_s:.1f}",
+                      f"{r.p50_s:.1f}", f"{r.p95_s:.1f}", overhead)
+    out.print(table)
+    by = {(r.n, r.budget, r.variant): r for r in results}
+    for size in sizes:
+        for (_, budget, variant) in [k for k in by if k[0] == size and k[2] != "batched"]:
+            b, o = by[(size, budget, "batched")], by[(size, budget, variant)]
+            out.print(f"N={size}, {budget}: batched / {variant} throughput = {b.queries_per_s / o.queries_per_s:.1f}x"
+                      f" (on one shared device: {b.serial_queries_per_s / o.serial_queries_per_s:.1f}x)")
+    if json_out is not None:
+        json_out.write_text(json.dumps(
+            [{**asdict(r), "serial_queries_per_s": r.serial_queries_per_s} for r in results], indent=2
+        ))
+
+
+def bench_calibrate(
+    out_file: Annotated[Path, typer.Option("--out", help="write the simulated config here (YAML)")],
+    batch_sizes: Annotated[str, typer.Option(help="batch sizes to time")] = "1,4,16",
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens per timed call")] = 8,
+    repeats: Annotated[int, typer.Option(min=1, help="timed repeats per point (medians are kept)")] = 3,
+    time_scale: Annotated[float, typer.Option(min=1e-6, max=1.0, help="the simulated experts' time scale")] = 1.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Time each real expert's load and batched decoding, and write a config of simulated copies of them."""
+    from orchestrator.bench.calibrate import calibrate, simulated_config
+    from orchestrator.engine.runtime import init_ray
+
+    sizes = int_list(batch_sizes, "--batch-sizes")
+    cfg = configure(config)
+    init_ray(cfg.ray)
+    with err.status("calibrating") as status:
+        results = asyncio.run(calibrate(cfg, sizes, new_tokens, repeats, status.update))
+    table = Table(title="calibrated cost model (medians)")
+    for col in ("expert", "device", "memory GB", "load s", "step ms by batch", "step ms", "ms per extra row"):
+        table.add_column(col)
+    for c in results:
+        steps = ", ".join(f"{b}: {t * 1000:.1f}" for b, t in c.step_s_by_batch.items())
+        table.add_row(c.expert, c.device, f"{c.memory_gb:.2f}", f"{c.load_s:.2f}", steps,
+                      f"{c.step_s * 1000:.2f}", f"{c.step_s_per_row * 1000:.2f}")
+    out.print(table)
+    out_file.write_text(
+        "# Written by `concilium bench calibrate`: simulated copies of the configured experts.\n"
+        + yaml.safe_dump(simulated_config(cfg, results, time_scale), sort_keys=False)
+    )
+    err.print(f"wrote {out_file}; run: concilium bench scheduler --config {out_file}", highlight=False)
+
+
+def bench_api(
+    n: Annotated[int, typer.Option(min=10, help="timed rounds (each: direct, /v1/query, /v1/route)")] = 200,
+    config: ConfigOpt = None,
+) -> None:
+    """API overhead: p50/p99 of /v1/route, and /v1/query against calling the pipeline directly.
+
+    Without --config it runs two simulated experts (1 ms per step, nothing to load), so the experts' own
+    time is small and the differences are the API's.
+    """
+    from orchestrator.bench.api import default_experts, run_api_bench
+    from orchestrator.engine.runtime import init_ray
+
+    cfg = configure(config) if config else ConciliumConfig(experts=default_experts())
+    init_ray(cfg.ray)
+    with err.status("benchmarking the API") as status:
+        results = asyncio.run(run_api_bench(cfg, n, status.update))
+    table = Table(title=f"API latency, {n} sequential rounds, experts {[e.name for e in cfg.experts]}")
+    for col in ("path", "n", "p50 ms", "p99 ms"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.path, str(r.n), f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}")
+    out.print(table)
+    direct, http = results[0], results[1]
+    out.print(f"/v1/query overhead over the pipeline: p50 {http.p50_ms - direct.p50_ms:+.2f} ms "
+              f"({http.p50_ms / direct.p50_ms:.2f}x)")
+
+
+def bench_load(
+    clients: Annotated[int, typer.Option(min=1, max=1024, help="concurrent clients")] = 64,
+    requests: Annotated[int, typer.Option(min=1, max=1000, help="requests per client, one after another")] = 20,
+    url: Annotated[str | None, typer.Option(help="a running server on loopback; default: start a replay server")]
+    = None,
+    data: Annotated[Path, typer.Option(help="bench-data folder the started server's replay experts answer from")]
+    = MMLU_PRO,
+    max_pending: Annotated[int, typer.Option(min=1, help="the started server's routing.max_pending")] = 32,
+    time_limit_s: Annotated[float, typer.Option(min=1, help="stop the whole run after this long")] = 600,
+    request_timeout_s: Annotated[float, typer.Option(min=0.1, help="client timeout per request")] = 120,
+    api_key: Annotated[str | None, typer.Option(envvar=env.CLIENT_API_KEY, help="for a server with keys")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write every request's outcome as JSON")] = None,
+) -> None:
+    """Many concurrent clients against the API; every request is accounted for (answered, rejected, lost).
+
+    Without --url it starts `concilium serve` with three replay experts (recorded MMLU-Pro answers, the cache
+    off) and checks each answer against the recording. Exits 1 if any request was lost, unfinished or
+    duplicated.
+    """
+    from orchestrator.bench.load import (
+        StartedServer,
+        expected_answers,
+        replay_server_config,
+        require_loopback,
+        run_load,
+        write_report,
+    )
+    from workers.recorded import load_recorded
+
+    server, expected = None, None
+    if url is not None:
+        require_loopback(url)
+        questions = [r.text for r in load_recorded(data).records]
+    else:
+        config = replay_server_config(data, max_pending)
+        expected = expected_answers(config)
+        questions = list(expected)
+        with err.status("starting a replay server"):
+            server = StartedServer(config)
+        url = server.url
+    try:
+        with err.status("load test") as status:
+            report = asyncio.run(run_load(url, clients, requests, questions, expected, time_limit_s,
+                                          request_timeout_s, api_key, status.update))
+    finally:
+        if server is not None:
+            server.stop()
+    table = Table(title=f"{clients} clients x {requests} requests against {url}, {report.wall_s:.1f} s")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    c = report.counts
+    rows = [("sent", report.sent), *((k, c.get(k, 0)) for k in ("answered", "rejected", "lost", "unfinished")),
+            ("duplicated", report.duplicated), ("p50 ms (answered)", f"{report.p50_ms or 0:.1f}"),
+            ("p99 ms (answered)", f"{report.p99_ms or 0:.1f}"), ("answered per s", f"{report.answered_per_s:.1f}")]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    out.print(table)
+    out.print("answers checked against the recording: " + ("yes" if report.checked_answers else "no (--url)"))
+    for o in [o for o in report.outcomes if o.outcome in ("lost", "unfinished")][:10]:
+        out.print(f"  {o.request_id}: {o.outcome}: {o.detail}", highlight=False)
+    if json_out is not None:
+        write_report(report, json_out)
+    out.print("every request accounted for: answered + rejected = sent, none duplicated" if report.accounted
+              else "[bold red]NOT every request is accounted for[/]")
+    if not report.accounted:
+        raise typer.Exit(1)
+
+
+def register(bench_app: typer.Typer) -> None:
+    bench_app.command("scheduler")(friendly(bench_scheduler))
+    bench_app.command("calibrate")(friendly(bench_calibrate))
+    bench_app.command("api")(friendly(bench_api))
+    bench_app.command("load")(friendly(bench_load))

@@ -1,0 +1,80 @@
+"""Answer assembly: the executor's outcomes go back to the requests that asked, and finished requests become
+answers with their usage, cost and timings."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from orchestrator.engine.executor import Outcome
+from orchestrator.engine.plan import ExpertWork, LatentWork
+from orchestrator.engine.requests import AllExpertsFailed, Answer, ExpertAnswer, InFlight
+from routers.aggregation import Aggregated, aggregate_without_call
+from routers.vocabulary import Aggregation, Mode
+
+
+def record_answers(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcome]]) -> None:
+    """Each row's answer, or its loss, to its request."""
+    for work, outcome in outcomes:
+        if isinstance(outcome, str):
+            for i in work.rows:
+                live[i].lost(work.expert, f"{work.expert} failed: {outcome}")
+            continue
+        for i in work.rows:
+            live[i].degraded.extend(outcome.notes)
+        for i, c in zip(work.rows, outcome.completions):
+            live[i].answered(ExpertAnswer(work.expert, c.text, c.prompt_tokens, c.completion_tokens))
+
+
+def record_latent(outcomes: list[tuple[LatentWork, Outcome]]) -> None:
+    """The primary's answer to each request; the peers' prompt tokens count in usage."""
+    for work, outcome in outcomes:
+        if isinstance(outcome, str):
+            for p in work.members:
+                p.lost(work.primary, f"latent group failed: {outcome}")
+            continue
+        for p, c in zip(work.members, outcome.completions):
+            p.answered(ExpertAnswer(work.primary, c.text, c.prompt_tokens, c.completion_tokens))
+            p.spent.extend(ExpertAnswer(peer, "", n, 0) for peer, n in c.meta.get("peer_tokens", {}).items())
+
+
+def record_syntheses(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcome]],
+                     results: dict[int, Aggregated]) -> None:
+    """Each synthesis to its request; where the aggregator failed, the best answer instead, marked degraded."""
+    for work, outcome in outcomes:
+        if isinstance(outcome, str):
+            for i in work.rows:
+                live[i].degraded.append(f"aggregator {work.expert} failed ({outcome}); returned the best answer")
+                results[i] = aggregate_without_call(Aggregation.BEST, live[i].answers, live[i].decision)
+            continue
+        for i, c in zip(work.rows, outcome.completions):
+            results[i] = Aggregated(c.text, work.expert, None, {work.expert: (c.prompt_tokens, c.completion_tokens)})
+
+
+def finish(live: list[InFlight], results: dict[int, Aggregated], costs: dict[str, float]) -> None:
+    """Resolve every request still waiting: its answer, or AllExpertsFailed with what went wrong."""
+    for i, p in enumerate(live):
+        if p.future.done():
+            continue
+        if i in results:
+            p.future.set_result(_answer(p, results[i], costs))
+        else:
+            p.future.set_exception(AllExpertsFailed(
+                "every recruited expert failed: " + "; ".join(p.degraded or ["no expert was available"])
+            ))
+
+
+def _answer(p: InFlight, agg: Aggregated, costs: dict[str, float]) -> Answer:
+    usage: dict[str, dict[str, int]] = defaultdict(lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    for a in p.spent:
+        usage[a.expert]["prompt_tokens"] += a.prompt_tokens
+        usage[a.expert]["completion_tokens"] += a.completion_tokens
+    for expert, (pt, ct) in agg.usage.items():
+        usage[expert]["prompt_tokens"] += pt
+        usage[expert]["completion_tokens"] += ct
+    cost = sum((u["prompt_tokens"] + u["completion_tokens"]) / 1000 * costs.get(e, 0.0) for e, u in usage.items())
+    aggregation = Mode.LATENT.value if p.decision.latent else p.request.aggregation
+    return Answer(
+        text=agg.text, answers=p.answers, aggregation=aggregation, aggregator=agg.aggregator,
+        aggregation_skipped=agg.skipped, decision=p.decision, usage=dict(usage), cost_usd=cost,
+        timings=p.timings, degraded=p.degraded,
+    )

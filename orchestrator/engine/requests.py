@@ -1,0 +1,103 @@
+"""What enters and leaves the scheduler: a query request, its answer, and its state while it is in flight.
+
+The request queue holds ``InFlight`` items. The planner fills in their
+decisions, the executor's results become their answers, and ``assembly``
+turns a finished one into an ``Answer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from routers.base import Decision, RouteOptions
+from routers.vocabulary import Aggregation
+from workers.errors import UserError
+from workers.types import Message, Prompt
+
+
+class RequestError(UserError, ValueError):
+    """A request rejected before it queues: unknown aggregation or expert, empty query."""
+
+
+class AllExpertsFailed(RuntimeError):
+    """Every expert recruited for a request failed, and so did the re-route."""
+
+
+class Overloaded(RuntimeError):
+    """``max_pending`` requests are already admitted; the caller should retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class QueryRequest:
+    query: str
+    """What is routed: the question, or a conversation's last user turn."""
+    options: RouteOptions = field(default_factory=RouteOptions)
+    aggregation: str = Aggregation.SYNTHESIZE
+    experts: list[str] | None = None
+    """An allow-list: only these experts may be recruited."""
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    """Overrides; each expert's own generation defaults fill in the rest."""
+    router: str | None = None
+    """A router by name; None: the scheduler's default."""
+    messages: tuple[Message, ...] = ()
+    """A whole conversation for the experts; empty: they see ``query`` alone."""
+    budget_usd: float | None = None
+    """Most estimated cost: the costliest recruits are dropped until the estimate fits (one always stays)."""
+
+    @property
+    def prompt(self) -> str | Prompt:
+        return Prompt(messages=self.messages) if self.messages else self.query
+
+
+@dataclass
+class ExpertAnswer:
+    expert: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Answer:
+    text: str
+    answers: list[ExpertAnswer]
+    aggregation: str
+    aggregator: str | None
+    aggregation_skipped: str | None
+    decision: Decision
+    usage: dict[str, dict[str, int]]
+    cost_usd: float
+    timings: dict[str, float]
+    degraded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InFlight:
+    """One admitted request while its window runs."""
+
+    request: QueryRequest
+    future: asyncio.Future
+    enqueued: float
+    decision: Decision | None = None
+    answers: list[ExpertAnswer] = field(default_factory=list)
+    """The latest layer's answers: what gets aggregated."""
+    spent: list[ExpertAnswer] = field(default_factory=list)
+    """Every expert call of every layer, for usage and cost."""
+    failed: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def answered(self, answer: ExpertAnswer) -> None:
+        self.answers.append(answer)
+        self.spent.append(answer)
+
+    def lost(self, expert: str, note: str) -> None:
+        """An expert call of this request failed; ``note`` says how, for the answer's degraded notes."""
+        self.failed.append(expert)
+        self.degraded.append(note)

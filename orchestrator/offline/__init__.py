@@ -1,0 +1,1 @@
+"""Offline work on recorded outcomes: evaluation glue, profiling, plots."""

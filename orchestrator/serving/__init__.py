@@ -1,0 +1,1 @@
+"""Deployment on a Ray cluster: the Ray Serve application and the ``concilium cluster`` commands."""

@@ -1,0 +1,60 @@
+"""The names every layer shares: aggregation strategies, routing policies and execution modes.
+
+Each is a ``StrEnum``, defined here once. A member equals its plain string, so
+config files, API bodies and CLI options stay plain words, and pydantic
+validates them against the one list. This module imports nothing, because the
+client SDK's schemas use it and must install with httpx and pydantic alone.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Aggregation(StrEnum):
+    """How the recruited experts' answers become one."""
+
+    SYNTHESIZE = "synthesize"
+    """An aggregator LLM writes one answer from the candidates (skipped when they agree)."""
+    VOTE = "vote"
+    """The extracted answers vote, weighted by the router's scores; no call."""
+    BEST = "best"
+    """The top-scored expert's answer; no call."""
+    MOA = "moa"
+    """Layered Mixture-of-Agents: further proposer layers, then synthesis."""
+    SELF_MOA = "self-moa"
+    """k samples of the single best expert, synthesised by that expert."""
+
+
+AGGREGATIONS: tuple[str, ...] = tuple(a.value for a in Aggregation)
+SYNTHESISING: tuple[str, ...] = (Aggregation.SYNTHESIZE, Aggregation.MOA, Aggregation.SELF_MOA)
+"""The strategies that end in an aggregator call."""
+OFFLINE_AGGREGATIONS: tuple[str, ...] = (Aggregation.VOTE, Aggregation.BEST)
+"""What recorded outcomes can score: a synthesis would need a live model."""
+
+
+class Policy(StrEnum):
+    """How a router turns per-expert scores into recruits."""
+
+    SYMBOLIC = "symbolic"
+    """The Symbolic-MoE paper's sampler: k draws with replacement, weighted by the scores."""
+    TOPK = "topk"
+    """The k best, without replacement."""
+    COST = "cost"
+    """The k best by score − λ·cost."""
+
+
+POLICIES: tuple[str, ...] = tuple(p.value for p in Policy)
+
+
+class Mode(StrEnum):
+    """How a decision is executed."""
+
+    ENSEMBLE = "ensemble"
+    """The recruited experts answer separately, and their answers are aggregated."""
+    LATENT = "latent"
+    """The primary generates while cross-attending to its peers' prompt latents (one actor, one answer)."""
+
+
+LATENT_ROUTER = "latent"
+"""The name under which the latent mixture's router is served; it needs a trained checkpoint."""
