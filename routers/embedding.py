@@ -9,6 +9,7 @@ The model folder is passed in: routers do not know where models are stored.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,11 @@ class Embedder:
         keys = np.array(list(self._dirty))
         vecs = np.stack(list(self._dirty.values()))
         name = hashlib.sha1("".join(keys.tolist()).encode()).hexdigest()[:16]
-        np.savez(self.cache_dir / f"emb-{name}.npz", keys=keys, vecs=vecs)
+        # Written aside and renamed into place: another process reading the cache never sees half a shard.
+        staging = self.cache_dir / f".emb-{name}.{os.getpid()}.partial"
+        with staging.open("wb") as fh:
+            np.savez(fh, keys=keys, vecs=vecs)
+        os.replace(staging, self.cache_dir / f"emb-{name}.npz")
         self._dirty.clear()
 
     @property

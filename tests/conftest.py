@@ -61,3 +61,16 @@ def bench_data() -> Path:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+# Fixtures that imply a marker: a test that asks for them needs Ray, or the bundled models (or MiniLM).
+IMPLIED = {"ray_cluster": "ray", "store": "models", "embedder": "models", "mixture_parts": "models"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test by what it needs, so that `make test-fast` can leave out what needs a model or Ray. Tests
+    that start Ray or load a model in a subprocess carry the marker themselves."""
+    for item in items:
+        for fixture, marker in IMPLIED.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)

@@ -79,6 +79,7 @@ def test_generate_and_experts(store):
     assert "smollm2" in proc.stdout and "gemma3" in proc.stdout and "unloaded" in proc.stdout
 
 
+@pytest.mark.ray
 def test_ask_with_no_models_pulled_names_the_fix_without_traceback(tmp_path):
     proc = concilium("ask", "hi", "-n", "4", CONCILIUM_MODEL_STORE=str(tmp_path / "empty"))
     assert proc.returncode == 1  # no expert could answer
@@ -102,6 +103,7 @@ def test_bench_models_reports_loads_and_throughput(store, tmp_path):
     assert fig["tokens_per_s"]["2"] > 0
 
 
+@pytest.mark.models
 def test_bench_router_runs_cold_and_warm(bench_data):
     proc = concilium("bench", "router", "--questions", str(bench_data / "mmlu-pro-28llm"), "--experts", "4",
                      "--skills", "300", "--windows", "1,4", "--repeats", "1")

@@ -135,6 +135,7 @@ def cluster(tmp_path):
             node.stop()
 
 
+@pytest.mark.ray
 def test_deploy_query_lose_a_node_recover_and_tear_down(cluster, tmp_path):
     head, nodes = cluster
     http_port = free_port()

@@ -34,6 +34,7 @@ def mmlu_slice(bench_data, tmp_path_factory):
     return write_slice(bench_data / "mmlu-pro-28llm", tmp_path_factory.mktemp("mmlu-slice"), slice(MMLU_SLICE))
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("router", ["skill", "knn"])
 def test_eval_writes_the_contract_json(mmlu_slice, tmp_path, router):
     out = tmp_path / "r.json"
@@ -50,6 +51,7 @@ def test_eval_writes_the_contract_json(mmlu_slice, tmp_path, router):
     assert f"{router} router" in proc.stdout
 
 
+@pytest.mark.models
 def test_symbolic_policy_is_seeded(mmlu_slice, tmp_path):
     runs = []
     for i in range(2):
@@ -69,8 +71,9 @@ def test_symbolic_policy_is_seeded(mmlu_slice, tmp_path):
         (("--k", "0"), "k must be at least 1"),
         (("--router", "magic"), "unknown router 'magic'"),
         (("--aggregation", "mean"), "unknown aggregation 'mean'"),
-        (("--folds", "1"), "at least 2 folds"),
-        (("--budget-share", "0.5"), "a budget needs cost data"),
+        # These two are checked once the questions are embedded, which needs MiniLM.
+        pytest.param(("--folds", "1"), "at least 2 folds", marks=pytest.mark.models),
+        pytest.param(("--budget-share", "0.5"), "a budget needs cost data", marks=pytest.mark.models),
     ],
 )
 def test_eval_bad_input(mmlu_slice, args, message):
@@ -94,6 +97,7 @@ def routerbench_slice(bench_data, tmp_path_factory):
     return write_slice(bench_data / "routerbench-arc-wino-mbpp", tmp_path_factory.mktemp("rb"), slice(None, None, 7))
 
 
+@pytest.mark.models
 def test_cost_frontier_aiq_and_plots(routerbench_slice, tmp_path):
     out, plots = tmp_path / "r.json", tmp_path / "plots"
     proc = concilium("eval", "--train", str(routerbench_slice), "--router", "knn", "--k", "1",
@@ -113,6 +117,7 @@ def test_cost_frontier_aiq_and_plots(routerbench_slice, tmp_path):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.models
 def test_train_test_split_profiles_on_train_only(mmlu_slice, bench_data, tmp_path):
     test_dir = write_slice(bench_data / "mmlu-pro-28llm", tmp_path / "test", slice(MMLU_SLICE, MMLU_SLICE + 150))
     out = tmp_path / "r.json"

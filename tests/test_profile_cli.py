@@ -10,6 +10,7 @@ import pytest
 from tests.test_eval_cli import concilium, mmlu_slice  # noqa: F401  (fixture)
 
 
+@pytest.mark.models
 def test_imported_profiles_load_into_a_working_router(mmlu_slice, tmp_path):  # noqa: F811
     out = tmp_path / "prof"
     proc = concilium("profile", "--data", str(mmlu_slice), "--pool", "open-small", "--out", str(out))
@@ -54,7 +55,7 @@ def test_profile_bad_input(args, message):
 def test_live_profiles_from_the_bundled_experts(bench_data, store, tmp_path):
     out = tmp_path / "live"
     tasks = bench_data / "symbolic-moe-tasks" / "MMLU_Pro_train.json"
-    proc = concilium("profile", "--tasks", str(tasks), "--limit", "4", "-n", "16", "--annotator", "smollm2",
+    proc = concilium("profile", "--tasks", str(tasks), "--limit", "4", "-n", "8", "--annotator", "smollm2",
                      "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     folder = out / (out / "LATEST").read_text().strip()

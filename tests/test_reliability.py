@@ -226,6 +226,7 @@ def test_broken_profile_artifacts_stop_serve_before_it_starts(tmp_path, break_it
 
 # -- overload and shutdown ------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_shutdown_drains_in_flight_requests_binds_loopback_and_logs_no_secrets(tmp_path):
     """SIGTERM while a request runs: the request still gets its answer, then the process exits. The same
     run shows the listening socket is on 127.0.0.1, and that the log holds no prompt, answer or key."""
@@ -271,6 +272,7 @@ def test_shutdown_drains_in_flight_requests_binds_loopback_and_logs_no_secrets(t
         assert secret not in text
 
 
+@pytest.mark.ray
 def test_bench_load_accounts_for_every_request(tmp_path):
     out = tmp_path / "load.json"
     proc = subprocess.run(

@@ -1,8 +1,13 @@
-"""The batched-by-expert scheduler with the real pool and real models, under a budget that fits one model.
+"""The batched-by-expert scheduler with the real pool on real Ray, under a budget that fits one expert.
 
 The router here is a fixed table of assignments, a test double for routing
 only. It makes the windows' contents exact, so the invariants can be checked
-exactly. The pool, the actors and the models are real.
+exactly. The pool and its actors are real. The experts are simulated copies of
+the two bundled models (their names and their sizes, 0.5 and 1.0 GiB, so that
+1.2 GiB holds one): these tests are about what runs when, not about the text,
+and real generation through the scheduler is tested end to end by
+``test_api.py``, ``test_cli.py`` and ``test_latent_mode.py``. A broken expert is
+a real transformers expert whose model cannot load.
 """
 
 from __future__ import annotations
@@ -18,11 +23,10 @@ from orchestrator.engine.requests import AllExpertsFailed, QueryRequest, Request
 from orchestrator.engine.scheduler import Scheduler
 from orchestrator.engine.settings import SchedulerSettings
 from routers.base import Decision, RouteOptions
-from tests.conftest import GEMMA, SMOLLM, STORE_ROOT, run
-from workers.config import PoolConfig, TransformersExpert
+from tests.conftest import STORE_ROOT, run
+from workers.config import PoolConfig, SimulatedExpert, TransformersExpert
 from workers.pool import ExpertPool
 
-pytestmark = pytest.mark.models
 
 
 class TableRouter:
@@ -46,8 +50,8 @@ class TableRouter:
 
 
 EXPERTS = [
-    TransformersExpert(name="smollm2", source=SMOLLM, threads=1),
-    TransformersExpert(name="gemma3", source=GEMMA, threads=1),
+    SimulatedExpert(backend="simulated", name="smollm2", memory_gb=0.5, load_s=0.2, step_s=0.005),
+    SimulatedExpert(backend="simulated", name="gemma3", memory_gb=1.0, load_s=0.4, step_s=0.01),
 ]
 
 
@@ -60,7 +64,7 @@ async def _scheduler(table, budget_gb=1.2, experts=EXPERTS, **settings):
     return sched, router, pool
 
 
-def test_one_load_per_expert_per_window_every_request_once_duplicates_in_one_call(ray_cluster, store):
+def test_one_load_per_expert_per_window_every_request_once_duplicates_in_one_call(ray_cluster):
     table = {
         "What is 2+2?": ["smollm2", "gemma3"],
         "Name a colour.": ["gemma3", "gemma3", "smollm2"],  # a duplicate: two samples, one call
@@ -97,7 +101,7 @@ def test_one_load_per_expert_per_window_every_request_once_duplicates_in_one_cal
     assert all(a.cost_usd > 0 and a.timings["total_s"] >= a.timings["queue_s"] for a in answers)
 
 
-def test_windows_close_at_max_batch(ray_cluster, store):
+def test_windows_close_at_max_batch(ray_cluster):
     table = {f"Say the number {i}.": ["smollm2"] for i in range(5)}
 
     async def main():
@@ -114,7 +118,7 @@ def test_windows_close_at_max_batch(ray_cluster, store):
     assert stats.requests == 5 and stats.windows == 3
 
 
-def test_synthesis_batches_by_aggregator_and_consensus_skips(ray_cluster, store):
+def test_synthesis_batches_by_aggregator_and_consensus_skips(ray_cluster):
     table = {"What is the capital of France?": ["smollm2", "gemma3"], "Say yes.": ["smollm2", "smollm2"]}
 
     async def main():
@@ -137,7 +141,7 @@ def test_synthesis_batches_by_aggregator_and_consensus_skips(ray_cluster, store)
         assert stats.expert_calls == 2
 
 
-def test_bad_requests_are_rejected_before_queueing(ray_cluster, store):
+def test_bad_requests_are_rejected_before_queueing(ray_cluster):
     async def main():
         sched, router, pool = await _scheduler({})
         try:
@@ -159,7 +163,7 @@ def test_bad_requests_are_rejected_before_queueing(ray_cluster, store):
     assert run(main()) == []  # nothing reached a window
 
 
-def test_failed_expert_degrades_and_reroutes(ray_cluster, store, tmp_path):
+def test_failed_expert_degrades_and_reroutes(ray_cluster, tmp_path):
     """A broken expert fails its rows; a request that lost every expert goes to the next-ranked one."""
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -183,7 +187,7 @@ def test_failed_expert_degrades_and_reroutes(ray_cluster, store, tmp_path):
     assert any("re-routed to smollm2" in d for d in bye.degraded)
 
 
-def test_a_request_that_loses_every_expert_fails_clearly(ray_cluster, store, tmp_path):
+def test_a_request_that_loses_every_expert_fails_clearly(ray_cluster, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "nope"}')
@@ -201,7 +205,7 @@ def test_a_request_that_loses_every_expert_fails_clearly(ray_cluster, store, tmp
     run(main())
 
 
-def test_allow_list_restricts_recruitment(ray_cluster, store):
+def test_allow_list_restricts_recruitment(ray_cluster):
     async def main():
         sched, _, pool = await _scheduler({"Say hi.": ["smollm2", "gemma3"]}, budget_gb=4.0, max_wait_ms=50)
         try:
@@ -215,7 +219,7 @@ def test_allow_list_restricts_recruitment(ray_cluster, store):
     assert np.isclose(ans.decision.scores["gemma3"], 0.4)
 
 
-def test_moa_runs_proposer_layers_batched_by_expert(ray_cluster, store):
+def test_moa_runs_proposer_layers_batched_by_expert(ray_cluster):
     """Two layers: both experts answer, then answer again with the first layer as references; one call per
     expert per layer; usage counts every layer."""
     table = {"What is the capital of Spain?": ["smollm2", "gemma3"], "Name a planet.": ["smollm2", "gemma3"]}
@@ -241,7 +245,7 @@ def test_moa_runs_proposer_layers_batched_by_expert(ray_cluster, store):
     assert stats.batch_sizes[:4] == [2, 2, 2, 2] and stats.expert_calls in (4, 5)
 
 
-def test_self_moa_samples_the_best_expert_in_one_call(ray_cluster, store):
+def test_self_moa_samples_the_best_expert_in_one_call(ray_cluster):
     table = {"Write one word about the sea.": ["gemma3", "smollm2"]}
 
     async def main():
@@ -263,7 +267,7 @@ def test_self_moa_samples_the_best_expert_in_one_call(ray_cluster, store):
     assert ans.aggregator in ("smollm2", None)
 
 
-def test_configured_aggregator_preference(ray_cluster, store):
+def test_configured_aggregator_preference(ray_cluster):
     table = {"Say a colour.": ["smollm2", "gemma3"]}
 
     async def main():

@@ -67,6 +67,7 @@ def test_projection_config_is_the_papers_setting():
     assert sum(e.memory_gb for e in cfg.experts) > 80 * 3  # at most a few fit on one 80 GB GPU at once
 
 
+@pytest.mark.ray
 def test_bench_scheduler_on_simulated_experts(tmp_path):
     """The benchmark's invariants on a cost model: batched loads each expert once, naive once per use."""
     experts = [

@@ -52,7 +52,10 @@ def init_ray(config: RayConfig) -> None:
         "log_to_driver": False,
     }
     if config.address is None:
+        # "local": a new local Ray of our own, even where `ray start` left a cluster on this machine, which a
+        # bare ray.init() would join instead.
         kwargs.update(
+            address="local",
             _node_ip_address=env.LOOPBACK,
             include_dashboard=False,
             num_cpus=config.num_cpus,
