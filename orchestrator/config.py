@@ -34,9 +34,9 @@ class RoutingConfig(Strict):
     """How the pipeline routes and batches; a request may override k, policy and aggregation."""
 
     profiles: Path = Field(
-        Path("artifacts/profiles"),
-        description="profile artifacts from `concilium profile`; without profiles for the configured experts, "
-        "every expert answers",
+        default_factory=env.profiles_root,
+        description="profile artifacts from `concilium profile` (default: $CONCILIUM_PROFILES or "
+        "./artifacts/profiles); without profiles for the configured experts, every expert answers",
     )
     k: int = Field(3, ge=1, le=64)
     policy: Policy = Policy.TOPK
@@ -169,12 +169,12 @@ class ConciliumConfig(Strict):
         None, description="defaults to $CONCILIUM_MODEL_STORE or ~/.cache/concilium/models, resolved by each process "
         "that reads the config (see store_root)"
     )
-    ray: RayConfig = RayConfig()
-    pool: PoolConfig = PoolConfig()
-    routing: RoutingConfig = RoutingConfig()
-    server: ServerConfig = ServerConfig()
-    serve: ServeConfig = ServeConfig()
-    latent: LatentConfig = LatentConfig()
+    ray: RayConfig = Field(default_factory=RayConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    latent: LatentConfig = Field(default_factory=LatentConfig)
     experts: list[ExpertConfig] = Field(default_factory=_bundled_experts, min_length=1)
 
     @model_validator(mode="after")

@@ -24,6 +24,8 @@ CLIENT_API_KEY = "CONCILIUM_API_KEY"
 """The key that Concilium's own clients (``concilium bench load``) send."""
 BENCH_DATA = "CONCILIUM_BENCH_DATA"
 """The bench-data folder of recorded outcomes."""
+PROFILES = "CONCILIUM_PROFILES"
+"""The profile folder when the config names none (``routing.profiles``)."""
 
 DEFAULT_CONFIG_FILE = Path("concilium.yaml")
 DEFAULT_BENCH_DATA = Path("../shared/bench-data")
@@ -43,6 +45,11 @@ def model_store_root() -> Path:
 def embedding_cache(store_root: Path) -> Path:
     """Where offline runs keep their MiniLM vectors: beside the model store."""
     return store_root.parent / "embeddings"
+
+
+def profiles_root() -> Path:
+    """``$CONCILIUM_PROFILES`` or ``./artifacts/profiles``, where ``concilium profile`` writes and serve reads."""
+    return Path(get(PROFILES) or "artifacts/profiles")
 
 
 def bench_data() -> Path:

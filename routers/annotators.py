@@ -6,7 +6,7 @@ Two kinds:
   a plain callable, so this module knows nothing about Ray.
 - An embedding annotator that needs no LLM. It takes candidate key phrases from
   the query and keeps those closest to the whole query in MiniLM space. This is
-  KeyBERT's idea; written here because it is a dozen lines over the Embedder
+  KeyBERT's idea; written here because it is a dozen lines over the encoder
   the router already holds.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from routers.embedding import Embedder
+from routers.embedding import TextEncoder
 
 MAX_KEYWORD_CHARS = 20
 ANNOTATION_PROMPT = (
@@ -121,7 +121,7 @@ def candidate_phrases(text: str, max_ngram: int = 2, limit: int = 24) -> list[st
 class EmbeddingAnnotator:
     """The candidate phrases most similar to the whole query, in one batched embedding pass."""
 
-    def __init__(self, embedder: Embedder, top: int = 4, max_ngram: int = 2, candidates: int = 24) -> None:
+    def __init__(self, embedder: TextEncoder, top: int = 4, max_ngram: int = 2, candidates: int = 24) -> None:
         self.embedder = embedder
         self.top = top
         self.max_ngram = max_ngram

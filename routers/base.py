@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -19,6 +20,14 @@ from workers.errors import UserError
 
 class RoutingError(UserError, ValueError):
     """Input a router cannot route: k < 1, an empty pool, unknown names."""
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per token, per expert, in the training set's expert order."""
+
+    input: np.ndarray
+    output: np.ndarray
 
 
 @dataclass
@@ -34,6 +43,13 @@ class TrainingSet:
     """[queries, experts] in USD, where recorded."""
     vectors: np.ndarray | None = None
     """[queries, dim] query embeddings, when the caller has them already."""
+    answers: np.ndarray | None = None
+    """[queries, experts] the answers as the vote compares them (an option letter, a number), None where none was
+    extracted: what agreement and votes are measured on."""
+    output_tokens: np.ndarray | None = None
+    """[queries, experts] the length of each answer, where recorded: what per-query cost estimates learn."""
+    prices: Prices | None = None
+    """USD per input and output token of each expert, where known."""
 
     def __post_init__(self) -> None:
         if len(self.texts) == 0:
@@ -57,6 +73,8 @@ class Decision:
     fallback: str | None = None
     """Set when the normal path could not run, e.g. no skills found: says what was done instead."""
     trace: dict[str, object] = field(default_factory=dict)
+    escalate: list[str] = field(default_factory=list)
+    """A cascade's second round: asked only when the first round's answers disagree."""
     mode: Mode = Mode.ENSEMBLE
     """How the scheduler runs it: separate answers then aggregation, or the latent mixture's one pass."""
 
@@ -71,6 +89,8 @@ class RouteOptions:
     policy: str = Policy.TOPK
     cost_lambda: float = 0.0
     seed: int | None = None
+    per_call: bool = False
+    """λ prices an expert call instead of a dollar: a budget on the number of experts (adaptive, cascade)."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -93,6 +113,31 @@ class Router(ABC):
               categories: list[str | None] | None = None) -> list[Decision]:
         """Route a whole window at once (one embedding pass, one index search). ``vectors`` are the texts'
         embeddings when the caller has them; ``categories`` are known labels, which only offline data has."""
+
+    def supports(self, policy: str) -> bool:
+        """Whether this router can route under a policy: the planned ones need a per-query quality estimate."""
+        return policy not in (Policy.ADAPTIVE, Policy.CASCADE)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What a fitted router needs to route again, as arrays: saved with a profile."""
+        raise RoutingError(f"{type(self).__name__} cannot be saved")
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        raise RoutingError(f"{type(self).__name__} cannot be loaded")
+
+    def save(self, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / f"{name}.npz", **self.state())
+
+    def restore(self, folder: Path, name: str) -> None:
+        """Load what ``save`` wrote; a missing or corrupt file is a ProfileError that names it."""
+        from routers.profiles import read_artifact
+
+        def arrays(path: Path) -> dict[str, np.ndarray]:
+            with np.load(path) as npz:
+                return {k: npz[k] for k in npz.files}
+
+        self.load_state(read_artifact(folder / f"{name}.npz", arrays))
 
 
 @runtime_checkable
@@ -121,6 +166,9 @@ def pick(scores: np.ndarray, options: RouteOptions, cost: np.ndarray | None, rng
     - symbolic: k draws with replacement, in proportion to the scores (callers pass paper weights).
     """
     m = len(scores)
+    if options.policy in (Policy.ADAPTIVE, Policy.CASCADE):
+        raise RoutingError(f"the {options.policy} policy needs a router with a per-query quality estimate "
+                           "(cluster, logistic or irt)")
     if options.policy == Policy.SYMBOLIC:
         w = np.clip(scores, 0, None)
         w = w / w.sum() if w.sum() > 0 else np.full(m, 1.0 / m)

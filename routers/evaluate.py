@@ -1,46 +1,68 @@
 """Offline evaluation on recorded outcomes, RouterBench-style, with k-fold cross-validation.
 
 A router sees only the training folds. Its decisions on the test fold are scored
-with the recorded outcomes of the experts it chose:
-- vote: ``weighted_vote``, the vote the live aggregator runs, over the
-  recorded answers, with multiplicity, each weighted by the decision's score
-  for that expert. The winning voter's recorded outcome counts. Without
-  recorded answers, or when no recruit recorded one, the top-scored expert's
-  outcome counts.
-- best: the top-scored recruited expert's outcome.
-Cost is the sum of the recruited calls' recorded costs (k samples cost k calls).
-The baselines run in the same call, on the same folds.
+with the recorded outcomes of the experts it chose, by the rules that run live:
+- a cascade's escalation is asked only when the first round's recorded answers
+  disagree (``plans.agree``, the live consensus rule);
+- vote: ``weighted_vote``, the live aggregator's vote, over the recorded
+  answers of everyone asked, with multiplicity, each weighted by the
+  decision's score for that expert; the winning voter's outcome counts.
+  Without recorded answers, or when no one asked recorded one, the top-scored
+  expert's outcome counts;
+- best: the top-scored asked expert's outcome.
+Cost is the sum of the asked calls' recorded costs (k samples cost k calls).
+Calibration: a router's scores are its estimates of each expert's chance of
+being right; their expected calibration error over 10 bins is reported.
+A cost budget (``budget_share``) or a mean-experts budget (``max_experts``)
+is met by solving λ on the training folds with cross-fitted decisions: each
+training query routed by a router that did not see it, as the test queries
+will be, so that the budget holds on the test folds too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 from routers.aggregation import weighted_vote
-from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet, pick
+from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet
+from routers.plans import agree
 from routers.registry import make_router
 from routers.vocabulary import Aggregation, Policy
+
+CALIBRATION_BINS = 10
+BUDGET_MARGIN = 0.03
+"""λ is solved for 97% of the budget: the cross-fitted training estimate and the test folds differ by a few
+percent, and the budget must hold on the test folds."""
 
 
 @dataclass
 class EvalData(TrainingSet):
-    """A training set plus what scoring needs: the recorded answers."""
-
-    preds: np.ndarray | None = None
-    """[queries, experts] recorded answers (e.g. option letters, None where none was extracted)."""
+    """A training set that can be cut into folds."""
 
     def subset(self, idx: np.ndarray) -> EvalData:
-        def take(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[idx]
+        rows = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in rows.items():
+            if isinstance(value, np.ndarray):
+                rows[name] = value[idx]
+            elif name in ("texts", "categories"):
+                rows[name] = [value[i] for i in idx]
+        return replace(self, **rows)
 
-        return EvalData(
-            texts=[self.texts[i] for i in idx], correct=self.correct[idx], experts=self.experts,
-            categories=[self.categories[i] for i in idx], cost=take(self.cost), vectors=take(self.vectors),
-            preds=take(self.preds),
-        )
+    def join(self, other: EvalData) -> EvalData:
+        """This set's rows, then the other's (same experts): a training part and a test part as one."""
+        rows = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, np.ndarray) and isinstance(theirs, np.ndarray):
+                rows[f.name] = np.concatenate([mine, theirs])
+            elif isinstance(mine, np.ndarray) or isinstance(theirs, np.ndarray):
+                rows[f.name] = None  # recorded on one side only: unknown for the whole
+            elif f.name in ("texts", "categories"):
+                rows[f.name] = list(mine) + list(theirs)
+        return replace(self, **rows)
 
 
 @dataclass
@@ -49,7 +71,11 @@ class Outcome:
     mean_cost: float | None
     n_queries: int
     consensus_rate: float | None = None
-    """Share of queries whose recruited experts all gave one answer: the aggregator call is skipped there."""
+    """Share of queries whose asked experts all gave one answer: the aggregator call is skipped there."""
+    mean_experts: float = 1.0
+    """Expert calls per query, escalations included."""
+    calibration_error: float | None = None
+    """ECE of the scores as probabilities of a right answer, over every (query, expert)."""
 
 
 @dataclass
@@ -57,28 +83,67 @@ class FoldScore:
     correct: np.ndarray
     cost: np.ndarray | None
     consensus: np.ndarray
+    calls: np.ndarray
 
 
-def score(decisions: list[Decision], data: EvalData, aggregation: str) -> FoldScore:
-    """Per-query correctness, cost and consensus of a fold's decisions."""
+def asked(decision: Decision, data: TrainingSet, q: int) -> list[int]:
+    """The experts a decision asks of query ``q``: its own, plus its escalation when their answers disagree."""
     col = {e: i for i, e in enumerate(data.experts)}
+    first = [col[e] for e in decision.experts]
+    if decision.escalate and data.answers is not None and not agree([data.answers[q, j] for j in first]):
+        return first + [col[e] for e in decision.escalate]
+    return first
+
+
+def score(decisions: list[Decision], data: TrainingSet, aggregation: str) -> FoldScore:
+    """Per-query correctness, cost, consensus and calls of a fold's decisions."""
     correct = np.zeros(len(decisions))
     consensus = np.zeros(len(decisions), dtype=bool)
+    calls = np.zeros(len(decisions))
     cost = None if data.cost is None else np.zeros(len(decisions))
     for q, d in enumerate(decisions):
-        chosen = [col[e] for e in d.experts]
+        chosen = asked(d, data, q)
+        calls[q] = len(chosen)
         if cost is not None:
             cost[q] = data.cost[q, chosen].sum()
-        if data.preds is not None and len(chosen) > 1:
-            answers = {data.preds[q, j] for j in chosen}
-            consensus[q] = len(answers) == 1 and None not in answers  # as the live consensus skip decides
+        if data.answers is not None and len(chosen) > 1:
+            consensus[q] = agree([data.answers[q, j] for j in chosen])
         top = max(chosen, key=lambda j: d.scores.get(data.experts[j], 0.0))
-        if aggregation == Aggregation.VOTE and data.preds is not None and len(chosen) > 1:
-            winner = weighted_vote([data.preds[q, j] for j in chosen],
+        if aggregation == Aggregation.VOTE and data.answers is not None and len(chosen) > 1:
+            winner = weighted_vote([data.answers[q, j] for j in chosen],
                                    [d.scores.get(data.experts[j], 0.0) for j in chosen])
             top = top if winner is None else chosen[winner]
         correct[q] = data.correct[q, top]
-    return FoldScore(correct, cost, consensus)
+    return FoldScore(correct, cost, consensus, calls)
+
+
+def calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error: the bin-weighted gap between mean predicted and observed rates."""
+    p, y = np.ravel(probabilities), np.ravel(outcomes)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(p[in_bin].mean() - y[in_bin].mean())
+    return float(total)
+
+
+@dataclass
+class Budget:
+    """What λ must hold on the test folds: a share of the best single expert's cost, or mean expert calls."""
+
+    share: float | None = None
+    max_experts: float | None = None
+
+    def limit(self, train: TrainingSet) -> tuple[Callable[[FoldScore], float], float]:
+        """The measure a fold is held to, and its limit on this training data."""
+        if self.max_experts is not None:
+            return (lambda s: float(s.calls.mean())), self.max_experts
+        if train.cost is None:
+            raise RoutingError("a budget needs cost data, and this file records none")
+        best = int(np.argmax(train.correct.mean(axis=0)))
+        return (lambda s: float(s.cost.mean())), self.share * float(train.cost[:, best].mean())
 
 
 def run_router(
@@ -88,23 +153,23 @@ def run_router(
     aggregation: str,
     splits: list[tuple[np.ndarray, np.ndarray]],
     on_fold: Callable[[int], None] = lambda _i: None,
-    budget_share: float | None = None,
+    budget: Budget | None = None,
 ) -> Outcome:
-    """Cross-validated accuracy and cost. With ``budget_share``, λ is solved per training fold."""
-    correct = np.zeros(len(data.texts))
-    consensus = np.zeros(len(data.texts), dtype=bool)
-    cost = None if data.cost is None else np.zeros(len(data.texts))
+    """Cross-validated accuracy, cost, calls and calibration. With a budget, λ is solved per training fold."""
+    n = len(data.texts)
+    correct, consensus, calls = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n)
+    cost = None if data.cost is None else np.zeros(n)
+    probabilities = np.zeros(data.correct.shape)
     for i, (train_idx, test_idx) in enumerate(splits):
         train = data.subset(train_idx)
+        fold_options = options if budget is None else solve_lambda(make, train, options, aggregation, budget)
         router = make()
         router.fit(train)
-        if budget_share is not None:
-            options = _budgeted(router, train, options, budget_share)
         test = data.subset(test_idx)
-        decisions = router.route(test.texts, options, test.vectors, test.categories)
+        decisions = router.route(test.texts, fold_options, test.vectors, test.categories)
         fold = score(decisions, test, aggregation)
-        correct[test_idx] = fold.correct
-        consensus[test_idx] = fold.consensus
+        correct[test_idx], consensus[test_idx], calls[test_idx] = fold.correct, fold.consensus, fold.calls
+        probabilities[test_idx] = [[d.scores.get(e, 0.0) for e in data.experts] for d in decisions]
         if cost is not None:
             cost[test_idx] = fold.cost
         on_fold(i)
@@ -113,39 +178,50 @@ def run_router(
         accuracy=float(correct[idx].mean()),
         mean_cost=None if cost is None else float(cost[idx].mean()),
         n_queries=len(idx),
-        consensus_rate=float(consensus[idx].mean()) if data.preds is not None and options.k > 1 else None,
+        consensus_rate=float(consensus[idx].mean()) if data.answers is not None and calls[idx].max() > 1 else None,
+        mean_experts=float(calls[idx].mean()),
+        calibration_error=calibration_error(np.clip(probabilities[idx], 0, 1), data.correct[idx]),
     )
 
 
-def _budgeted(router: Router, train: EvalData, options: RouteOptions, share: float) -> RouteOptions:
-    """Options whose λ holds mean cost ≤ share × the cost of the most accurate single expert (on train)."""
-    if train.cost is None:
-        raise RoutingError("a budget needs cost data, and this file records none")
-    best = int(np.argmax(train.correct.mean(axis=0)))
-    budget = share * float(train.cost[:, best].mean())
-    lam = solve_lambda(router, train, options, budget)
-    return RouteOptions(k=options.k, policy=Policy.COST, cost_lambda=lam, seed=options.seed)
+def solve_lambda(make: Callable[[], Router], train: EvalData, options: RouteOptions, aggregation: str,
+                 budget: Budget, inner_folds: int = 3, steps: int = 20) -> RouteOptions:
+    """Options whose λ keeps the budget on cross-fitted training decisions; the cost policy unless the options
+    ask for a planned one.
 
+    Bisection: the measure (mean cost, or mean calls) falls as λ grows, so the smallest λ that fits is the most
+    accurate choice that does. Each inner router is fitted once; every step only routes again.
+    """
+    measure, limit = budget.limit(train)
+    limit *= 1 - BUDGET_MARGIN
+    policy = options.policy if options.policy in (Policy.ADAPTIVE, Policy.CASCADE) else Policy.COST
+    inner = []
+    for fit_idx, held_idx in cross_validation_splits(len(train.texts), inner_folds, options.seed or 0):
+        router = make()
+        router.fit(train.subset(fit_idx))
+        inner.append((router, train.subset(held_idx)))
 
-def oracle(data: EvalData, idx: np.ndarray) -> Outcome:
-    """Right whenever any expert was right, at the cheapest right expert's cost."""
-    c = data.correct[idx]
-    right = c.max(axis=1)
-    mean_cost = None
-    if data.cost is not None:
-        costs = np.where(c >= right[:, None], data.cost[idx], np.inf)
-        mean_cost = float(costs.min(axis=1).mean())
-    return Outcome(float(right.mean()), mean_cost, len(idx))
+    per_call = budget.max_experts is not None
 
+    def value(lam: float) -> float:
+        opts = RouteOptions(k=options.k, policy=policy, cost_lambda=lam, seed=options.seed, per_call=per_call)
+        parts = [(len(held.texts), measure(score(r.route(held.texts, opts, held.vectors, held.categories),
+                                                  held, aggregation))) for r, held in inner]
+        return sum(n * v for n, v in parts) / sum(n for n, _ in parts)
 
-def cross_validation_splits(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, test) index pairs of a seeded k-fold split; every query is tested exactly once."""
-    if k < 2:
-        raise RoutingError(f"cross-validation needs at least 2 folds, got {k}")
-    if n < k:
-        raise RoutingError(f"{n} queries cannot be split into {k} folds")
-    parts = [np.sort(p) for p in np.array_split(np.random.default_rng(seed).permutation(n), k)]
-    return [(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), parts[i]) for i in range(k)]
+    lam = 0.0
+    if value(0.0) > limit:
+        hi = 1.0
+        while value(hi) > limit:
+            hi *= 4
+            if hi > 1e12:
+                raise RoutingError(f"no cost weight brings the mean under the budget {limit:g}")
+        lo = 0.0
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if value(mid) <= limit else (mid, hi)
+        lam = hi
+    return RouteOptions(k=options.k, policy=policy, cost_lambda=lam, seed=options.seed, per_call=per_call)
 
 
 def baselines(
@@ -155,7 +231,8 @@ def baselines(
     seed: int,
     router_kwargs: dict[str, object],
 ) -> dict[str, dict[str, object]]:
-    """best_single, per_category (top-1 and top-k vote), random and oracle, on the same splits."""
+    """best_single, per_category (top-1 and top-k vote), random and oracle, on the same splits: every router
+    figure is reported beside these."""
     idx = np.concatenate([t for _, t in splits])
     out: dict[str, dict[str, object]] = {}
 
@@ -180,39 +257,23 @@ def baselines(
     return out
 
 
-def solve_lambda(
-    router: Router,
-    train: EvalData,
-    options: RouteOptions,
-    budget: float,
-    steps: int = 24,
-) -> float:
-    """The smallest cost weight λ whose routing of the training data keeps mean cost within ``budget``.
 
-    Bisection on λ over the training folds only. Mean cost falls as λ grows, so
-    the smallest λ that fits the budget is the most accurate choice that does.
-    The fitted router scores the training queries once. Every router's cost
-    policy picks by those scores − λ × each expert's mean training cost, so
-    each step of the bisection only re-picks.
-    """
-    decisions = router.route(train.texts, RouteOptions(k=options.k, seed=options.seed), train.vectors)
-    scores = np.array([[d.scores.get(e, 0.0) for e in train.experts] for d in decisions])
-    unit_cost = train.cost.mean(axis=0)
-    rng = np.random.default_rng(options.seed)
+def oracle(data: EvalData, idx: np.ndarray) -> Outcome:
+    """Right whenever any expert was right, at the cheapest right expert's cost."""
+    c = data.correct[idx]
+    right = c.max(axis=1)
+    mean_cost = None
+    if data.cost is not None:
+        costs = np.where(c >= right[:, None], data.cost[idx], np.inf)
+        mean_cost = float(costs.min(axis=1).mean())
+    return Outcome(float(right.mean()), mean_cost, len(idx))
 
-    def mean_cost(lam: float) -> float:
-        opts = RouteOptions(k=options.k, policy=Policy.COST, cost_lambda=lam)
-        return float(np.mean([train.cost[q, pick(s, opts, unit_cost, rng)].sum() for q, s in enumerate(scores)]))
 
-    if mean_cost(0.0) <= budget:
-        return 0.0
-    hi = 1.0
-    while mean_cost(hi) > budget:
-        hi *= 4
-        if hi > 1e12:
-            raise RoutingError(f"no cost weight brings the mean cost under the budget {budget:g}")
-    lo = 0.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if mean_cost(mid) <= budget else (mid, hi)
-    return hi
+def cross_validation_splits(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs of a seeded k-fold split; every query is tested exactly once."""
+    if k < 2:
+        raise RoutingError(f"cross-validation needs at least 2 folds, got {k}")
+    if n < k:
+        raise RoutingError(f"{n} queries cannot be split into {k} folds")
+    parts = [np.sort(p) for p in np.array_split(np.random.default_rng(seed).permutation(n), k)]
+    return [(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), parts[i]) for i in range(k)]

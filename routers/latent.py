@@ -37,7 +37,7 @@ from torch import nn
 
 from kernels.ragged_attention import ragged_attention
 from routers.base import Decision, RouteOptions, Router, RoutingError, TrainingSet
-from routers.embedding import Embedder
+from routers.embedding import TextEncoder
 from routers.vocabulary import Mode
 from workers.errors import UserError
 
@@ -81,7 +81,7 @@ class LatentRouting(Router):
     phases, and the primary writes the one answer.
     """
 
-    def __init__(self, router: LatentRouter, experts: list[str], embedder: Embedder) -> None:
+    def __init__(self, router: LatentRouter, experts: list[str], embedder: TextEncoder) -> None:
         if router.net[-1].out_features != len(experts):
             raise RoutingError(f"the router scores {router.net[-1].out_features} experts, not {len(experts)}")
         self.router, self.experts, self.embedder = router.eval(), list(experts), embedder

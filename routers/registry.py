@@ -7,11 +7,18 @@ checkpoint (``orchestrator.latent``), not fitted on outcomes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from routers.base import Router, RoutingError
 from routers.baselines import AllExpertsRouter, BestSingleRouter, KnnRouter, PerCategoryRouter, RandomRouter
+from routers.learned import QualityRouter
 from routers.symbolic import PaperSkillRouter, SkillRouter
 
-ROUTERS: dict[str, type[Router]] = {
+ROUTERS: dict[str, Callable[..., Router]] = {
+    "cluster": partial(QualityRouter, model="cluster"),
+    "logistic": partial(QualityRouter, model="logistic"),
+    "irt": partial(QualityRouter, model="irt"),
     "skill": SkillRouter,
     "skill_paper": PaperSkillRouter,
     "knn": KnnRouter,
@@ -25,7 +32,7 @@ ROUTERS: dict[str, type[Router]] = {
 def make_router(name: str, **kwargs: object) -> Router:
     """A router by name; ``kwargs`` are its constructor's (the embedder, the experts of ``all``)."""
     try:
-        cls = ROUTERS[name]
+        factory = ROUTERS[name]
     except KeyError:
         raise RoutingError(f"unknown router {name!r}; available: {', '.join(ROUTERS)}") from None
-    return cls(**kwargs)
+    return factory(**kwargs)

@@ -23,7 +23,7 @@ import numpy as np
 
 from routers.annotators import EmbeddingAnnotator
 from routers.base import Decision, RouteOptions, Router, TrainingSet, pick
-from routers.embedding import Embedder
+from routers.embedding import TextEncoder
 from routers.profiles import Profiles, build_profiles
 from routers.skill_index import Mapping, SkillIndex
 from routers.vocabulary import Policy
@@ -32,7 +32,7 @@ from routers.vocabulary import Policy
 class SkillRouter(Router):
     def __init__(
         self,
-        embedder: Embedder,
+        embedder: TextEncoder,
         annotator: object | None = None,
         top_m: int = 8,
         prior: float = 4.0,
@@ -51,11 +51,19 @@ class SkillRouter(Router):
         self.index: SkillIndex | None = None
 
     @classmethod
-    def from_artifacts(cls, folder: Path, embedder: Embedder, **kwargs: object) -> SkillRouter:
+    def from_artifacts(cls, folder: Path, embedder: TextEncoder, **kwargs: object) -> SkillRouter:
         """A router over profiles and an index saved by ``concilium profile``."""
         router = cls(embedder, **kwargs)
-        router._use(Profiles.load(folder), SkillIndex.load(folder))
+        router.restore(folder, "skill")
         return router
+
+    def save(self, folder: Path, name: str) -> None:
+        """The profiles and the FAISS skill index, in their own files (``profiles.*``, ``skills.faiss``)."""
+        self.profiles.save(folder)
+        self.index.save(folder)
+
+    def restore(self, folder: Path, name: str) -> None:
+        self._use(Profiles.load(folder), SkillIndex.load(folder))
 
     def _use(self, profiles: Profiles, index: SkillIndex) -> None:
         self.profiles, self.index = profiles, index
@@ -159,5 +167,5 @@ class PaperSkillRouter(SkillRouter):
     deterministically by the paper's weights instead of sampling.
     """
 
-    def __init__(self, embedder: Embedder, **kwargs: object) -> None:
+    def __init__(self, embedder: TextEncoder, **kwargs: object) -> None:
         super().__init__(embedder, soft=False, **kwargs)

@@ -42,6 +42,10 @@ class Policy(StrEnum):
     """The k best, without replacement."""
     COST = "cost"
     """The k best by score − λ·cost."""
+    ADAPTIVE = "adaptive"
+    """k per query: one more expert only where, on past queries like this one, its vote paid for its cost."""
+    CASCADE = "cascade"
+    """Cheap experts first; stronger ones only when the first answers disagree."""
 
 
 POLICIES: tuple[str, ...] = tuple(p.value for p in Policy)
@@ -58,3 +62,16 @@ class Mode(StrEnum):
 
 LATENT_ROUTER = "latent"
 """The name under which the latent mixture's router is served; it needs a trained checkpoint."""
+
+
+class Encoder(StrEnum):
+    """What routers embed text with."""
+
+    STATIC = "static"
+    """A static embedding distilled from MiniLM: ~0.1 ms per query, cold."""
+    MINILM = "minilm"
+    """all-MiniLM-L6-v2 itself: a transformer pass per text."""
+
+AUTO_ROUTER = "auto"
+"""The router that selection chose on the profile's data (``routers.selection``); the default once a profile
+exists."""

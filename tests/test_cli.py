@@ -109,7 +109,9 @@ def test_bench_router_runs_cold_and_warm(bench_data):
                      "--skills", "300", "--windows", "1,4", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "│ 300" in line]
-    assert len(rows) == 2 and all("flat" in r for r in rows)
+    assert len(rows) == 4 and all("flat" in r for r in rows)  # 2 windows × 2 encoders, the skill router's
+    assert sum("│ cluster" in line for line in proc.stdout.splitlines()) == 4  # and the cluster router's
+    assert {"minilm", "static"} <= {w for line in rows for w in line.replace("│", " ").split()}
 
 
 @pytest.mark.models

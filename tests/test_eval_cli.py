@@ -35,7 +35,7 @@ def mmlu_slice(bench_data, tmp_path_factory):
 
 
 @pytest.mark.models
-@pytest.mark.parametrize("router", ["skill", "knn"])
+@pytest.mark.parametrize("router", ["skill", "knn", "cluster"])
 def test_eval_writes_the_contract_json(mmlu_slice, tmp_path, router):
     out = tmp_path / "r.json"
     proc = concilium("eval", "--train", str(mmlu_slice), "--pool", "open-small", "--router", router,
@@ -49,6 +49,8 @@ def test_eval_writes_the_contract_json(mmlu_slice, tmp_path, router):
     assert b["random"]["accuracy"] < result["accuracy"] <= b["oracle"]["accuracy"]
     assert b["best_single"]["name"] in result["experts"]
     assert f"{router} router" in proc.stdout
+    assert result["mean_experts"] == 3.0 and 0 <= result["calibration_error"] < 0.2
+    assert "calibration error (ECE, 10 bins)" in proc.stdout
 
 
 @pytest.mark.models
@@ -57,7 +59,7 @@ def test_symbolic_policy_is_seeded(mmlu_slice, tmp_path):
     for i in range(2):
         out = tmp_path / f"s{i}.json"
         proc = concilium("eval", "--train", str(mmlu_slice), "--models", "gemma-7b,Yi-6B,mathstral-7B",
-                         "--policy", "symbolic", "--folds", "2", "--seed", "5", "--json", str(out))
+                         "--router", "skill", "--policy", "symbolic", "--folds", "2", "--seed", "5", "--json", str(out))
         assert proc.returncode == 0, proc.stderr
         runs.append(json.loads(out.read_text())["accuracy"])
     assert runs[0] == runs[1]

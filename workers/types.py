@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from workers.errors import UserError
 
+CHARS_PER_TOKEN = 4
+"""Tokens estimated from characters where no tokenizer is at hand: the bench-data's rule, and the cost estimate's."""
+
 
 class EmptyPromptError(UserError, ValueError):
     """A prompt with no text; generating from it is meaningless."""

@@ -64,11 +64,11 @@ class ModelFigures:
     tokens: dict[int, int] = field(default_factory=dict)
 
 
-def _gguf_load_seconds(name: str) -> float:
+def _gguf_load_seconds(name: str, store: ModelStore) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = BUNDLED[name].gguf()
+    gguf = BUNDLED[name].gguf(store.root.parent / "gguf")
     started = time.perf_counter()
     AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -115,7 +115,7 @@ def bench_model(
     gguf_s = None
     if settings.with_gguf:
         progress(f"{name}: loading from GGUF")
-        gguf_s = _gguf_load_seconds(name)
+        gguf_s = _gguf_load_seconds(name, store)
     progress(f"{name}: cold load from the store, in a fresh process")
     cold_s, dropped = _cold_store_load_seconds(store.path(name), settings.drop_caches)
     expert = TransformersExpert(

@@ -1,15 +1,20 @@
-"""``concilium bench router``: routing latency per query, by window size, expert count and skill count.
+"""``concilium bench router``: routing latency per query, by router, encoder, window, experts and skills.
 
-Profiles and skill vectors are synthetic: random counts and random unit
-vectors. Search cost depends on the number and dimension of the vectors, not
-on the skill names, so synthetic vectors make 100k-skill indexes cheap to
-build. Queries are real MMLU-Pro questions.
+Routers are fitted on synthetic outcomes: random skill counts and random unit
+skill vectors for the skill router, random right-or-wrong for the cluster
+router. Search and scoring cost depend on the number and width of the vectors,
+not on the names or the outcomes, so synthetic data makes a 100k-skill index
+cheap to build. Queries are real MMLU-Pro questions.
 
-Two variants run side by side on the same windows:
-- cold: the window's questions and key phrases were never embedded. This is
-  the cost for new traffic.
-- warm: the same windows again, with every embedding cached. What remains is
-  index search plus scoring, the routing machinery itself.
+The variants run side by side on the same windows:
+- skill router on MiniLM: today's path, a MiniLM pass for the question and each
+  of its ~24 key phrases;
+- skill router on the static embedding: the same router, with no transformer pass;
+- cluster router on the static embedding: one lookup per query, then its clusters.
+
+Each is timed cold (the window's texts never embedded: new traffic) and warm
+(the same windows again: MiniLM's cache holds every vector, and what remains
+is the routing machinery itself; the static encoder keeps no cache).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routers.base import RouteOptions
-from routers.embedding import DIM, Embedder
+from routers.base import RouteOptions, Router, TrainingSet
+from routers.embedding import TextEncoder
+from routers.learned import QualityRouter
 from routers.profiles import Profiles
 from routers.skill_index import SkillIndex
 from routers.symbolic import SkillRouter
@@ -31,15 +37,17 @@ from routers.vocabulary import Policy
 
 @dataclass
 class RouterFigures:
+    router: str
+    encoder: str
     experts: int
-    skills: int
+    skills: int | None
     index: str
     window: int
     cold_ms_per_query: float
     warm_ms_per_query: float
 
 
-def synthetic_router(embedder: Embedder, n_experts: int, n_skills: int, seed: int = 0) -> SkillRouter:
+def synthetic_skill_router(embedder: TextEncoder, n_experts: int, n_skills: int, seed: int = 0) -> SkillRouter:
     rng = np.random.default_rng(seed)
     seen = rng.integers(1, 40, size=(n_skills, 1)).repeat(n_experts, axis=1).astype(np.float64)
     right = np.floor(seen * rng.uniform(0.2, 0.9, size=(n_skills, n_experts)))
@@ -48,14 +56,24 @@ def synthetic_router(embedder: Embedder, n_experts: int, n_skills: int, seed: in
         skills=[f"skill-{i}" for i in range(n_skills)],
         right=right, seen=seen, overall=rng.uniform(0.3, 0.7, n_experts),
     )
-    vecs = rng.standard_normal((n_skills, DIM)).astype(np.float32)
+    width = embedder.encode(["width"]).shape[1]
+    vecs = rng.standard_normal((n_skills, width)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     router = SkillRouter(embedder)
     router._use(profiles, SkillIndex(profiles.skills, vecs))
     return router
 
 
-def _per_query_ms(router: SkillRouter, windows: list[list[str]], options: RouteOptions) -> float:
+def synthetic_cluster_router(embedder: TextEncoder, n_experts: int, texts: list[str], seed: int = 0) -> QualityRouter:
+    rng = np.random.default_rng(seed)
+    train = TrainingSet(texts=texts, correct=(rng.random((len(texts), n_experts)) < 0.5).astype(float),
+                        experts=[f"expert-{i}" for i in range(n_experts)], categories=[None] * len(texts))
+    router = QualityRouter(embedder, "cluster")
+    router.fit(train)
+    return router
+
+
+def _per_query_ms(router: Router, windows: list[list[str]], options: RouteOptions) -> float:
     samples = []
     for window in windows:
         started = time.perf_counter()
@@ -65,7 +83,7 @@ def _per_query_ms(router: SkillRouter, windows: list[list[str]], options: RouteO
 
 
 def run_router_bench(
-    embedder_factory: Callable[[], Embedder],
+    encoders: dict[str, Callable[[], TextEncoder]],
     questions: list[str],
     expert_counts: list[int],
     skill_counts: list[int],
@@ -73,22 +91,29 @@ def run_router_bench(
     repeats: int,
     progress: Callable[[str], None],
 ) -> list[RouterFigures]:
-    results = []
+    """``encoders`` by name; the first 512 questions fit the cluster routers, the rest are routed."""
+    fit_texts, route_texts = questions[:512], questions[512:]
     options = RouteOptions(k=3, policy=Policy.TOPK)
-    for n_skills in skill_counts:
+    results = []
+    for name, factory in encoders.items():
         for n_experts in expert_counts:
-            progress(f"building a {n_skills}-skill index for {n_experts} experts")
-            embedder = embedder_factory()
-            router = synthetic_router(embedder, n_experts, n_skills)
-            router.route(["warm-up question about chemistry"], options)
-            offset = 0
-            for size in windows:
-                progress(f"{n_skills} skills, {n_experts} experts, window {size}")
-                batch = []
-                for _ in range(repeats):
-                    batch.append(questions[offset : offset + size])
-                    offset = (offset + size) % max(1, len(questions) - size)
-                cold = _per_query_ms(router, batch, options)
-                warm = _per_query_ms(router, batch, options)
-                results.append(RouterFigures(n_experts, n_skills, router.index.kind, size, cold, warm))
+            variants: list[tuple[str, int | None, Router]] = []
+            for n_skills in skill_counts:
+                progress(f"{name}: a {n_skills}-skill index for {n_experts} experts")
+                variants.append(("skill", n_skills, synthetic_skill_router(factory(), n_experts, n_skills)))
+            progress(f"{name}: a cluster router for {n_experts} experts")
+            variants.append(("cluster", None, synthetic_cluster_router(factory(), n_experts, fit_texts)))
+            for kind, n_skills, router in variants:
+                router.route(["warm-up question about chemistry"], options)
+                index = router.index.kind if isinstance(router, SkillRouter) else "k-means"
+                offset = 0
+                for size in windows:
+                    progress(f"{kind} on {name}, {n_experts} experts, window {size}")
+                    batch = []
+                    for _ in range(repeats):
+                        batch.append(route_texts[offset: offset + size])
+                        offset = (offset + size) % max(1, len(route_texts) - size)
+                    cold = _per_query_ms(router, batch, options)
+                    warm = _per_query_ms(router, batch, options)
+                    results.append(RouterFigures(kind, name, n_experts, n_skills, index, size, cold, warm))
     return results

@@ -29,8 +29,10 @@ def ask(
     question: Annotated[str, typer.Argument(help="the question")],
     k: Annotated[int | None, typer.Option(help="experts recruited (default: routing.k; latent.k for --router "
                                             "latent)")] = None,
-    router: Annotated[str | None, typer.Option(help="a router by name: skill, all, or latent (needs "
-                                                    "latent.checkpoint); default: skill with profiles, else all")]
+    router: Annotated[str | None, typer.Option(help="a router by name: auto (the profile's selected router), any "
+                                                    "candidate it holds (cluster, logistic, irt, skill, knn, "
+                                                    "per_category, best_single), all, or latent (needs "
+                                                    "latent.checkpoint); default: auto with a profile, else all")]
     = None,
     aggregation: Annotated[str | None, typer.Option(help=", ".join(AGGREGATIONS))] = None,
     policy: Annotated[str | None, typer.Option(help=", ".join(POLICIES))] = None,

@@ -20,11 +20,12 @@ from orchestrator.cli.common import (
     names,
     out,
 )
-from workers.model_store import BUNDLED, ModelStore
+from routers.vocabulary import Encoder
+from workers.model_store import LLMS, ModelStore
 
 
 def bench_models(
-    models: Annotated[str, typer.Option(help="comma-separated store names")] = ",".join(BUNDLED),
+    models: Annotated[str, typer.Option(help="comma-separated store names")] = ",".join(LLMS),
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,4,16",
     new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate per prompt (greedy)")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="runs per batch size; the median is reported")] = 3,
@@ -40,9 +41,9 @@ def bench_models(
     from orchestrator.bench.models import ModelsBenchSettings, run_models_bench
 
     chosen = names(models) or []
-    unknown = [n for n in chosen if n not in BUNDLED]
+    unknown = [n for n in chosen if n not in LLMS]
     if unknown:
-        raise UsageError(f"unknown model(s) {', '.join(unknown)}; bundled: {', '.join(BUNDLED)}")
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; bundled LLMs: {', '.join(LLMS)}")
     sizes = int_list(batch_sizes, "--batch-sizes")
     with err.status("benchmarking") as status:
         settings = ModelsBenchSettings(sizes, new_tokens, repeats, threads, gguf, drop_caches)
@@ -70,29 +71,37 @@ def bench_models(
 
 def bench_router(
     questions: Annotated[Path, typer.Option(help="bench-data folder whose questions are routed")] = MMLU_PRO,
+    encoders: Annotated[str, typer.Option(help=f"comma-separated encoders: {', '.join(Encoder)}")]
+    = ",".join(Encoder),
     experts: Annotated[str, typer.Option(help="comma-separated expert counts")] = "16,28",
     skills: Annotated[str, typer.Option(help="comma-separated profile-skill counts")] = "1000,10000,100000",
     windows: Annotated[str, typer.Option(help="comma-separated window sizes")] = "1,32,256",
     repeats: Annotated[int, typer.Option(min=1, help="windows per setting; the median is reported")] = 5,
+    store: StoreOpt = None,
 ) -> None:
-    """Routing latency per query (median), cold (new texts) and warm (embeddings cached)."""
+    """Routing latency per query (median): the skill and cluster routers on each encoder, cold (new texts) and
+    warm (embeddings cached)."""
     from orchestrator.bench.router import run_router_bench
-    from routers.embedding import Embedder
-    from workers.model_store import embedder_path
+    from orchestrator.embedders import encoder
     from workers.recorded import load_recorded
 
+    chosen = names(encoders) or []
+    unknown = [e for e in chosen if e not in list(Encoder)]
+    if unknown:
+        raise UsageError(f"unknown encoder(s) {', '.join(unknown)}; choose from {', '.join(Encoder)}")
+    root = configure(None, store).store_root
     texts = [r.text for r in load_recorded(questions).records]
     with err.status("benchmarking the router") as status:
         results = run_router_bench(
-            lambda: Embedder(embedder_path()), texts, int_list(experts, "--experts"),
+            {e: (lambda e=e: encoder(e, root)) for e in chosen}, texts, int_list(experts, "--experts"),
             int_list(skills, "--skills"), int_list(windows, "--windows"), repeats, status.update,
         )
-    table = Table(title=f"skill router, topk k=3: ms per query, median of {repeats} windows")
-    for col in ("skills", "index", "experts", "window", "cold (new texts)", "warm (cached embeddings)"):
+    table = Table(title=f"routing latency, topk k=3: ms per query, median of {repeats} windows")
+    for col in ("router", "encoder", "skills", "index", "experts", "window", "cold (new texts)", "warm (cached)"):
         table.add_column(col)
     for r in results:
-        table.add_row(str(r.skills), r.index, str(r.experts), str(r.window),
-                      f"{r.cold_ms_per_query:.2f}", f"{r.warm_ms_per_query:.3f}")
+        table.add_row(r.router, r.encoder, "-" if r.skills is None else str(r.skills), r.index, str(r.experts),
+                      str(r.window), f"{r.cold_ms_per_query:.3f}", f"{r.warm_ms_per_query:.3f}")
     out.print(table)
 
 

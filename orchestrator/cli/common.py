@@ -17,10 +17,11 @@ from rich.console import Console
 
 from orchestrator import env
 from orchestrator.config import ConciliumConfig, load_config
+from routers.vocabulary import Encoder
 from workers.errors import UserError
 
 if TYPE_CHECKING:  # these import ray or sentence-transformers, which a command imports only when it runs
-    from routers.embedding import Embedder
+    from routers.embedding import TextEncoder
     from workers.pool import ExpertPool
 
 out = Console()
@@ -41,6 +42,8 @@ AddressOpt = Annotated[
 ]
 MaxTokOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="tokens to generate")]
 TempOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 is greedy")]
+EncoderOpt = Annotated[str, typer.Option("--embedder", help=f"the text encoder routers use: {', '.join(Encoder)} "
+                                         "(static: ~0.1 ms a query, cold; minilm: the transformer itself)")]
 MMLU_PRO = env.bench_data() / "mmlu-pro-28llm"
 """The recorded MMLU-Pro outcomes that commands default to."""
 
@@ -99,12 +102,12 @@ def int_list(text: str, what: str) -> list[int]:
     return values
 
 
-def offline_embedder(config: ConciliumConfig) -> Embedder:
-    """MiniLM with the disk cache that makes repeated offline runs over the same questions cheap."""
-    from routers.embedding import Embedder
-    from workers.model_store import embedder_path
+def offline_embedder(config: ConciliumConfig, kind: str = Encoder.MINILM) -> TextEncoder:
+    """The encoder by name; MiniLM keeps the disk cache that makes repeated offline runs over the same questions
+    cheap."""
+    from orchestrator.embedders import encoder
 
-    return Embedder(embedder_path(), env.embedding_cache(config.store_root))
+    return encoder(kind, config.store_root, env.embedding_cache(config.store_root))
 
 
 def check_sampling(max_new_tokens: int | None, temperature: float | None) -> None:

@@ -7,47 +7,35 @@ controller wraps it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from orchestrator import artifacts
 from orchestrator.config import ConciliumConfig
+from orchestrator.embedders import encoder
 from orchestrator.engine.executor import LatentExecutor
 from orchestrator.engine.requests import Answer, QueryRequest
 from orchestrator.engine.runtime import start_pool
 from orchestrator.engine.scheduler import Scheduler
 from orchestrator.engine.settings import TOP_SCORED, SchedulerSettings
 from routers.base import Router
-from routers.embedding import Embedder
-from routers.profiles import ProfileError, Profiles, read_artifact
+from routers.embedding import TextEncoder
 from routers.registry import make_router
-from routers.skill_index import SkillIndex
-from routers.symbolic import SkillRouter
-from routers.vocabulary import LATENT_ROUTER
+from routers.selection import Selected
+from routers.vocabulary import AUTO_ROUTER, LATENT_ROUTER, Encoder
 from workers.errors import UserError
-from workers.model_store import embedder_path
 from workers.pool import ExpertPool
 
 log = logging.getLogger(__name__)
 
 
-def _latest_profiles(config: ConciliumConfig) -> Path | None:
-    latest = config.routing.profiles / "LATEST"
-    if not latest.exists():
-        return None
-    folder = config.routing.profiles / latest.read_text().strip()
-    if not latest.read_text().strip() or not folder.is_dir():
-        raise ProfileError(f"{latest} names {folder}, which is not a folder: rebuild with `concilium profile`")
-    return folder
-
-
 def check_artifacts(config: ConciliumConfig) -> None:
     """Read the newest profile artifacts and the latent checkpoint once, before anything starts, so that a
     missing, corrupt or mismatched file stops ``serve`` with its name instead of leaving a half-started server."""
-    folder = _latest_profiles(config)
+    folder = artifacts.latest(config.routing.profiles)
     if folder is not None:
-        Profiles.load(folder)
-        SkillIndex.load(folder)
+        artifacts.load(folder, None)
+        _encoder(config, folder)
     aggregator_preference(config)
     if config.latent.checkpoint is not None:
         from orchestrator.latent.group import check_latent
@@ -56,14 +44,13 @@ def check_artifacts(config: ConciliumConfig) -> None:
 
 
 def load_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
-    """Routers by name, the default first: the skill router over the newest profiles for exactly these
-    experts, and ``all`` (every expert answers), which is the default when there are no such profiles.
-    With ``latent.checkpoint`` set, ``latent`` is served as well (never the default: it needs a trained
-    checkpoint and its own actor).
+    """Routers by name, the default first. With the newest profile for exactly these experts: ``auto`` (the
+    router its selection chose), then every candidate it holds by name, then ``all``. Without one, ``all``
+    (every expert answers) is the default, and the trace says why. With ``latent.checkpoint`` set, ``latent``
+    is served as well (never the default: it needs a trained checkpoint and its own actor).
 
-    The embedder gets no disk cache: live queries are new text, and the profile
-    index keeps its own skill vectors, so reading the offline cache would only
-    slow the start.
+    The encoder is the one the profile was built with (its vectors live in that space), with no disk cache:
+    live queries are new text.
     """
     routers = _base_routers(config, experts)
     if config.latent.checkpoint is not None:
@@ -73,30 +60,36 @@ def load_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Route
     return routers
 
 
+def _encoder(config: ConciliumConfig, folder: Path) -> TextEncoder:
+    """The encoder a profile was built with (profiles from before encoders were recorded used MiniLM)."""
+    return encoder(str(artifacts.summary(folder).get("encoder", Encoder.MINILM)), config.store_root)
+
+
 def _base_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
-    fallback = None
-    folder = _latest_profiles(config)
-    if folder is not None:
-        router = SkillRouter.from_artifacts(folder, Embedder(embedder_path()))
-        if sorted(router.profiles.experts) == sorted(experts):
-            return {"skill": router, "all": make_router("all", experts=experts)}
-        log.warning("profiles in %s cover %s, not the configured experts %s", folder, router.profiles.experts, experts)
-        fallback = f"the profiles in {folder} are for other experts: every expert answers (run `concilium profile`)"
-    fallback = fallback or f"no profiles in {config.routing.profiles}: every expert answers (run `concilium profile`)"
-    return {"all": make_router("all", experts=experts, fallback=fallback)}
+    folder = artifacts.latest(config.routing.profiles)
+    if folder is None:
+        why = f"no profiles in {config.routing.profiles}: every expert answers (run `concilium profile`)"
+        return {"all": make_router("all", experts=experts, fallback=why)}
+    served, chosen = artifacts.load(folder, _encoder(config, folder))
+    covered = served["skill"].profiles.experts
+    if sorted(covered) != sorted(experts):
+        log.warning("profiles in %s cover %s, not the configured experts %s", folder, covered, experts)
+        why = f"the profiles in {folder} are for other experts: every expert answers (run `concilium profile`)"
+        return {"all": make_router("all", experts=experts, fallback=why)}
+    selection = artifacts.summary(folder).get("selection", {})
+    why = {"profile": folder.name, "cv_accuracy": selection.get("scores", {}).get(chosen)}
+    return {AUTO_ROUTER: Selected(served[chosen], chosen, why), **served, "all": make_router("all", experts=experts)}
 
 
 def aggregator_preference(config: ConciliumConfig) -> tuple[tuple[str, ...], str]:
     """Who synthesises: the configured expert, else the ranking stored with the newest profiles."""
     if config.routing.aggregator is not None:
         return (config.routing.aggregator,), "fixed in config (routing.aggregator)"
-    folder = _latest_profiles(config)
-    summary = folder / "summary.json" if folder is not None else None
-    if summary is not None and summary.exists():
-        data = read_artifact(summary, lambda p: json.loads(p.read_text()))
-        ranking = (data.get("aggregator_ranking") if isinstance(data, dict) else None) or []
+    folder = artifacts.latest(config.routing.profiles)
+    if folder is not None:
+        ranking = artifacts.summary(folder).get("aggregator_ranking") or []
         configured = {e.name for e in config.experts}
-        return tuple(e for e in ranking if e in configured), f"profiles' aggregator ranking ({summary})"
+        return tuple(e for e in ranking if e in configured), f"profiles' aggregator ranking ({folder / 'summary.json'})"
     return (), TOP_SCORED
 
 

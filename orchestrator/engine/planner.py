@@ -17,8 +17,15 @@ import numpy as np
 from orchestrator.engine.plan import ExpertWork, LatentWork
 from orchestrator.engine.requests import InFlight, QueryRequest
 from orchestrator.engine.settings import TOP_SCORED, SchedulerSettings
-from routers.aggregation import Aggregated, aggregate_without_call, proposer_prompt, synthesis_request
+from routers.aggregation import (
+    Aggregated,
+    aggregate_without_call,
+    extract,
+    proposer_prompt,
+    synthesis_request,
+)
 from routers.base import Decision, RouteOptions, pick
+from routers.plans import agree
 from routers.vocabulary import Aggregation
 from workers.pool import ExpertPool
 from workers.types import Prompt, SamplingParams
@@ -100,6 +107,8 @@ class Planner:
             return self.costs.get(e, 0.0) * (words + self.params(r, e).max_new_tokens) / 1000
 
         dropped = []
+        if d.escalate and sum(cost(e) for e in d.experts + d.escalate) > r.budget_usd:
+            dropped, d.escalate = list(d.escalate), []  # a cascade's second round goes first
         while len(d.experts) > 1 and sum(cost(e) for e in d.experts) > r.budget_usd:
             costliest = max(d.experts, key=cost)
             d.experts.remove(costliest)
@@ -137,6 +146,23 @@ class Planner:
             if spare is not None:
                 p.degraded.append(f"re-routed to {spare} after {', '.join(sorted(set(p.failed)))} failed")
                 assignment[i] = [spare]
+        return self.solve(live, assignment, lambda i: live[i].request.prompt)
+
+    def escalations(self, live: list[InFlight]) -> list[ExpertWork]:
+        """A cascade's second round: its escalation experts, for the requests whose first answers disagree.
+        Every cascade's trace records its rounds, or why it stopped after the first."""
+        assignment = {}
+        for i, p in enumerate(live):
+            d = p.decision
+            if d.latent or not d.escalate:
+                continue
+            first = list(d.experts)
+            if agree([extract(a.text) for a in p.answers]):
+                d.trace["rounds"] = [first]
+                d.trace["stopped"] = "the first round's answers agree"
+            else:
+                assignment[i] = list(d.escalate)
+                d.trace["rounds"] = [first, list(d.escalate)]
         return self.solve(live, assignment, lambda i: live[i].request.prompt)
 
     def latent(self, live: list[InFlight]) -> list[LatentWork]:

@@ -14,7 +14,9 @@ back to the requests (``assembly``):
    window. Requests routed by the ``latent`` router are grouped by primary
    instead, one call to the latent group each;
 3. re-route: a request that lost every expert goes to its next-ranked healthy
-   expert, and the answer is marked degraded;
+   expert, and the answer is marked degraded; then a cascade whose first
+   answers disagree asks its escalation experts, a second round batched by
+   expert like the first;
 4. moa layers: requests with the moa strategy run their further proposer
    layers, each layer batched by expert like the solve phase;
 5. aggregate: synthesis prompts are grouped by aggregator and batched the same
@@ -108,9 +110,13 @@ class Scheduler:
             raise RequestError("max_new_tokens must be at least 1")
         if request.temperature is not None and request.temperature < 0:
             raise RequestError("temperature must be 0 (greedy) or positive")
-        router = self.routers.get(self._router_of(request))
+        name = self._router_of(request)
+        router = self.routers.get(name)
         if isinstance(router, BoundedRouter):
             router.check(request.options, request.experts)
+        if hasattr(router, "supports") and not router.supports(request.options.policy):
+            raise RequestError(f"the {request.options.policy} policy needs a router with a per-query quality "
+                               f"estimate (cluster, logistic, irt or auto); {name!r} has none")
 
     async def explain(self, request: QueryRequest) -> Decision:
         """The decision a request would get, at once and outside any window; nothing is generated."""
@@ -229,6 +235,9 @@ class Scheduler:
         retry = self.planner.reroutes(live)
         if retry:
             assembly.record_answers(live, await self.executor.run(retry))
+        escalate = self.planner.escalations(live)
+        if escalate:
+            assembly.record_answers(live, await self.executor.run(escalate))
         for layer in range(2, self.settings.moa_layers + 1):
             if not await self._moa_layer(live, layer):
                 return

@@ -1,104 +1,31 @@
-"""``concilium profile``: build expert profiles and the skill index, and save them as versioned artifacts.
+"""Live profiling: the configured experts answer a validation file with gold answers, and are graded.
 
-There are two sources of outcomes:
-- imported: recorded outcomes in the bench-data format;
-- live: the configured experts answer a validation file with gold answers, and
-  the answers are graded.
-
-Either way the questions are annotated with skills, and the profiles and the
-FAISS index are saved in ``<out>/<version>/``. ``<out>/LATEST`` names the newest
-version. The router loads them from there.
+The outcomes (right or wrong, each answer as the vote compares it, each
+answer's length and cost) become the same training set that recorded outcomes
+give, so ``orchestrator.profiles`` fits and selects routers on them alike.
+Optionally an expert names each question's skills (the paper's LLM annotator),
+and the aggregators are ranked by the paper's synthesis test.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from routers.aggregation import selection_items, synthesis_prompt
-from routers.annotators import EmbeddingAnnotator, LLMAnnotator
-from routers.base import RoutingError
-from routers.embedding import Embedder
+from routers.aggregation import extract, selection_items, synthesis_prompt
+from routers.annotators import LLMAnnotator
+from routers.base import Prices, RoutingError, TrainingSet
 from routers.grading import is_correct
-from routers.profiles import Profiles, build_profiles
-from routers.skill_index import SkillIndex
 from workers.pool import ExpertPool
 
 LIVE_PROMPT = (
     "Answer the following question. Think briefly, then finish with 'The answer is (X)' for a "
     "multiple-choice question, or with \\boxed{{N}} for a numeric one.\n\n{question}"
 )
-
-
-def save_artifacts(
-    texts: list[str],
-    correct: np.ndarray,
-    experts: list[str],
-    cost: np.ndarray | None,
-    embedder: Embedder,
-    out_dir: Path,
-    source: dict[str, object],
-    keywords: list[list[str]] | None = None,
-    aggregator_accuracy: dict[str, float] | None = None,
-) -> tuple[Path, dict[str, object]]:
-    """Annotate (unless keywords are given), build profiles and the index; save them; (folder, summary)."""
-    if len(texts) == 0:
-        raise RoutingError("the validation set is empty: nothing to profile")
-    if keywords is None:
-        keywords = EmbeddingAnnotator(embedder).annotate(texts, embedder.encode(texts))
-    profiles = build_profiles(keywords, correct, experts, cost)
-    index = SkillIndex(profiles.skills, embedder.encode(profiles.skills))
-    version = time.strftime("%Y%m%d-%H%M%S")
-    folder = out_dir / version
-    profiles.save(folder)
-    index.save(folder)
-    summary = summarise(profiles, index, {**source, "n_questions": len(texts)}, aggregator_accuracy)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "LATEST").write_text(version + "\n")
-    return folder, summary
-
-
-def summarise(
-    profiles: Profiles,
-    index: SkillIndex,
-    source: dict[str, object],
-    aggregator_accuracy: dict[str, float] | None = None,
-) -> dict[str, object]:
-    strength = profiles.global_strength()
-    acc = profiles.smoothed_accuracy()
-    seen_enough = profiles.seen[:, 0] >= 3
-    top_skills = {}
-    for j, expert in enumerate(profiles.experts):
-        order = [i for i in np.argsort(-acc[:, j]) if seen_enough[i]][:5]
-        top_skills[expert] = [profiles.skills[i] for i in order]
-    if aggregator_accuracy:
-        ranking = sorted(aggregator_accuracy, key=lambda e: -aggregator_accuracy[e])
-        method = f"synthesis test: accuracy {aggregator_accuracy}"
-    else:
-        # Without a synthesis test, aggregators are ranked by answering accuracy alone.
-        ranking = sorted(profiles.experts, key=lambda e: -profiles.overall[profiles.experts.index(e)])
-        method = "overall accuracy (no synthesis test was run)"
-    return {
-        "source": source,
-        "n_skills": len(profiles.skills),
-        "index": index.kind,
-        "experts": {
-            e: {
-                "accuracy": float(profiles.overall[j]),
-                "global_strength": float(strength[j]),
-                "mean_cost": None if profiles.cost is None else float(profiles.cost[j]),
-                "best_skills": top_skills[e],
-            }
-            for j, e in enumerate(profiles.experts)
-        },
-        "aggregator_ranking": ranking,
-        "aggregator_ranking_method": method,
-    }
 
 
 def load_tasks(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
@@ -123,19 +50,30 @@ async def live_outcomes(
     experts: list[str],
     questions: list[str],
     gold: list[str],
+    prices: dict[str, float],
     on_expert: Callable[[str], None] = lambda _e: None,
-) -> tuple[np.ndarray, dict[str, list[str]]]:
-    """Every expert answers every question in one batched call; answers are graded against gold."""
+) -> tuple[TrainingSet, dict[str, list[str]]]:
+    """Every expert answers every question in one batched call; the graded outcomes, and each expert's texts.
+
+    ``prices``: USD per token of each expert, for input and output alike (``cost_per_1k_tokens`` / 1000).
+    """
     prompts = [LIVE_PROMPT.format(question=q) for q in questions]
-    correct = np.zeros((len(questions), len(experts)))
-    answers: dict[str, list[str]] = {}
+    shape = (len(questions), len(experts))
+    correct, spent, produced = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    extracted = np.empty(shape, dtype=object)
+    texts: dict[str, list[str]] = {}
     for j, expert in enumerate(experts):
         result = await generate(expert, prompts)
-        texts = [c.text for c in result.completions]
-        answers[expert] = texts
-        correct[:, j] = [is_correct(t, g) for t, g in zip(texts, gold)]
+        texts[expert] = [c.text for c in result.completions]
+        correct[:, j] = [is_correct(t, g) for t, g in zip(texts[expert], gold)]
+        extracted[:, j] = [extract(t) for t in texts[expert]]
+        produced[:, j] = [c.completion_tokens for c in result.completions]
+        spent[:, j] = [(c.prompt_tokens + c.completion_tokens) * prices[expert] for c in result.completions]
         on_expert(expert)
-    return correct, answers
+    price = np.array([prices[e] for e in experts])
+    data = TrainingSet(texts=list(questions), correct=correct, experts=list(experts), categories=[None] * len(questions),
+                       cost=spent, answers=extracted, output_tokens=produced, prices=Prices(price, price))
+    return data, texts
 
 
 ANNOTATION_TOKENS = 32
@@ -175,7 +113,7 @@ async def rank_aggregators(
 class LiveProfile:
     """What a live profiling run learns about the configured experts."""
 
-    correct: np.ndarray
+    data: TrainingSet
     keywords: list[list[str]] | None
     """The annotator expert's skills per question; None: the embedding annotator names them later."""
     aggregator_accuracy: dict[str, float] | None
@@ -195,7 +133,8 @@ async def profile_live(
         params = pool.config_of(annotator).generation.sampling(ANNOTATION_TOKENS, temperature)
         return await pool.generate(annotator, prompts, params)
 
-    correct, answers = await live_outcomes(gen, pool.names, questions, gold, on_expert)
+    prices = {e: pool.config_of(e).cost_per_1k_tokens / 1000 for e in pool.names}
+    data, answers = await live_outcomes(gen, pool.names, questions, gold, prices, on_expert)
     keywords, ranking = None, None
     if annotator is not None:
         llm = LLMAnnotator()
@@ -203,5 +142,5 @@ async def profile_live(
         keywords = await llm_keywords(annotate, questions, llm)
     if select_aggregator:
         on_stage("synthesis test for the aggregator ranking")
-        ranking = await rank_aggregators(gen, pool.names, questions, gold, answers, correct)
-    return LiveProfile(correct, keywords, ranking)
+        ranking = await rank_aggregators(gen, pool.names, questions, gold, answers, data.correct)
+    return LiveProfile(data, keywords, ranking)

@@ -1,0 +1,139 @@
+"""Profile artifacts: what ``concilium profile`` writes and what the service routes with.
+
+A profile is a version folder under ``routing.profiles`` (``LATEST`` names the
+newest). It holds every candidate router fitted on the profile's data (the
+skill router's profiles and FAISS index, ``cluster.npz``, ``knn.npz``, ...),
+and ``summary.json``: the source, the encoder the vectors live in, each
+expert's accuracy and best skills, the aggregator ranking, and the selection:
+every candidate's cross-validated accuracy and the one chosen. The service
+serves every candidate by name, and ``auto``, its default, is the chosen one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from routers.annotators import EmbeddingAnnotator
+from routers.base import RouteOptions, Router, RoutingError, TrainingSet
+from routers.embedding import TextEncoder
+from routers.evaluate import EvalData
+from routers.profiles import ProfileError, Profiles, build_profiles, read_artifact
+from routers.registry import make_router
+from routers.selection import CANDIDATES, select
+from routers.skill_index import SkillIndex
+from routers.symbolic import SkillRouter
+
+SUMMARY = "summary.json"
+MIN_SELECTION_QUERIES = 6
+"""Below this many questions there are too few for three folds: the skill router is used unselected."""
+
+
+def latest(root: Path) -> Path | None:
+    """The newest profile folder, or None when there is none."""
+    pointer = root / "LATEST"
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    folder = root / name
+    if not name or not folder.is_dir():
+        raise ProfileError(f"{pointer} names {folder}, which is not a folder: rebuild with `concilium profile`")
+    return folder
+
+
+def summary(folder: Path) -> dict[str, object]:
+    """The profile's summary; a profile written before summaries existed holds the skill router alone."""
+    if not (folder / SUMMARY).exists():
+        return {}
+    data = read_artifact(folder / SUMMARY, lambda p: json.loads(p.read_text()))
+    if not isinstance(data, dict):
+        raise ProfileError(f"{folder / SUMMARY} is not a JSON object: rebuild with `concilium profile`")
+    return data
+
+
+def save(data: TrainingSet, embedder: TextEncoder, encoder: str, out_dir: Path, source: dict[str, object],
+         options: RouteOptions, aggregation: str, keywords: list[list[str]] | None = None,
+         aggregator_accuracy: dict[str, float] | None = None) -> tuple[Path, dict[str, object]]:
+    """Fit every candidate, select one by cross-validation, save them all; (folder, summary)."""
+    if len(data.texts) == 0:
+        raise RoutingError("the validation set is empty: nothing to profile")
+    if data.vectors is None:
+        data.vectors = embedder.encode(data.texts)
+    folder = out_dir / time.strftime("%Y%m%d-%H%M%S")
+    skill = _skill_router(data, embedder, keywords)
+    skill.save(folder, "skill")
+    for name in CANDIDATES:
+        if name != "skill":
+            router = make_router(name, embedder=embedder)
+            router.fit(data)
+            router.save(folder, name)
+    chosen = None
+    if len(data.texts) >= MIN_SELECTION_QUERIES:
+        chosen = select(EvalData(**vars(data)), lambda n: make_router(n, embedder=embedder), options, aggregation,
+                        folds=3).summary()
+    result = _summarise(skill.profiles, skill.index, {**source, "n_questions": len(data.texts)},
+                        aggregator_accuracy)
+    result.update(encoder=encoder, candidates=list(CANDIDATES),
+                  selection=chosen or {"chosen": "skill", "rule": f"fewer than {MIN_SELECTION_QUERIES} questions: "
+                                       "no selection, the skill router"})
+    (folder / SUMMARY).write_text(json.dumps(result, indent=2))
+    (out_dir / "LATEST").write_text(folder.name + "\n")
+    return folder, result
+
+
+def _skill_router(data: TrainingSet, embedder: TextEncoder, keywords: list[list[str]] | None) -> SkillRouter:
+    """The skill router over these outcomes; with given keywords (an LLM annotator's), over those skills."""
+    router = SkillRouter(embedder)
+    if keywords is None:
+        keywords = EmbeddingAnnotator(embedder).annotate(data.texts, data.vectors)
+    profiles = build_profiles(keywords, data.correct, data.experts, data.cost)
+    router._use(profiles, SkillIndex(profiles.skills, embedder.encode(profiles.skills)))
+    return router
+
+
+def load(folder: Path, embedder: TextEncoder) -> tuple[dict[str, Router], str]:
+    """Every router the profile holds, by name, and the name selection chose."""
+    info = summary(folder)
+    routers: dict[str, Router] = {}
+    for name in info.get("candidates", ["skill"]):
+        router = make_router(name, embedder=embedder)
+        router.restore(folder, name)
+        routers[name] = router
+    return routers, str(info.get("selection", {}).get("chosen", "skill"))
+
+
+def _summarise(profiles: Profiles, index: SkillIndex, source: dict[str, object],
+               aggregator_accuracy: dict[str, float] | None) -> dict[str, object]:
+    strength = profiles.global_strength()
+    acc = profiles.smoothed_accuracy()
+    seen_enough = profiles.seen[:, 0] >= 3
+    top_skills = {}
+    for j, expert in enumerate(profiles.experts):
+        order = [i for i in np.argsort(-acc[:, j]) if seen_enough[i]][:5]
+        top_skills[expert] = [profiles.skills[i] for i in order]
+    if aggregator_accuracy:
+        ranking = sorted(aggregator_accuracy, key=lambda e: -aggregator_accuracy[e])
+        method = f"synthesis test: accuracy {aggregator_accuracy}"
+    else:
+        # Without a synthesis test, aggregators are ranked by answering accuracy alone.
+        ranking = sorted(profiles.experts, key=lambda e: -profiles.overall[profiles.experts.index(e)])
+        method = "overall accuracy (no synthesis test was run)"
+    return {
+        "source": source,
+        "n_skills": len(profiles.skills),
+        "index": index.kind,
+        "experts": {
+            e: {
+                "accuracy": float(profiles.overall[j]),
+                "global_strength": float(strength[j]),
+                "mean_cost": None if profiles.cost is None else float(profiles.cost[j]),
+                "best_skills": top_skills[e],
+            }
+            for j, e in enumerate(profiles.experts)
+        },
+        "aggregator_ranking": ranking,
+        "aggregator_ranking_method": method,
+    }

@@ -1,0 +1,1 @@
+"""Data that ships with the service: the starter questions for the embedded default profile."""

@@ -1,0 +1,120 @@
+"""Router selection: every candidate is fitted on the data and the one that scores best in cross-validation is
+used, so that no deployment runs a router that loses to a simple baseline on its own data.
+
+- ``select``: k-fold cross-validation of every candidate on one data set, all
+  under the same options and aggregation; the best mean accuracy wins (ties go
+  to the earlier candidate, the simpler ones come last so they must be beaten
+  outright). This is what ``concilium profile`` records.
+- ``nested``: the honest score of selecting. For each outer fold, ``select``
+  runs on the outer training part only, and its choice is scored on the outer
+  test part. This is ``concilium eval --router auto``.
+
+Candidates that cannot run a planned policy (adaptive, cascade) are measured
+with top-k under the same k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from routers.base import Decision, RouteOptions, Router, TrainingSet
+from routers.evaluate import EvalData, cross_validation_splits, run_router
+from routers.learned import PLANNED
+from routers.registry import make_router
+from routers.vocabulary import Policy
+
+CANDIDATES: tuple[str, ...] = ("cluster", "logistic", "irt", "skill", "knn", "per_category", "best_single")
+LEARNED = ("cluster", "logistic", "irt")
+
+
+def options_for(name: str, options: RouteOptions) -> RouteOptions:
+    """A candidate's options: its own policy, or top-k where it has no per-query estimate to plan with."""
+    if options.policy in PLANNED and name not in LEARNED:
+        return RouteOptions(k=options.k, policy=Policy.TOPK, seed=options.seed)
+    return options
+
+
+@dataclass
+class Selection:
+    chosen: str
+    scores: dict[str, float]
+    """Each candidate's cross-validated accuracy."""
+    folds: int
+    options: dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        return {"chosen": self.chosen, "scores": self.scores, "folds": self.folds, "options": self.options,
+                "rule": "the best cross-validated accuracy; ties go to the earlier candidate"}
+
+
+def select(data: EvalData, make: Callable[[str], Router], options: RouteOptions, aggregation: str,
+           folds: int = 3, seed: int = 0, candidates: tuple[str, ...] = CANDIDATES,
+           on_candidate: Callable[[str], None] = lambda _c: None) -> Selection:
+    splits = cross_validation_splits(len(data.texts), folds, seed)
+    scores = {}
+    for name in candidates:
+        outcome = run_router(lambda n=name: make(n), data, options_for(name, options), aggregation, splits)
+        scores[name] = outcome.accuracy
+        on_candidate(name)
+    chosen = max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
+    return Selection(chosen, scores, folds, {"k": options.k, "policy": str(options.policy),
+                                             "aggregation": str(aggregation)})
+
+
+@dataclass
+class NestedOutcome:
+    accuracy: float
+    chosen: list[str]
+    """The candidate each outer fold's selection chose."""
+    inner_scores: list[dict[str, float]]
+    mean_cost: float | None = None
+
+
+def nested(data: EvalData, make: Callable[[str], Router], options: RouteOptions, aggregation: str,
+           splits: list[tuple[np.ndarray, np.ndarray]], inner_folds: int = 3, seed: int = 0,
+           on_fold: Callable[[int], None] = lambda _i: None) -> NestedOutcome:
+    right, spent, chosen, inner = np.zeros(len(data.texts)), np.zeros(len(data.texts)), [], []
+    for i, (train_idx, test_idx) in enumerate(splits):
+        pick = select(data.subset(train_idx), make, options, aggregation, inner_folds, seed)
+        chosen.append(pick.chosen)
+        inner.append(pick.scores)
+        outcome_split = [(np.arange(len(train_idx)), np.arange(len(train_idx), len(train_idx) + len(test_idx)))]
+        joined = data.subset(train_idx).join(data.subset(test_idx))
+        fold = run_router(lambda n=pick.chosen: make(n), joined, options_for(pick.chosen, options), aggregation,
+                          outcome_split)
+        right[test_idx] = fold.accuracy
+        spent[test_idx] = fold.mean_cost or 0.0
+        on_fold(i)
+    idx = np.concatenate([t for _, t in splits])
+    return NestedOutcome(float(right[idx].mean()), chosen, inner,
+                         None if data.cost is None else float(spent[idx].mean()))
+
+
+def candidate_factory(embedder: object) -> Callable[[str], Router]:
+    return lambda name: make_router(name, embedder=embedder)
+
+
+class Selected(Router):
+    """``auto``: the router that selection chose on a profile's data. Its decisions name the choice and the
+    cross-validated scores it was chosen by, so a trace says why this router routed."""
+
+    def __init__(self, router: Router, name: str, why: dict[str, object]) -> None:
+        self.router, self.name, self.why = router, name, why
+
+    def fit(self, train: TrainingSet) -> None:
+        self.router.fit(train)
+
+    def supports(self, policy: str) -> bool:
+        return True  # a policy the chosen router cannot plan with runs as top-k (``options_for``)
+
+    def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
+              categories: list[str | None] | None = None) -> list[Decision]:
+        if self.name not in LEARNED:
+            options = options_for(self.name, options)
+        decisions = self.router.route(texts, options, vectors, categories)
+        for d in decisions:
+            d.trace["selected"] = {"router": self.name, **self.why}
+        return decisions
