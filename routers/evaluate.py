@@ -156,32 +156,61 @@ def run_router(
     budget: Budget | None = None,
 ) -> Outcome:
     """Cross-validated accuracy, cost, calls and calibration. With a budget, λ is solved per training fold."""
-    n = len(data.texts)
-    correct, consensus, calls = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n)
-    cost = None if data.cost is None else np.zeros(n)
-    probabilities = np.zeros(data.correct.shape)
+    def fold_options(train: EvalData) -> list[RouteOptions]:
+        return [options if budget is None else solve_lambda(make, train, options, aggregation, budget)]
+
+    return sweep(make, data, fold_options, aggregation, splits, on_fold)[0]
+
+
+def sweep(
+    make: Callable[[], Router],
+    data: EvalData,
+    fold_options: Callable[[EvalData], list[RouteOptions]],
+    aggregation: str,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    on_fold: Callable[[int], None] = lambda _i: None,
+) -> list[Outcome]:
+    """One outcome per option: each fold's router is fitted once and routes the test fold under every option its
+    training part gives (a λ sweep, or a budget's solved λ)."""
+    n, per_option = len(data.texts), None
     for i, (train_idx, test_idx) in enumerate(splits):
-        train = data.subset(train_idx)
-        fold_options = options if budget is None else solve_lambda(make, train, options, aggregation, budget)
+        train, test = data.subset(train_idx), data.subset(test_idx)
+        choices = fold_options(train)
         router = make()
         router.fit(train)
-        test = data.subset(test_idx)
-        decisions = router.route(test.texts, fold_options, test.vectors, test.categories)
-        fold = score(decisions, test, aggregation)
-        correct[test_idx], consensus[test_idx], calls[test_idx] = fold.correct, fold.consensus, fold.calls
-        probabilities[test_idx] = [[d.scores.get(e, 0.0) for e in data.experts] for d in decisions]
-        if cost is not None:
-            cost[test_idx] = fold.cost
+        per_option = per_option or [_Tally(n, data) for _ in choices]
+        for tally, opts in zip(per_option, choices):
+            decisions = router.route(test.texts, opts, test.vectors, test.categories)
+            tally.add(test_idx, decisions, score(decisions, test, aggregation), data.experts)
         on_fold(i)
     idx = np.concatenate([t for _, t in splits])
-    return Outcome(
-        accuracy=float(correct[idx].mean()),
-        mean_cost=None if cost is None else float(cost[idx].mean()),
-        n_queries=len(idx),
-        consensus_rate=float(consensus[idx].mean()) if data.answers is not None and calls[idx].max() > 1 else None,
-        mean_experts=float(calls[idx].mean()),
-        calibration_error=calibration_error(np.clip(probabilities[idx], 0, 1), data.correct[idx]),
-    )
+    return [tally.outcome(idx, data) for tally in per_option]
+
+
+class _Tally:
+    """Per-query results of one option across the folds."""
+
+    def __init__(self, n: int, data: EvalData) -> None:
+        self.correct, self.consensus, self.calls = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n)
+        self.cost = None if data.cost is None else np.zeros(n)
+        self.probabilities = np.zeros(data.correct.shape)
+
+    def add(self, idx: np.ndarray, decisions: list[Decision], fold: FoldScore, experts: list[str]) -> None:
+        self.correct[idx], self.consensus[idx], self.calls[idx] = fold.correct, fold.consensus, fold.calls
+        self.probabilities[idx] = [[d.scores.get(e, 0.0) for e in experts] for d in decisions]
+        if self.cost is not None:
+            self.cost[idx] = fold.cost
+
+    def outcome(self, idx: np.ndarray, data: EvalData) -> Outcome:
+        return Outcome(
+            accuracy=float(self.correct[idx].mean()),
+            mean_cost=None if self.cost is None else float(self.cost[idx].mean()),
+            n_queries=len(idx),
+            consensus_rate=(float(self.consensus[idx].mean())
+                            if data.answers is not None and self.calls[idx].max() > 1 else None),
+            mean_experts=float(self.calls[idx].mean()),
+            calibration_error=calibration_error(np.clip(self.probabilities[idx], 0, 1), data.correct[idx]),
+        )
 
 
 def solve_lambda(make: Callable[[], Router], train: EvalData, options: RouteOptions, aggregation: str,

@@ -11,7 +11,7 @@ import json
 import pytest
 import yaml
 
-from orchestrator.bench.calibrate import fit_steps
+from orchestrator.bench.costmodel import fit_steps
 from orchestrator.config import load_config
 from tests.test_cli import concilium
 from workers.backends.simulated import SimulatedBackend

@@ -20,8 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
+from orchestrator.bench.costmodel import fit_steps
 from orchestrator.bench.models import PROMPTS
 from orchestrator.config import ConciliumConfig
 from workers.config import PoolConfig, SimulatedExpert
@@ -38,17 +37,6 @@ class Calibration:
     step_s_by_batch: dict[int, float]
     step_s: float
     step_s_per_row: float
-
-
-def fit_steps(step_s_by_batch: dict[int, float]) -> tuple[float, float]:
-    """(step_s, step_s_per_row) of the line through the measured step times; the slope is kept non-negative."""
-    rows = np.array(sorted(step_s_by_batch), dtype=float)
-    times = np.array([step_s_by_batch[int(b)] for b in rows])
-    if len(rows) == 1:
-        return float(times[0]), 0.0
-    slope, intercept = np.polyfit(rows - 1, times, 1)
-    slope = max(float(slope), 0.0)
-    return max(float(intercept), float(times.min()) * 0.5), slope
 
 
 async def calibrate(

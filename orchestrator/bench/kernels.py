@@ -2,9 +2,11 @@
 
 For each batch size and peer length, the peer rows per sequence are drawn
 uniformly between half the length and the length, as ragged prompts are.
-Both variants run on the same tensors in the same run. The Triton kernel is
-timed only on CUDA: on a CPU, only its interpreter runs it, and that measures
-the interpreter, not the kernel, so the CPU report says "not measured on GPU".
+Both variants run on the same tensors in the same run. Wherever the Triton
+kernel can run (CUDA, or Triton's interpreter on a CPU), its output is checked
+against the padded reference first; it is timed only on CUDA: on a CPU the
+timing would measure the interpreter, not the kernel, so the CPU report says
+"not measured on GPU".
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) ->
 
 def run_kernel_bench(batches: list[int], peer_lens: list[int], heads: int, dim: int, device: torch.device,
                      dtype: torch.dtype, repeats: int, progress: Callable[[str], None]) -> list[KernelTiming]:
-    timed_triton = device.type == "cuda" and triton_usable(device)
+    checked = triton_usable(device)
+    timed_triton = device.type == "cuda" and checked
     g = torch.Generator().manual_seed(0)
     out = []
     for b in batches:
@@ -61,10 +64,10 @@ def run_kernel_bench(batches: list[int], peer_lens: list[int], heads: int, dim: 
             k = torch.randn(total, heads, dim, generator=g).to(device, dtype)
             v = torch.randn(total, heads, dim, generator=g).to(device, dtype)
             offsets = offsets.to(device)
-            padded = _time(lambda: reference(q, k, v, offsets), device, repeats)
-            triton_ms = diff = None
-            if timed_triton:
-                triton_ms = _time(lambda: triton_ragged(q, k, v, offsets), device, repeats)
+            diff = None
+            if checked:  # the numbers first, before any timing
                 diff = (triton_ragged(q, k, v, offsets).float() - reference(q, k, v, offsets).float()).abs().max().item()
+            padded = _time(lambda: reference(q, k, v, offsets), device, repeats)
+            triton_ms = _time(lambda: triton_ragged(q, k, v, offsets), device, repeats) if timed_triton else None
             out.append(KernelTiming(b, n, padded, triton_ms, diff))
     return out

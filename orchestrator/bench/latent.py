@@ -48,10 +48,13 @@ def latency(mixture: LatentMixture, primary: str, prompt_tokens: list[int], new_
                 model.generate(**enc, **gen)
 
         times: dict[str, list[float]] = {"alone": [], "latent": []}
+        cuda = model.device.type == "cuda"
         for _ in range(repeats + 1):  # the first round warms up and is not counted
             for name, fn in (("alone", alone), ("latent", latent)):
                 t0 = time.perf_counter()
                 fn()
+                if cuda:  # the time of the work, not of its launch
+                    torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
         rows.append(LatencyRow(n, statistics.median(times["alone"][1:]), statistics.median(times["latent"][1:])))
     return rows

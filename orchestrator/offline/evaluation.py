@@ -17,7 +17,7 @@ from orchestrator.offline.data import load_eval_data
 from orchestrator.offline.plots import plot_accuracy_vs_k, plot_frontier
 from routers.base import RouteOptions, RoutingError
 from routers.embedding import TextEncoder
-from routers.evaluate import Budget, EvalData, baselines, cross_validation_splits, run_router
+from routers.evaluate import Budget, EvalData, baselines, cross_validation_splits, run_router, sweep
 from routers.frontier import aiq
 from routers.learned import PLANNED
 from routers.registry import make_router
@@ -127,12 +127,11 @@ def cost_frontier(make: Callable, data: EvalData, splits: list, options: RouteOp
     routers and single models are compared over the same budgets.
     """
     planned = options.policy in PLANNED
-    points = []
-    for lam in LAMBDAS:
-        opts = RouteOptions(k=options.k if planned else 1, policy=options.policy if planned else Policy.COST,
-                            cost_lambda=lam, seed=options.seed)
-        o = run_router(make, data, opts, Aggregation.VOTE if planned else Aggregation.BEST, splits)
-        points.append((o.mean_cost, o.accuracy))
+    sweep_options = [RouteOptions(k=options.k if planned else 1, policy=options.policy if planned else Policy.COST,
+                                  cost_lambda=lam, seed=options.seed) for lam in LAMBDAS]
+    outcomes = sweep(make, data, lambda _train: sweep_options, Aggregation.VOTE if planned else Aggregation.BEST,
+                     splits)
+    points = [(o.mean_cost, o.accuracy) for o in outcomes]
     idx = np.concatenate([t for _, t in splits])
     singles = {e: (float(data.cost[idx, j].mean()), float(data.correct[idx, j].mean()))
                for j, e in enumerate(data.experts)}
