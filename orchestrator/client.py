@@ -107,20 +107,31 @@ def _events(lines: Iterator[str]) -> Iterator[dict]:
 
 
 class ChatStream:
-    """Iterates over a streamed chat's text pieces; ``response`` holds the routing metadata at the end."""
+    """Iterates over a streamed chat's text pieces as the expert writes them. ``plan`` (from the first event)
+    says which expert writes the answer; ``response`` holds the whole response at the end. An error after the
+    stream began raises ConciliumError with status 200, the status the stream was sent with."""
 
-    def __init__(self, events: Iterator[dict]) -> None:
-        self._events = events
+    def __init__(self, events: Iterator[dict] | None = None) -> None:
+        self._events = events if events is not None else iter(())
+        self.plan: dict[str, Any] | None = None
         self.response: QueryResponse | None = None
+
+    def feed(self, event: dict) -> str:
+        """One event's text; records the plan and the response on the way."""
+        if "error" in event:
+            raise ConciliumError(200, event["error"].get("type", "error"), event["error"].get("message", ""))
+        meta = event.get("concilium")
+        if meta and "plan" in meta:
+            self.plan = meta["plan"]
+        elif meta:
+            self.response = QueryResponse.model_validate(meta)
+        return "".join(c.get("delta", {}).get("content") or "" for c in event.get("choices", []))
 
     def __iter__(self) -> Iterator[str]:
         for event in self._events:
-            if "concilium" in event:
-                self.response = QueryResponse.model_validate(event["concilium"])
-            for choice in event.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    yield piece
+            piece = self.feed(event)
+            if piece:
+                yield piece
 
 
 class _Base:
@@ -276,12 +287,12 @@ class AsyncClient(_Base):
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)
+            state = ChatStream()
             async for line in response.aiter_lines():
                 for event in _events(iter([line])):
-                    for choice in event.get("choices", []):
-                        piece = choice.get("delta", {}).get("content")
-                        if piece:
-                            yield piece
+                    piece = state.feed(event)
+                    if piece:
+                        yield piece
 
     async def experts(self) -> list[ExpertOut]:
         return [ExpertOut.model_validate(e) for e in (await self._send("GET", "/v1/experts")).json()]

@@ -51,7 +51,10 @@ class RoutingConfig(Strict):
         0.7, gt=0.0, le=5.0, description="sampling temperature of self-moa when the request sets none"
     )
     max_batch: int = Field(32, ge=1, le=4096)
-    max_wait_ms: float = Field(20.0, ge=0.0, le=10_000)
+    max_wait_ms: float = Field(
+        0.0, ge=0.0, le=10_000, description="how long an idle scheduler holds a lone request for company; 0 starts "
+        "at once (requests that arrive while a window runs join the next window anyway)",
+    )
     expert_timeout_s: float = Field(300.0, gt=0)
     max_pending: int = Field(
         1024, ge=1, description="requests admitted and not yet answered (queued or in a window); past it, new "
@@ -194,6 +197,11 @@ class ConciliumConfig(Strict):
     def store_root(self) -> Path:
         """The model store: the configured folder, else this machine's default. The one place that falls back."""
         return self.model_store or env.model_store_root()
+
+    def bound_to(self, host: str | None = None, port: int | None = None) -> ConciliumConfig:
+        """This config with the address given on the command line (None: the file's). A reload keeps it."""
+        server = self.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+        return self.model_copy(update={"server": server})
 
     def default_k(self, router: str | None) -> int:
         """k for a request that sets none: the latent mixture has its own, as it is usually smaller."""

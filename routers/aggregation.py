@@ -94,6 +94,15 @@ def _best(answers: Sequence[_Answer], decision: Decision) -> _Answer:
     return max(answers, key=lambda a: decision.scores.get(a.expert, 0.0))
 
 
+CONSENSUS = "consensus"
+"""How a skip because every expert gave the same answer begins (``is_consensus``)."""
+
+
+def is_consensus(skipped: str | None) -> bool:
+    """Whether an aggregation was skipped because the experts agreed."""
+    return skipped is not None and skipped.startswith(CONSENSUS)
+
+
 def aggregate_without_call(strategy: str, answers: Sequence[_Answer], decision: Decision) -> Aggregated | None:
     """The result when no aggregator call is needed, else None (synthesis without consensus)."""
     if strategy == Aggregation.BEST or len(answers) == 1:
@@ -102,7 +111,7 @@ def aggregate_without_call(strategy: str, answers: Sequence[_Answer], decision: 
     keys = [extract(a.text) for a in answers]
     if strategy in SYNTHESISING:
         if None not in keys and len(set(keys)) == 1:
-            return Aggregated(_best(answers, decision).text, None, f"consensus: every expert answered {keys[0]!r}")
+            return Aggregated(_best(answers, decision).text, None, f"{CONSENSUS}: every expert answered {keys[0]!r}")
         return None
     weights = [decision.scores.get(a.expert, 0.0) for a in answers]
     winner = weighted_vote(keys, weights)

@@ -7,7 +7,9 @@ every model runs on the CPU.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from orchestrator.engine.runtime import prepare_ray_env
@@ -16,6 +18,7 @@ prepare_ray_env()  # before anything imports ray
 # Hermetic profiles: the test processes, and every server or CLI they start, read profiles from an empty folder
 # of their own, not the one `make serve` leaves in ./artifacts/profiles. A test that needs one sets its own.
 os.environ["CONCILIUM_PROFILES"] = tempfile.mkdtemp(prefix="concilium-test-profiles-")
+atexit.register(shutil.rmtree, os.environ["CONCILIUM_PROFILES"], True)
 # No GPU here: Triton kernels run in Triton's interpreter, which it reads when a kernel module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -68,8 +68,8 @@ class ThreadServer:
         """``config`` as data, or a file (which ``/v1/admin/reload`` then re-reads)."""
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        if isinstance(config, Path):
-            app = create_app(load_config(config), config_path=config)
+        if isinstance(config, Path):  # bound to its port as `concilium serve --port` binds it
+            app = create_app(load_config(config).bound_to(HOST, self.port), config_path=config)
         else:
             app = create_app(parse_config(config, "test config"))
         self.server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=self.port, log_level="warning"))

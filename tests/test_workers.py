@@ -92,3 +92,39 @@ def test_sampling_is_seedable_and_differs_from_greedy(ray_cluster, store):
     assert a == b
     assert len(set(other + [a])) > 1
 
+
+
+def test_a_streamed_batch_adds_up_to_its_completions_per_row_and_a_cancel_ends_one_row(ray_cluster, store):
+    """A batched call through the actor's streaming generator: each row's pieces, in order, are exactly that
+    row's completion, which equals the unstreamed one; a stop string ends its row without being sent; a
+    cancelled row ends early while the others run on."""
+    params = SamplingParams(max_new_tokens=24)
+    stopped = SamplingParams(max_new_tokens=24, stop=("Paris",))
+
+    async def collect(pool, p, call, cancel_row=None):  # noqa: ANN001, ANN202
+        pieces = [""] * len(PROMPTS)
+        async for item in pool.stream("smollm2", PROMPTS, p, call):
+            if isinstance(item, list):
+                for delta in item:
+                    pieces[delta.row] += delta.text
+                    if delta.row == cancel_row:
+                        pool.cancel("smollm2", call, cancel_row)
+            else:
+                return pieces, item
+
+    async def main():
+        pool = await _pool(EXPERTS[:1])
+        try:
+            whole = await pool.generate("smollm2", PROMPTS, params)
+            return (whole, await collect(pool, params, "a"), await collect(pool, stopped, "b"),
+                    await collect(pool, params, "c", cancel_row=2))
+        finally:
+            pool.shutdown()
+
+    whole, (pieces, streamed), (stop_pieces, stop_result), (cut_pieces, cut) = run(main())
+    assert [c.text for c in streamed.completions] == [c.text for c in whole.completions] == pieces
+    assert stop_result.completions[0].text == stop_pieces[0] and "Paris" not in stop_pieces[0]
+    assert whole.completions[0].text.startswith(stop_pieces[0]) and stop_pieces[0].strip()
+    assert cut.completions[2].finish_reason == "cancelled" and cut_pieces[2] == cut.completions[2].text
+    assert cut.completions[2].completion_tokens < whole.completions[2].completion_tokens
+    assert [c.text for c in cut.completions[:2]] == [c.text for c in whole.completions[:2]]

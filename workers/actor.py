@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ray
 
-from workers.backends import make_backend
+from workers.backends import OnDelta, make_backend
 from workers.config import ExpertConfig
-from workers.types import GenerationResult, Prompt, SamplingParams, WorkerInfo
+from workers.streams import Cancels, stream
+from workers.types import GenerationResult, Prompt, SamplingParams, TokenDelta, WorkerInfo
 
 
 class ExpertLoadError(RuntimeError):
@@ -35,6 +37,7 @@ class ExpertWorker:
         self.error: str | None = None
         self.load_s: float | None = None
         self.lock = threading.Lock()
+        self.cancels = Cancels()
 
     def _device(self) -> str:
         if self.backend.device != "cuda":
@@ -96,17 +99,29 @@ class ExpertWorker:
         if self.state != "loaded":
             raise NotLoadedError(f"expert {self.config.name} is {self.state}, not loaded")
 
-    def generate(self, prompts: list[str | Prompt], params: SamplingParams) -> GenerationResult:
+    def generate(self, prompts: list[str | Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> GenerationResult:
         requested = time.perf_counter()
         parsed = [Prompt.of(p) for p in prompts]
         with self.lock:
             self._require_loaded()
             started = time.perf_counter()
-            completions = self.backend.generate(parsed, params)
+            completions = self.backend.generate(parsed, params, on_delta, cancelled)
         return GenerationResult(
             expert=self.config.name,
             completions=completions,
             queue_s=started - requested,
             generate_s=time.perf_counter() - started,
             batch_size=len(parsed),
+            finished_at=time.time(),
         )
+
+    def generate_stream(self, prompts: list[str | Prompt], params: SamplingParams, call: str
+                        ) -> Iterator[list[TokenDelta] | GenerationResult]:
+        """A Ray streaming generator: lists of each row's new text as it is written, then the result."""
+        yield from stream(lambda on_delta, cancelled: self.generate(prompts, params, on_delta, cancelled), call,
+                          self.cancels)
+
+    def cancel(self, call: str, row: int) -> None:
+        """End one row of a streaming call, its client gone; the other rows go on."""
+        self.cancels.cancel(call, row)

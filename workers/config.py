@@ -26,13 +26,15 @@ class GenerationDefaults(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
 
-    def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None) -> SamplingParams:
+    def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: tuple[str, ...] = ()) -> SamplingParams:
         """The one way an expert's sampling parameters are made: these defaults, with a request's overrides."""
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             temperature=self.temperature if temperature is None else temperature,
-            top_p=self.top_p,
-            seed=self.seed,
+            top_p=self.top_p if top_p is None else top_p,
+            seed=self.seed if seed is None else seed,
+            stop=tuple(stop),
         )
 
 

@@ -25,7 +25,7 @@ from workers.actor import ExpertLoadError, ExpertWorker, NotLoadedError
 from workers.config import ExpertConfig, PoolConfig
 from workers.errors import UserError
 from workers.placement import actor_options, check_placement
-from workers.types import GenerationResult, Prompt, SamplingParams, WorkerInfo
+from workers.types import GenerationResult, Prompt, SamplingParams, TokenDelta, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,24 @@ class ExpertPool:
         self, name: str, prompts: list[str | Prompt], params: SamplingParams | None = None
     ) -> GenerationResult:
         return await self._call(name, "generate", prompts, params or self.config_of(name).generation.sampling())
+
+    async def stream(self, name: str, prompts: list[str | Prompt], params: SamplingParams, call: str
+                     ) -> AsyncIterator[list[TokenDelta] | GenerationResult]:
+        """One batched call as a stream: lists of each row's new text as it is written, then the result. Held
+        resident by a lease like ``generate``; an actor lost mid-stream fails the call (the text already sent
+        cannot be taken back), without the restart-and-retry of ``generate``."""
+        async with self.lease(name) as actor:
+            try:
+                async for ref in actor.generate_stream.options(num_returns="streaming").remote(prompts, params, call):
+                    yield await ref
+            except _ACTOR_LOST as exc:
+                self._slot(name).resident = False
+                raise ExpertUnavailableError(f"expert {name}'s actor died while streaming: {reason(exc)}") from None
+
+    def cancel(self, name: str, call: str, row: int) -> None:
+        """End one row of a streaming call whose client went away (fire and forget)."""
+        if name in self.slots:
+            self.slots[name].actor.cancel.remote(call, row)
 
     async def unload(self, name: str) -> None:
         """Unload an idle expert now, as the naive per-query baseline of ``bench scheduler`` does."""

@@ -62,10 +62,20 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Generation ends at the first of these strings, which the text does not include (OpenAI's ``stop``)."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """A piece of one row's text, as a streamed generation writes it."""
+
+    row: int
+    text: str
 
 
 @dataclass
@@ -74,7 +84,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    """'stop' when the model emitted EOS, 'length' when max_new_tokens cut it off."""
+    """'stop' (EOS or a stop string), 'length' (max_new_tokens), or 'cancelled' (the client went away)."""
     meta: dict[str, object] = field(default_factory=dict)
     """Backend-specific facts, e.g. a replayed record's id, score and cost."""
 
@@ -90,6 +100,9 @@ class GenerationResult:
     batch_size: int = 0
     notes: list[str] = field(default_factory=list)
     """What went wrong on the way and was recovered, e.g. a restarted actor; the API reports these as degraded."""
+    finished_at: float = 0.0
+    """Wall-clock time (epoch seconds) when the call returned its last token: a streamed first token must come
+    before it."""
 
     @property
     def completion_tokens(self) -> int:

@@ -71,7 +71,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str]:
     for e in errors:
         loc = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
         streaming = loc == "stream" and e.get("type") == "extra_forbidden"
-        parts.append(f"{loc}: {'this endpoint does not stream' if streaming else e['msg']}")
+        message = str(e["msg"]).removeprefix("Value error, ")  # a validator's own message says what is wrong
+        parts.append(f"{loc}: {'this endpoint does not stream' if streaming else message}")
     return "invalid_request", "; ".join(parts)
 
 

@@ -21,6 +21,10 @@ LIVE = (
     (GaugeMetricFamily, "concilium_queue_depth", "requests waiting for a scheduler window", "queue_depth"),
     (GaugeMetricFamily, "concilium_resident_experts", "experts resident in memory", "resident"),
     (CounterMetricFamily, "concilium_scheduled", "requests the scheduler's windows processed", "scheduled"),
+    (CounterMetricFamily, "concilium_windows", "scheduler windows run (loads per window: model_loads / windows)",
+     "windows"),
+    (CounterMetricFamily, "concilium_generated_tokens", "completion tokens the experts generated, for answered and "
+                                                        "cancelled rows alike", "generated_tokens"),
     (GaugeMetricFamily, "concilium_pending", "requests admitted and not yet answered", "pending"),
     (CounterMetricFamily, "concilium_rejected", "requests refused because max_pending were admitted", "rejected"),
     (GaugeMetricFamily, "concilium_store_up", "1 while the store answers, 0 while the cache and jobs are off",
@@ -55,6 +59,8 @@ class Metrics:
         self.feedback = Counter("concilium_feedback", "feedback received", ["expert"], registry=r)
         self.cancelled = Counter("concilium_cancelled", "requests cancelled because the client went away",
                                  registry=r)
+        self.consensus = Counter("concilium_consensus_skips", "answers whose experts agreed, so the aggregator "
+                                 "call was skipped", registry=r)
         self.timeouts = Counter("concilium_timeouts", "requests past server.request_timeout_s", registry=r)
         r.register(_Live(live))
 

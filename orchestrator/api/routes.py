@@ -16,6 +16,9 @@ from orchestrator.api.schemas import (
     ChatChoice,
     ChatChoiceMessage,
     ChatResponse,
+    CompletionBody,
+    CompletionChoice,
+    CompletionResponse,
     ExpertOut,
     FeedbackBody,
     FeedbackOut,
@@ -29,6 +32,7 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.api.security import Security
 from orchestrator.api.service import Service
+from workers.types import Message
 
 SSE = "text/event-stream"
 
@@ -40,16 +44,32 @@ def get_service(request: Request) -> Service:
 Svc = Annotated[Service, Depends(get_service)]
 
 
+async def answer_stream(request: Request, svc: Service, body: QueryBody, events: streaming.Events,
+                        messages: tuple[Message, ...] = ()) -> StreamingResponse:
+    """Admit and route first (errors keep their status), then stream."""
+    live = await svc.open_stream(body, messages)
+    plan = await streaming.start(request, svc, live)
+    return StreamingResponse(streaming.relay(svc, live, plan, events), media_type=SSE,
+                             headers=streaming.plan_headers(live, plan))
+
+
+def openai_events(body: ChatBody | CompletionBody, object_name: str, prefix: str,
+                  choice: streaming.ChoiceFn) -> streaming.OpenAIEvents:
+    base = {"id": prefix + uuid.uuid4().hex, "object": object_name, "created": int(time.time()), "model": body.model}
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return streaming.OpenAIEvents(base, choice, include_usage)
+
+
 def build(security: Security) -> APIRouter:
     router = APIRouter()
     guarded, admin = [Depends(security.guard)], [Depends(security.admin)]
 
     @router.post("/v1/query", response_model=QueryResponse, dependencies=guarded)
     async def query(body: QueryBody, svc: Svc, request: Request) -> Response:
+        if body.stream:
+            return await answer_stream(request, svc, body, streaming.QueryEvents())
         result = await streaming.until_disconnect(request, svc, svc.query(body))
-        if not body.stream:
-            return JSONResponse(result.model_dump(mode="json"), headers=streaming.headers(result))
-        return StreamingResponse(streaming.query_events(result), media_type=SSE, headers=streaming.headers(result))
+        return JSONResponse(result.model_dump(mode="json"), headers=streaming.headers(result))
 
     @router.post("/v1/route", response_model=RouteResponse, dependencies=guarded)
     async def route(body: RouteBody, svc: Svc) -> RouteResponse:
@@ -58,17 +78,26 @@ def build(security: Security) -> APIRouter:
     @router.post("/v1/chat/completions", response_model=ChatResponse, dependencies=guarded)
     async def chat(body: ChatBody, svc: Svc, request: Request) -> Response:
         query_body, messages = svc.chat_query(body)
+        if body.stream:
+            events = openai_events(body, "chat.completion.chunk", "chatcmpl-", streaming.chat_choice)
+            return await answer_stream(request, svc, query_body, events, messages)
         result = await streaming.until_disconnect(request, svc, svc.query(query_body, messages))
-        cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
-        usage = result.total_usage
-        if not body.stream:
-            reply = ChatResponse(id=cid, created=created, model=body.model, usage=usage, concilium=result,
-                                 choices=[ChatChoice(message=ChatChoiceMessage(content=result.answer))])
-            return JSONResponse(reply.model_dump(mode="json"), headers=streaming.headers(result))
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-        with_usage = usage if (body.stream_options or {}).get("include_usage") else None
-        return StreamingResponse(streaming.chat_events(result, base, with_usage), media_type=SSE,
-                                 headers=streaming.headers(result))
+        reply = ChatResponse(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=body.model,
+                             usage=result.total_usage, concilium=result,
+                             choices=[ChatChoice(message=ChatChoiceMessage(content=result.answer))])
+        return JSONResponse(reply.model_dump(mode="json"), headers=streaming.headers(result))
+
+    @router.post("/v1/completions", response_model=CompletionResponse, dependencies=guarded)
+    async def completions(body: CompletionBody, svc: Svc, request: Request) -> Response:
+        query_body = svc.completion_query(body)
+        if body.stream:
+            events = openai_events(body, "text_completion", "cmpl-", streaming.completion_choice)
+            return await answer_stream(request, svc, query_body, events)
+        result = await streaming.until_disconnect(request, svc, svc.query(query_body))
+        reply = CompletionResponse(id="cmpl-" + uuid.uuid4().hex, created=int(time.time()), model=body.model,
+                                   usage=result.total_usage, concilium=result,
+                                   choices=[CompletionChoice(text=result.answer)])
+        return JSONResponse(reply.model_dump(mode="json"), headers=streaming.headers(result))
 
     @router.get("/v1/models", response_model=ModelList, dependencies=guarded)
     async def models(svc: Svc) -> ModelList:

@@ -7,9 +7,9 @@ silently ignored setting.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from routers.vocabulary import Aggregation, Mode, Policy
 
@@ -36,9 +36,36 @@ class RouteBody(_Request):
     max_tokens: int | None = Field(None, ge=1)
 
 
-class QueryBody(RouteBody):
-    temperature: float | None = Field(None, ge=0.0, le=5.0)
-    stream: bool = Field(False, description="server-sent events: answer text chunks, then the full response")
+def _stops(value: str | list[str] | None) -> tuple[str, ...]:
+    """OpenAI's ``stop``: one string or up to four."""
+    if value is None:
+        return ()
+    stops = (value,) if isinstance(value, str) else tuple(value)
+    if len(stops) > MAX_STOPS or not all(stops):
+        raise ValueError(f"give at most {MAX_STOPS} non-empty stop strings")
+    return stops
+
+
+MAX_STOPS = 4
+
+
+class Sampling(_Request):
+    """The sampling overrides every generating endpoint takes; each applies where the expert's backend can."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: tuple[str, ...] = Field((), description="one string or up to four: the text ends before the first")
+    stream: bool = Field(False, description="server-sent events: the plan, text as it is written, the response")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> tuple[str, ...]:
+        return _stops(value)
+
+
+class QueryBody(RouteBody, Sampling):
+    """``/v1/query``: route, answer, and the whole trace."""
 
 
 class ExpertAnswerOut(BaseModel):
@@ -46,6 +73,10 @@ class ExpertAnswerOut(BaseModel):
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finished_at: float = 0.0
+    """Unix time at which the expert's generation call returned: a streamed answer's first tokens left before."""
+    seconds: float = 0.0
+    """The generation call's own time, shared by the rows of its batch."""
 
 
 class Usage(BaseModel):
@@ -77,6 +108,8 @@ class QueryResponse(BaseModel):
     usage: dict[str, Usage]
     total_usage: Usage
     cost_usd: float
+    cost_by_expert: dict[str, float] = {}
+    """Estimated USD per expert that took part, the aggregator included."""
     timings: dict[str, float]
     degraded: list[str] = []
     cached: bool = False
@@ -87,28 +120,96 @@ class RouteResponse(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """A turn. ``content`` may be OpenAI's list of parts: the text parts are joined; any other part is refused,
+    because the experts read text."""
+
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {j} is of type {kind!r}: only text parts are supported, the experts read "
+                                 "text")
+            texts.append(part["text"])
+        return "\n".join(texts)
 
-class ChatBody(_Request):
-    """The OpenAI chat-completions request, with the fields Concilium honours and its own routing knobs."""
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send one more chunk before ``[DONE]``, with the usage and no choices, as OpenAI does."""
+
+
+class OpenAIBody(Sampling):
+    """What the OpenAI chat and completions requests share. ``n`` must be 1; ``user`` is accepted and logged
+    nowhere. The fields Concilium does not support yet are refused by name rather than ignored."""
 
     model: str = DEFAULT_MODEL
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: Literal[1] = 1
-    stream: bool = False
-    stream_options: dict[str, object] | None = None
-    seed: int | None = None
+    stream_options: StreamOptions | None = None
     user: str | None = None
+    logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
     k: int | None = Field(None, ge=1)
     aggregation: Aggregation | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, value: object) -> object:
+        if value not in (None, False, 0):
+            raise ValueError("log-probabilities are not supported yet")
+        return value
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def _tools(cls, value: object) -> object:
+        if value not in (None, [], "none"):
+            raise ValueError("tool calling is not supported yet")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, value: object) -> object:
+        if value is not None and not (isinstance(value, dict) and value.get("type") == "text"):
+            raise ValueError("only the text response format is supported yet")
+        return value
+
+
+class ChatBody(OpenAIBody):
+    """The OpenAI chat-completions request, with the fields Concilium honours and its own routing knobs."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionBody(OpenAIBody):
+    """The OpenAI (legacy) completions request: a prompt, routed like a chat's last user turn."""
+
+    prompt: str | list[str]
+    echo: Literal[False] = False
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("give one prompt: a batch of prompts is a batch of requests")
+        return value
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 class ChatChoiceMessage(BaseModel):
@@ -131,6 +232,23 @@ class ChatResponse(BaseModel):
     usage: Usage
     concilium: QueryResponse
     """Routing metadata; the official client keeps unknown fields, reachable as ``model_extra``."""
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] = "stop"
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    concilium: QueryResponse
 
 
 class ModelCard(BaseModel):

@@ -9,40 +9,45 @@ same behaviour is reachable from Ray Serve or a test without HTTP.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
 from orchestrator import env
-from orchestrator.api.errors import InvalidRequest, NotFound, Unavailable
+from orchestrator.api.answers import Live, new_answer_id, to_response, to_routing
+from orchestrator.api.errors import InvalidRequest, NotFound, ServiceError, Unavailable
 from orchestrator.api.jobs import JobRunner
 from orchestrator.api.metrics import Metrics
 from orchestrator.api.schemas import (
     DEFAULT_MODEL,
     ChatBody,
-    ExpertAnswerOut,
+    CompletionBody,
     ExpertOut,
     FeedbackBody,
     FeedbackOut,
     JobOut,
     ModelCard,
     ModelList,
+    OpenAIBody,
     QueryBody,
     QueryResponse,
     ReloadOut,
     RouteBody,
     Routing,
-    Usage,
+    Sampling,
 )
 from orchestrator.api.store import Store, StoreUnavailable, open_store
 from orchestrator.config import ConciliumConfig, ConfigError, load_config
 from orchestrator.engine.pipeline import Pipeline, ReloadError
-from orchestrator.engine.requests import AllExpertsFailed, Answer, QueryRequest, RequestError
+from orchestrator.engine.requests import AllExpertsFailed, QueryRequest, RequestError
+from orchestrator.engine.streams import TokenStream
+from routers.aggregation import is_consensus
 from routers.base import Decision, OnlineRouter, RouteOptions, RoutingError
 from routers.vocabulary import Aggregation, Policy
 from workers.placement import PlacementError
@@ -53,36 +58,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _routing(d: Decision) -> Routing:
-    return Routing(router=str(d.trace.get("router", "")), mode=d.mode, experts=d.experts, scores=d.scores,
-                   aggregator=d.aggregator, skills=d.skills, fallback=d.fallback, trace=d.trace)
-
-
-def to_response(answer: Answer, answer_id: str) -> QueryResponse:
-    usage = {
-        e: Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
-                 total_tokens=u["prompt_tokens"] + u["completion_tokens"])
-        for e, u in answer.usage.items()
-    }
-    total = Usage(
-        prompt_tokens=sum(u.prompt_tokens for u in usage.values()),
-        completion_tokens=sum(u.completion_tokens for u in usage.values()),
-    )
-    total.total_tokens = total.prompt_tokens + total.completion_tokens
-    return QueryResponse(
-        id=answer_id, answer=answer.text,
-        answers=[ExpertAnswerOut(expert=a.expert, text=a.text, prompt_tokens=a.prompt_tokens,
-                                 completion_tokens=a.completion_tokens) for a in answer.answers],
-        aggregation=answer.aggregation, aggregator=answer.aggregator, aggregation_skipped=answer.aggregation_skipped,
-        routing=_routing(answer.decision), usage=usage, total_usage=total, cost_usd=answer.cost_usd,
-        timings=answer.timings, degraded=answer.degraded,
-    )
+def _address(config: ConciliumConfig) -> dict[str, object]:
+    return config.server.model_dump(include={"host", "port"})
 
 
 class Service:
-    def __init__(self, config: ConciliumConfig, pipeline: Pipeline, store: Store, config_path: Path | None = None) -> None:
+    def __init__(self, config: ConciliumConfig, pipeline: Pipeline, store: Store, config_path: Path | None = None,
+                 file_address: dict[str, object] | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        self.file_address = file_address or _address(config)
+        """The host and port the config file said at start: a reload compares the file with this, not with the
+        bound address, which command-line options may have overridden."""
         self.pipeline = pipeline
         self.store = store
         self.profiles_version = 0
@@ -100,8 +87,12 @@ class Service:
     @classmethod
     async def start(cls, config: ConciliumConfig, config_path: Path | None = None, detached: bool = False) -> Service:
         store = open_store(env.get(env.REDIS_URL) or config.server.redis_url)
+        try:
+            file_address = _address(load_config(config_path))
+        except ConfigError:
+            file_address = None
         pipeline = await Pipeline.start(config, detached)
-        service = cls(config, pipeline, store, config_path)
+        service = cls(config, pipeline, store, config_path, file_address)
         # Serve even without the store: the cache is off and jobs answer 503 until it is back.
         await service._store_call("start", store.ping())
         service.jobs.start()
@@ -117,6 +108,7 @@ class Service:
         scheduler = self.pipeline.scheduler
         return {"loads": pool.stats.loads, "queue_depth": scheduler.queue_depth, "resident": len(pool.resident()),
                 "scheduled": scheduler.stats.requests, "pending": scheduler.pending, "store_up": float(self.store_up),
+                "generated_tokens": scheduler.stats.generated_tokens, "windows": scheduler.stats.windows,
                 "rejected": scheduler.stats.rejected}
 
     # -- requests -------------------------------------------------------------------------------------
@@ -136,12 +128,14 @@ class Service:
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
             raise InvalidRequest(f"max_tokens: {body.max_tokens} is above the limit of {limits.max_tokens}")
         policy = body.policy or (Policy.COST if body.cost_lambda else defaults.policy)
+        sampling = body if isinstance(body, Sampling) else Sampling()
         try:
             request = QueryRequest(
                 query=body.query, options=RouteOptions(k=k, policy=policy, cost_lambda=body.cost_lambda or 0.0),
                 aggregation=body.aggregation or defaults.aggregation, experts=body.experts,
-                max_new_tokens=body.max_tokens, temperature=getattr(body, "temperature", None), router=body.router,
-                messages=messages, budget_usd=body.budget,
+                max_new_tokens=body.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                seed=sampling.seed, stop=sampling.stop, router=body.router, messages=messages,
+                budget_usd=body.budget,
             )
             self.pipeline.scheduler.validate(request)
         except (RequestError, RoutingError) as exc:
@@ -191,21 +185,57 @@ class Service:
         except StoreUnavailable:
             return None
 
+    async def _lookup(self, body: QueryBody, messages: tuple[Message, ...],
+                      request: QueryRequest) -> tuple[str | None, QueryResponse | None]:
+        """The cache key for a deterministic request, and its cached response if there is one."""
+        key = self._cache_key(body, messages) if self._cacheable(request) else None
+        if key is None:
+            return None, None
+        raw = await self._store_call("cache", self.store.get(key))
+        self.metrics.cache.labels("hit" if raw else "miss").inc()
+        if not raw:
+            return key, None
+        return key, QueryResponse.model_validate_json(raw).model_copy(update={"cached": True})
+
     async def query(self, body: QueryBody, messages: tuple[Message, ...] = ()) -> QueryResponse:
         request = self.to_request(body, messages)
-        key = self._cache_key(body, messages) if self._cacheable(request) else None
-        if key is not None:
-            raw = await self._store_call("cache", self.store.get(key))
-            self.metrics.cache.labels("hit" if raw else "miss").inc()
-            if raw:
-                return QueryResponse.model_validate_json(raw).model_copy(update={"cached": True})
+        key, hit = await self._lookup(body, messages, request)
+        return hit or await self._answer(request, key, new_answer_id())
+
+    async def open_stream(self, body: QueryBody, messages: tuple[Message, ...] = ()) -> Live:
+        """Start a request whose tokens go out as they are written. Bad input raises here, before any byte is
+        sent; a failure later ends the task with the error, and the stream with it."""
+        request = self.to_request(body, messages)
+        key, hit = await self._lookup(body, messages, request)
+        if hit is not None:
+            done: asyncio.Future[QueryResponse] = asyncio.get_running_loop().create_future()
+            done.set_result(hit)
+            return Live(hit.id, done, None)
+        stream, answer_id = TokenStream(), new_answer_id()
+        task = asyncio.ensure_future(self._within_limit(self._answer(dataclasses.replace(request, stream=stream),
+                                                                     key, answer_id)))
+        task.add_done_callback(lambda _: stream.close())
+        return Live(answer_id, task, stream)
+
+    async def _within_limit(self, work: Awaitable[QueryResponse]) -> QueryResponse:
+        limit = self.config.server.request_timeout_s
+        try:
+            return await asyncio.wait_for(work, limit)
+        except TimeoutError:
+            self.metrics.timeouts.inc()
+            raise ServiceError(f"no answer within {limit:g} s (server.request_timeout_s)", 504, "timeout") from None
+
+    async def _answer(self, request: QueryRequest, key: str | None, answer_id: str) -> QueryResponse:
+        """Ask the pipeline, then record the answer for feedback and cache it when its key allows."""
         try:
             answer = await self.pipeline.ask(request)
         except AllExpertsFailed as exc:
             raise Unavailable(str(exc)) from None
-        response = to_response(answer, "cc-" + uuid.uuid4().hex)
+        response = to_response(answer, answer_id)
         for expert in answer.decision.experts:
             self.metrics.routed.labels(expert).inc()
+        if is_consensus(answer.aggregation_skipped):
+            self.metrics.consensus.inc()
         record = {"router": response.routing.router, "experts": [a.expert for a in answer.answers],
                   "trace": answer.decision.trace}
         ttl = self.config.server.job_ttl_s
@@ -216,19 +246,30 @@ class Service:
 
     async def route(self, body: RouteBody) -> Routing:
         try:
-            return _routing(await self.pipeline.scheduler.explain(self.to_request(body)))
+            return to_routing(await self.pipeline.scheduler.explain(self.to_request(body)))
         except RequestError as exc:
             raise InvalidRequest(str(exc)) from None
 
     def chat_query(self, body: ChatBody) -> tuple[QueryBody, tuple[Message, ...]]:
-        """The routed part of a chat (its last user turn) and the whole conversation for the experts.
-
-        ``model`` is ``concilium`` (the default router), ``concilium/<router>``, or one expert's name, which
-        sends the conversation to that expert alone.
-        """
+        """The routed part of a chat (its last user turn) and the whole conversation for the experts."""
         user_turns = [m.content for m in body.messages if m.role == "user"]
         if not user_turns or not user_turns[-1].strip():
             raise InvalidRequest("messages: the last user message is missing or empty")
+        query = self.openai_query(body, user_turns[-1], body.max_completion_tokens or body.max_tokens)
+        return query, tuple(Message(m.role, m.content) for m in body.messages)
+
+    def completion_query(self, body: CompletionBody) -> QueryBody:
+        """A completions request routes its prompt, and the experts see the prompt alone."""
+        if not body.text.strip():
+            raise InvalidRequest("prompt: the prompt is empty or only whitespace")
+        return self.openai_query(body, body.text, body.max_tokens)
+
+    def openai_query(self, body: OpenAIBody, text: str, max_tokens: int | None) -> QueryBody:
+        """The query for an OpenAI request whose routed text is ``text``.
+
+        ``model`` is ``concilium`` (the default router), ``concilium/<router>``, or one expert's name, which
+        sends the request to that expert alone.
+        """
         routers, experts = self.pipeline.scheduler.routers, self.pipeline.pool.names
         router, allow, k, aggregation = None, None, body.k, body.aggregation
         if body.model in experts:
@@ -240,11 +281,8 @@ class Service:
                 f"model {body.model!r} does not exist; available: "
                 + ", ".join(m.id for m in self.models().data)
             )
-        query = QueryBody(
-            query=user_turns[-1], router=router, k=k, aggregation=aggregation, experts=allow,
-            max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-        )
-        return query, tuple(Message(m.role, m.content) for m in body.messages)
+        return QueryBody(query=text, router=router, k=k, aggregation=aggregation, experts=allow, max_tokens=max_tokens,
+                         **body.model_dump(include=set(Sampling.model_fields)))
 
     def models(self) -> ModelList:
         routers = self.pipeline.scheduler.routers
@@ -316,8 +354,10 @@ class Service:
                                  "the config with `concilium cluster deploy`, which rolls every replica")
         try:
             config = load_config(self.config_path)
-            if config.server.model_dump(include={"host", "port"}) != self.config.server.model_dump(include={"host", "port"}):
-                raise ReloadError("server.host or server.port changed: that needs a restart, not a reload")
+            if _address(config) != self.file_address:
+                raise ReloadError("server.host or server.port changed in the config file: that needs a restart, "
+                                  "not a reload")
+            config = config.bound_to(self.config.server.host, self.config.server.port)
             changes = await self.pipeline.reload(config)
         except (ConfigError, ReloadError, PlacementError) as exc:
             raise InvalidRequest(str(exc)) from None

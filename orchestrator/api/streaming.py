@@ -1,27 +1,47 @@
 """Server-sent events, and running a request while watching its client.
 
-Streaming is answer-level: the pipeline finishes first, so an error still gets
-its status, and the text is then sent as server-sent-event chunks.
+A streaming request is answered in three parts. Before the first byte, the
+service admits and routes it, so that bad input or a routing failure still gets
+its status. The first event then says which expert writes the answer and why (a
+vote, a consensus or a cascade cannot stream before they finish). Then the
+answer's text goes out as that expert writes it, and the full response closes
+the stream. A failure after the first byte is a final ``{"error": ...}`` event,
+as OpenAI sends it, followed by ``[DONE]``; a client that goes away cancels its
+request, which stops its row of the expert's batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from fastapi import Request
 
+from orchestrator.api.answers import Live
 from orchestrator.api.errors import ServiceError
-from orchestrator.api.schemas import QueryResponse, Usage
+from orchestrator.api.schemas import QueryResponse
 from orchestrator.api.service import Service
+from orchestrator.engine.streams import DELTA
+
+log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
 DONE = "data: [DONE]\n\n"
+CHUNK_WORDS = 16
+"""Words per chunk when text that was not streamed (a vote, a cached answer) is sent as deltas."""
+
+T = TypeVar("T")
+ChoiceFn = Callable[[str | None, str | None], dict[str, object]]
+"""(text, finish reason) → one OpenAI choice; None text: the opening chunk."""
 
 
-async def until_disconnect(request: Request, svc: Service, work: Awaitable[QueryResponse]) -> QueryResponse:
+async def until_disconnect(request: Request, svc: Service, work: Awaitable[T],
+                           on_cancel: Callable[[], object] | None = None) -> T:
     """Run ``work``, cancelling it when the client goes away or the time limit passes: a cancelled request is
     dropped from its window if the window has not started, and its answer is discarded if it has."""
     task = asyncio.ensure_future(work)
@@ -31,17 +51,20 @@ async def until_disconnect(request: Request, svc: Service, work: Awaitable[Query
         done, _ = await asyncio.wait({task}, timeout=max(0.0, min(DISCONNECT_POLL_S, deadline - time.monotonic())))
         if done:
             return task.result()
-        if await request.is_disconnected():
+        gone = await request.is_disconnected()
+        if gone or time.monotonic() >= deadline:
             task.cancel()
+            if on_cancel is not None:
+                on_cancel()
+        if gone:
             svc.metrics.cancelled.inc()
             raise ServiceError("the client went away", 499, "client_closed_request")
         if time.monotonic() >= deadline:
-            task.cancel()
             svc.metrics.timeouts.inc()
             raise ServiceError(f"no answer within {limit:g} s (server.request_timeout_s)", 504, "timeout")
 
 
-def chunks(text: str, size: int = 16) -> Iterator[str]:
+def chunks(text: str, size: int = CHUNK_WORDS) -> Iterator[str]:
     words = text.split(" ")
     for i in range(0, len(words), size):
         yield " ".join(words[i:i + size]) + (" " if i + size < len(words) else "")
@@ -64,23 +87,133 @@ def headers(r: QueryResponse) -> dict[str, str]:
     }
 
 
-def query_events(result: QueryResponse) -> Iterator[str]:
-    """``/v1/query``: text deltas, then the full response, then ``[DONE]``."""
-    for piece in chunks(result.answer):
-        yield sse({"delta": piece})
-    yield sse(result.model_dump(mode="json"))
-    yield DONE
+def plan_headers(live: Live, plan: dict[str, object]) -> dict[str, str]:
+    """What is known when a stream starts: the answer's id and the routing."""
+    experts = plan.get("experts") or []
+    return {"x-concilium-id": live.id, "x-concilium-router": str(plan.get("router") or ""),
+            "x-concilium-experts": ",".join(str(e) for e in experts)}
 
 
-def chat_events(result: QueryResponse, base: dict[str, object], usage: Usage | None) -> Iterator[str]:
-    """``/v1/chat/completions``: OpenAI chunks (the role, text deltas, the finish), then ``[DONE]``."""
-    yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}]})
-    for piece in chunks(result.answer):
-        yield sse({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-    final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-             "concilium": result.model_dump(mode="json")}
-    if usage is not None:
-        final["usage"] = usage.model_dump()
-    yield sse(final)
-    yield DONE
+async def start(request: Request, svc: Service, live: Live) -> dict[str, object]:
+    """Wait until the request is routed and return its plan; a failure before then raises, with its status."""
+    if live.stream is None:
+        hit = live.task.result()
+        return {"streams": None, "why": "a cached answer: sent whole", "router": hit.routing.router,
+                "experts": hit.routing.experts}
+    plan = await until_disconnect(request, svc, live.stream.first(), live.cancel)
+    if plan is None:  # closed before routing ended: the task holds the error
+        await live.task
+        raise ServiceError("the request ended before it was routed")
+    return plan
+
+
+class Events(Protocol):
+    """How one endpoint writes the parts of a stream."""
+
+    def opening(self, answer_id: str, plan: dict[str, object]) -> dict[str, object]: ...
+
+    def delta(self, text: str) -> dict[str, object]: ...
+
+    def closing(self, result: QueryResponse) -> list[dict[str, object]]: ...
+
+
+class QueryEvents:
+    """``/v1/query``: ``{"id", "plan"}``, then ``{"delta"}`` events, then the full response."""
+
+    def opening(self, answer_id: str, plan: dict[str, object]) -> dict[str, object]:
+        return {"id": answer_id, "plan": plan}
+
+    def delta(self, text: str) -> dict[str, object]:
+        return {"delta": text}
+
+    def closing(self, result: QueryResponse) -> list[dict[str, object]]:
+        return [result.model_dump(mode="json")]
+
+
+@dataclass
+class OpenAIEvents:
+    """OpenAI chunks (``chat.completion.chunk`` or ``text_completion``). The first chunk carries the plan and
+    the finishing chunk the whole response, under ``concilium``; with ``include_usage``, a last chunk has the
+    usage and no choices."""
+
+    base: dict[str, object]
+    choice: ChoiceFn
+    include_usage: bool = False
+
+    def _chunk(self, text: str | None, finish: str | None, **extra: object) -> dict[str, object]:
+        return {**self.base, "choices": [self.choice(text, finish)], **extra}
+
+    def opening(self, answer_id: str, plan: dict[str, object]) -> dict[str, object]:
+        return self._chunk(None, None, concilium={"id": answer_id, "plan": plan})
+
+    def delta(self, text: str) -> dict[str, object]:
+        return self._chunk(text, None)
+
+    def closing(self, result: QueryResponse) -> list[dict[str, object]]:
+        last = [self._chunk("", "stop", concilium=result.model_dump(mode="json"))]
+        if self.include_usage:
+            last.append({**self.base, "choices": [], "usage": result.total_usage.model_dump()})
+        return last
+
+
+def chat_choice(text: str | None, finish: str | None) -> dict[str, object]:
+    delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+    return {"index": 0, "delta": delta, "finish_reason": finish}
+
+
+def completion_choice(text: str | None, finish: str | None) -> dict[str, object]:
+    return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+
+def error_event(kind: str, message: str) -> str:
+    return sse({"error": {"type": kind, "message": message, "code": None}})
+
+
+def remainder(sent: str, answer: str) -> str:
+    """What of the answer is still to send after ``sent`` was streamed. A streamed expert's text is the answer,
+    so this is what a vote, a skipped synthesis or a cache hit adds; ValueError if they parted ways."""
+    if answer.startswith(sent):
+        return answer[len(sent):]
+    if sent.strip() == answer.strip():
+        return ""
+    raise ValueError("the streamed text is not the answer")
+
+
+async def relay(svc: Service, live: Live, plan: dict[str, object], events: Events) -> AsyncIterator[str]:
+    """The stream's body: the plan, each delta as it is written, whatever of the answer was not streamed, the
+    closing events and ``[DONE]``. Leaving early (the client went away) cancels the request."""
+    sent: list[str] = []
+    try:
+        yield sse(events.opening(live.id, plan))
+        if live.stream is not None:
+            async for kind, text in live.stream.events():
+                if kind == DELTA:
+                    sent.append(str(text))
+                    yield sse(events.delta(str(text)))
+        try:
+            result = await live.task
+        except ServiceError as exc:
+            yield error_event(exc.type, str(exc))
+        except Exception:
+            log.exception("a streaming request failed after its first byte")
+            yield error_event("internal_error", "internal error; the server log has the details")
+        else:
+            for event in _ending(result, "".join(sent), events):
+                yield event
+        yield DONE
+    finally:
+        if live.cancel():
+            svc.metrics.cancelled.inc()
+
+
+def _ending(result: QueryResponse, sent: str, events: Events) -> Iterator[str]:
+    try:
+        rest = remainder(sent, result.answer)
+    except ValueError:
+        yield error_event("stream_interrupted", "the expert that was streaming failed and another one answered; "
+                                                "ask again without stream for the whole answer")
+        return
+    for piece in chunks(rest) if rest else ():
+        yield sse(events.delta(piece))
+    for event in events.closing(result):
+        yield sse(event)

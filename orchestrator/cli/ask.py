@@ -133,10 +133,9 @@ def serve(
     from orchestrator.engine.pipeline import check_artifacts
     from orchestrator.engine.runtime import init_ray
 
-    cfg = configure(config, store)
+    cfg = configure(config, store).bound_to(host, port)
     check_artifacts(cfg)
-    server = cfg.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    cfg = cfg.model_copy(update={"server": server})
+    server = cfg.server
     url = f"http://{server.host}:{server.port}"
     err.print(f"Concilium on [bold]{url}[/] (API docs: {url}/docs). Try:", highlight=False)
     err.print(

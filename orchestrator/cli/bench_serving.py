@@ -101,17 +101,27 @@ def bench_calibrate(
 
 
 def bench_api(
-    n: Annotated[int, typer.Option(min=10, help="timed rounds (each: direct, /v1/query, /v1/route)")] = 200,
+    n: Annotated[int | None, typer.Option(min=10, help="timed rounds (default: 200, or 20 with --stream)")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="time to first token of streamed answers")] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens per streamed answer")] = 32,
     config: ConfigOpt = None,
 ) -> None:
     """API overhead: p50/p99 of /v1/route, and /v1/query against calling the pipeline directly.
 
     Without --config it runs two simulated experts (1 ms per step, nothing to load), so the experts' own
-    time is small and the differences are the API's.
+    time is small and the differences are the API's. With --stream: time to first token and to the end for
+    the first expert's stream from the pool, the same through /v1/chat/completions, and a synthesis; without
+    --config, the bundled experts.
     """
     from orchestrator.bench.api import default_experts, run_api_bench
     from orchestrator.engine.runtime import init_ray
 
+    if stream:
+        cfg = configure(config)
+        init_ray(cfg.ray)
+        _bench_streams(cfg, n or 20, max_tokens)
+        return
+    n = n or 200
     cfg = configure(config) if config else ConciliumConfig(experts=default_experts())
     init_ray(cfg.ray)
     with err.status("benchmarking the API") as status:
@@ -125,6 +135,24 @@ def bench_api(
     direct, http = results[0], results[1]
     out.print(f"/v1/query overhead over the pipeline: p50 {http.p50_ms - direct.p50_ms:+.2f} ms "
               f"({http.p50_ms / direct.p50_ms:.2f}x)")
+
+
+def _bench_streams(cfg: ConciliumConfig, n: int, max_tokens: int) -> None:
+    from orchestrator.bench.api import run_stream_bench
+
+    with err.status("benchmarking streams") as status:
+        results = asyncio.run(run_stream_bench(cfg, n, max_tokens, status.update))
+    table = Table(title=f"Streamed answers, {n} sequential rounds, {max_tokens} tokens, "
+                        f"experts {[e.name for e in cfg.experts]}")
+    for col in ("path", "n", "TTFT p50 ms", "TTFT p99 ms", "total p50 ms", "total p99 ms"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.path, str(r.n), *(f"{v:.1f}" for v in (r.ttft_p50_ms, r.ttft_p99_ms, r.total_p50_ms,
+                                                                 r.total_p99_ms)))
+    out.print(table)
+    direct, api = results[0], results[1]
+    out.print(f"first token through the API vs the pool: p50 {api.ttft_p50_ms - direct.ttft_p50_ms:+.1f} ms "
+              f"({api.ttft_p50_ms / direct.ttft_p50_ms:.2f}x)")
 
 
 def bench_load(

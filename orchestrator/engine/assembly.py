@@ -22,7 +22,8 @@ def record_answers(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcom
         for i in work.rows:
             live[i].degraded.extend(outcome.notes)
         for i, c in zip(work.rows, outcome.completions):
-            live[i].answered(ExpertAnswer(work.expert, c.text, c.prompt_tokens, c.completion_tokens))
+            live[i].answered(ExpertAnswer(work.expert, c.text, c.prompt_tokens, c.completion_tokens,
+                                          outcome.finished_at, outcome.generate_s))
 
 
 def record_latent(outcomes: list[tuple[LatentWork, Outcome]]) -> None:
@@ -33,7 +34,8 @@ def record_latent(outcomes: list[tuple[LatentWork, Outcome]]) -> None:
                 p.lost(work.primary, f"latent group failed: {outcome}")
             continue
         for p, c in zip(work.members, outcome.completions):
-            p.answered(ExpertAnswer(work.primary, c.text, c.prompt_tokens, c.completion_tokens))
+            p.answered(ExpertAnswer(work.primary, c.text, c.prompt_tokens, c.completion_tokens, outcome.finished_at,
+                                    outcome.generate_s))
             p.spent.extend(ExpertAnswer(peer, "", n, 0) for peer, n in c.meta.get("peer_tokens", {}).items())
 
 
@@ -71,10 +73,12 @@ def _answer(p: InFlight, agg: Aggregated, costs: dict[str, float]) -> Answer:
     for expert, (pt, ct) in agg.usage.items():
         usage[expert]["prompt_tokens"] += pt
         usage[expert]["completion_tokens"] += ct
-    cost = sum((u["prompt_tokens"] + u["completion_tokens"]) / 1000 * costs.get(e, 0.0) for e, u in usage.items())
+    cost_by_expert = {e: (u["prompt_tokens"] + u["completion_tokens"]) / 1000 * costs.get(e, 0.0)
+                      for e, u in usage.items()}
     aggregation = Mode.LATENT.value if p.decision.latent else p.request.aggregation
     return Answer(
         text=agg.text, answers=p.answers, aggregation=aggregation, aggregator=agg.aggregator,
-        aggregation_skipped=agg.skipped, decision=p.decision, usage=dict(usage), cost_usd=cost,
+        aggregation_skipped=agg.skipped, decision=p.decision, usage=dict(usage), cost_usd=sum(cost_by_expert.values()),
+        cost_by_expert=cost_by_expert,
         timings=p.timings, degraded=p.degraded,
     )

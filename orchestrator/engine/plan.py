@@ -6,9 +6,10 @@ so the results can be handed back to the requests that asked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.engine.requests import InFlight
+from orchestrator.engine.streams import TokenStream
 from workers.types import Prompt, SamplingParams
 
 
@@ -20,6 +21,8 @@ class ExpertWork:
     params: SamplingParams
     rows: list[int]
     prompts: list[str | Prompt]
+    streams: dict[int, TokenStream] = field(default_factory=dict)
+    """Position in this call → the request stream its row's tokens go to, as they are written."""
 
 
 @dataclass
@@ -29,6 +32,10 @@ class LatentWork:
     primary: str
     params: SamplingParams
     members: list[InFlight]
+
+    @property
+    def streams(self) -> dict[int, TokenStream]:
+        return {i: p.request.stream for i, p in enumerate(self.members) if p.request.stream is not None}
 
     @property
     def peers(self) -> list[list[str]]:

@@ -26,10 +26,12 @@ from routers.aggregation import (
 )
 from routers.base import Decision, RouteOptions, pick
 from routers.plans import agree
-from routers.vocabulary import Aggregation
+from routers.vocabulary import SYNTHESISING, Aggregation
 from workers.pool import ExpertPool
 from workers.types import Prompt, SamplingParams
 
+AGGREGATOR = "aggregator"
+"""``InFlight.streams_from`` for a request whose answer the synthesis call writes."""
 LATENT_SKIPPED = "latent mode: the peers took part inside the primary's forward pass, so there are no answers to merge"
 
 
@@ -44,7 +46,24 @@ class Planner:
         temperature = request.temperature
         if request.aggregation == Aggregation.SELF_MOA and temperature is None:
             temperature = max(gen.temperature, self.settings.self_moa_temperature)
-        return gen.sampling(request.max_new_tokens, temperature)
+        return gen.sampling(request.max_new_tokens, temperature, request.top_p, request.seed, request.stop)
+
+    def stream_plan(self, p: InFlight) -> dict[str, object]:
+        """Which row writes a streaming request's answer, so that its tokens can go out as they are written."""
+        d, aggregation = p.decision, p.request.aggregation
+        if d.latent:
+            p.streams_from, why = d.experts[0], "the latent primary writes the answer"
+        elif d.escalate:
+            why = "a cascade may ask again: the answer is the vote of every round, sent when it is done"
+        elif aggregation == Aggregation.BEST or len(d.experts) == 1:
+            p.streams_from = max(d.experts, key=lambda e: d.scores.get(e, 0.0))
+            why = "the top-scored expert's answer is the answer"
+        elif aggregation in SYNTHESISING:
+            p.streams_from = AGGREGATOR
+            why = "the aggregator's synthesis is the answer (sent whole if the experts agree and it is skipped)"
+        else:
+            why = "a vote needs every answer first: the answer is sent when the vote is done"
+        return {"streams": p.streams_from, "why": why, "router": d.trace.get("router"), "experts": d.experts}
 
     # -- decisions --------------------------------------------------------------------------------------
 
@@ -119,19 +138,23 @@ class Planner:
     # -- work -------------------------------------------------------------------------------------------
 
     def solve(self, live: list[InFlight], assignment: dict[int, list[str]],
-              prompt_of: Callable[[int], str | Prompt]) -> list[ExpertWork]:
+              prompt_of: Callable[[int], str | Prompt], stream: bool = False) -> list[ExpertWork]:
         """One call per (expert, settings) over the assigned rows; duplicates from sampling with replacement
-        are extra rows of the same call."""
+        are extra rows of the same call. With ``stream``, the row that writes a streaming request's answer
+        streams to it."""
         groups: dict[tuple[str, SamplingParams], list[int]] = defaultdict(list)
         for i, experts in assignment.items():
             for expert in experts:
                 groups[(expert, self.params(live[i].request, expert))].append(i)
-        return [ExpertWork(expert, params, rows, [prompt_of(i) for i in rows])
+        work = [ExpertWork(expert, params, rows, [prompt_of(i) for i in rows])
                 for (expert, params), rows in groups.items()]
+        if stream:
+            _attach(live, work, lambda p, w: p.streams_from == w.expert)
+        return work
 
     def first_layer(self, live: list[InFlight]) -> list[ExpertWork]:
         assignment = {i: p.decision.experts for i, p in enumerate(live) if not p.decision.latent}
-        return self.solve(live, assignment, lambda i: live[i].request.prompt)
+        return self.solve(live, assignment, lambda i: live[i].request.prompt, stream=True)
 
     def reroutes(self, live: list[InFlight]) -> list[ExpertWork]:
         """A request that lost every expert goes to its next-ranked healthy expert, marked degraded."""
@@ -202,4 +225,17 @@ class Planner:
                 calls[(aggregator, self.params(p.request, aggregator))].append((i, prompt))
         work = [ExpertWork(aggregator, params, [i for i, _ in items], [prompt for _, prompt in items])
                 for (aggregator, params), items in calls.items()]
+        _attach(live, work, lambda p, _w: p.streams_from == AGGREGATOR)
         return done, work
+
+
+def _attach(live: list[InFlight], work: list[ExpertWork], writes: Callable[[InFlight, ExpertWork], bool]) -> None:
+    """Point each streaming request at the one row that writes its answer: the first of its rows in a call whose
+    expert ``writes`` it."""
+    attached: set[int] = set()
+    for w in work:
+        for position, i in enumerate(w.rows):
+            stream = live[i].request.stream
+            if stream is not None and i not in attached and writes(live[i], w):
+                w.streams[position] = stream
+                attached.add(i)

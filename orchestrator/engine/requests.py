@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from orchestrator.engine.streams import TokenStream
 from routers.base import Decision, RouteOptions
 from routers.vocabulary import Aggregation
 from workers.errors import UserError
@@ -49,6 +50,12 @@ class QueryRequest:
     """A whole conversation for the experts; empty: they see ``query`` alone."""
     budget_usd: float | None = None
     """Most estimated cost: the costliest recruits are dropped until the estimate fits (one always stays)."""
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """More sampling overrides (OpenAI's ``top_p``, ``seed``, ``stop``), applied where the backend can."""
+    stream: TokenStream | None = None
+    """Where the answer's tokens go as they are written; None: the answer arrives whole."""
 
     @property
     def prompt(self) -> str | Prompt:
@@ -61,6 +68,10 @@ class ExpertAnswer:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finished_at: float = 0.0
+    """Unix time at which the expert's generation call returned (0: no call, a peer's latent read)."""
+    seconds: float = 0.0
+    """The generation call's own time, shared by the rows of its batch."""
 
 
 @dataclass
@@ -75,6 +86,8 @@ class Answer:
     cost_usd: float
     timings: dict[str, float]
     degraded: list[str] = field(default_factory=list)
+    cost_by_expert: dict[str, float] = field(default_factory=dict)
+    """Estimated USD per expert that took part (the aggregator included); they sum to ``cost_usd``."""
 
 
 @dataclass
@@ -92,6 +105,8 @@ class InFlight:
     failed: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    streams_from: str | None = None
+    """The expert whose row streams this request's text (``AGGREGATOR`` for the synthesis call); None: none."""
 
     def answered(self, answer: ExpertAnswer) -> None:
         self.answers.append(answer)

@@ -1,7 +1,10 @@
 """The batched-by-expert scheduler: the only place that decides what runs when.
 
-Requests wait at most ``max_wait_ms`` or until ``max_batch`` are queued. Then
-the whole window is processed in phases, as vLLM's engine steps: the planner
+Admission works like continuous batching: an idle scheduler starts a window at
+once, and requests that arrive while a window runs wait for the next, which
+takes all of them (up to ``max_batch``) the moment the running one ends. A lone
+request never waits for company (``max_wait_ms`` can add such a wait; it is 0
+by default). Each window is processed in phases, as vLLM's engine steps: the planner
 decides (``planner``), the executor does (``executor``), and the outcomes go
 back to the requests (``assembly``):
 1. route: one router call per distinct router and routing setting in the
@@ -146,7 +149,11 @@ class Scheduler:
     # -- windows -----------------------------------------------------------------------------------------
 
     async def _collect(self) -> list[InFlight]:
+        """The next window: everything queued while the last one ran, at once; an idle scheduler's first request
+        waits for company only up to ``max_wait_ms``."""
         window = [await self._queue.get()]
+        while len(window) < self.settings.max_batch and not self._queue.empty():
+            window.append(self._queue.get_nowait())
         deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
         while len(window) < self.settings.max_batch:
             remaining = deadline - time.perf_counter()
@@ -179,6 +186,9 @@ class Scheduler:
             p.timings["queue_s"] = started - p.enqueued
             self.stats.queue_wait_s.append(p.timings["queue_s"])
         await self._route(live)
+        for p in live:
+            if p.request.stream is not None:
+                p.request.stream.plan(self.planner.stream_plan(p))
         routed = time.perf_counter()
         await self._solve(live)
         solved = time.perf_counter()
@@ -223,6 +233,7 @@ class Scheduler:
         elapsed = (time.perf_counter() - t0) / len(members)
         for p, d in zip(members, decisions):
             d.trace["router"] = router
+            d.trace["policy"] = {"name": str(options.policy), "k": options.k, "lambda": options.cost_lambda}
             self.planner.settle(p, d, options)
             p.timings["route_s"] = elapsed
 

@@ -15,6 +15,8 @@ class SchedulerStats:
     """Requests refused because ``max_pending`` were already admitted."""
     expert_calls: int = 0
     generate_s: float = 0.0
+    generated_tokens: int = 0
+    """Completion tokens the calls generated, answered or cancelled rows alike: a cancel shows as tokens saved."""
     """The experts' own time inside calls, summed over calls (they may overlap in wall time)."""
     batch_sizes: list[int] = field(default_factory=list)
     loads_per_window: list[int] = field(default_factory=list)
@@ -28,4 +30,5 @@ class SchedulerStats:
         """Count one expert call that returned."""
         self.expert_calls += 1
         self.generate_s += result.generate_s
+        self.generated_tokens += sum(c.completion_tokens for c in result.completions)
         self.batch_sizes.append(len(result.completions))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from orchestrator.latent.checkpoint import checkpoint_experts, load_mixture, rou
 from orchestrator.latent.experts import check_fit, group_backends, load_experts
 from routers.embedding import Embedder
 from routers.latent import LatentError, LatentRouter, LatentRouting
+from workers.backends import OnDelta
 from workers.config import TransformersExpert
 from workers.model_store import ModelStore, embedder_path
 from workers.pool import reason
-from workers.types import Completion, GenerationResult, Prompt, SamplingParams
+from workers.streams import Cancels, stream
+from workers.types import Completion, GenerationResult, Prompt, SamplingParams, TokenDelta
 
 ACTOR_NAME = "concilium-latent-group"
 
@@ -79,6 +82,7 @@ class LatentGroupWorker:
     def __init__(self, configs: list[TransformersExpert], checkpoint: Path, store_root: Path,
                  threads: int, memory_limit: int | None) -> None:
         self.error: str | None = None
+        self.cancels = Cancels()
         self.device = "cpu"
         self.load_s = 0.0
         try:
@@ -105,7 +109,8 @@ class LatentGroupWorker:
                 "boundaries": self.mixture.boundaries}
 
     @torch.inference_mode()
-    def generate(self, primary: str, peers: list[list[str]], prompts: list[str], params: SamplingParams
+    def generate(self, primary: str, peers: list[list[str]], prompts: list[str], params: SamplingParams,
+                 on_delta: OnDelta | None = None, cancelled: Callable[[int], bool] | None = None
                  ) -> GenerationResult:
         """One batch with one primary: the peers encode the prompts once, then the primary generates with
         hooks that read their cached latents. Each completion's ``meta['peer_tokens']`` counts the prompt
@@ -116,13 +121,22 @@ class LatentGroupWorker:
         cache = self.mixture.encode_peers(prompts, peers)
         with self.mixture.attached(primary, cache):
             completions: list[Completion] = self.backends[primary].generate([Prompt(text=p) for p in prompts],
-                                                                            params)
+                                                                            params, on_delta, cancelled)
         for c, prompt, mine in zip(completions, prompts, peers):
             c.meta["peer_tokens"] = {
                 n: len(self.backends[n].tokenizer(prompt)["input_ids"]) for n in mine
             }
         return GenerationResult(expert=primary, completions=completions, generate_s=time.perf_counter() - t0,
-                                batch_size=len(prompts))
+                                batch_size=len(prompts), finished_at=time.time())
+
+    def generate_stream(self, primary: str, peers: list[list[str]], prompts: list[str], params: SamplingParams,
+                        call: str) -> Iterator[list[TokenDelta] | GenerationResult]:
+        """A Ray streaming generator: the primary's rows as they are written, then the result."""
+        yield from stream(lambda on_delta, cancelled: self.generate(primary, peers, prompts, params, on_delta,
+                                                                    cancelled), call, self.cancels)
+
+    def cancel(self, call: str, row: int) -> None:
+        self.cancels.cancel(call, row)
 
 
 @dataclass
@@ -163,6 +177,15 @@ class LatentGroup:
     async def generate(self, primary: str, peers: list[list[str]], prompts: list[str], params: SamplingParams
                        ) -> GenerationResult:
         return await self.actor.generate.remote(primary, peers, prompts, params)
+
+    async def stream(self, primary: str, peers: list[list[str]], prompts: list[str], params: SamplingParams,
+                     call: str) -> AsyncIterator[list[TokenDelta] | GenerationResult]:
+        async for ref in self.actor.generate_stream.options(num_returns="streaming").remote(
+                primary, peers, prompts, params, call):
+            yield await ref
+
+    def cancel(self, call: str, row: int) -> None:
+        self.actor.cancel.remote(call, row)
 
     def shutdown(self) -> None:
         if not self.detached:

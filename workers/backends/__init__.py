@@ -13,6 +13,16 @@ from typing import Protocol
 from workers.config import ExpertConfig
 from workers.types import Completion, Prompt, SamplingParams
 
+OnDelta = Callable[[int, str], None]
+
+
+def deliver_whole(completions: list[Completion], on_delta: OnDelta | None) -> list[Completion]:
+    """For a backend that cannot stream: each row's whole text to the stream, once it has it."""
+    if on_delta is not None:
+        for row, c in enumerate(completions):
+            on_delta(row, c.text)
+    return completions
+
 
 class BackendUnsupported(NotImplementedError):
     """The backend cannot do what its config asks (e.g. a chat template the tokenizer lacks)."""
@@ -25,7 +35,11 @@ class Backend(Protocol):
 
     def unload(self) -> None: ...
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]: ...
+    def generate(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
+        """One batched call. ``on_delta(row, text)`` receives each row's text as it is written (a backend that
+        cannot stream gives it all at once at the end); ``cancelled(row)`` ends a row early where it can."""
+        ...
 
     def estimate_memory_bytes(self) -> int:
         """Resident size before loading, for the pool's memory budget."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import httpx
 
+from workers.backends import OnDelta, deliver_whole
 from workers.config import OpenAIExpert
 from workers.types import Completion, Prompt, SamplingParams
 
@@ -63,10 +65,13 @@ class OpenAIBackend:
     def memory_bytes(self) -> int:
         return 0
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
+        """Concurrent requests to the remote server; a stream gets each answer whole when it arrives (the remote
+        call is not streamed)."""
         if self.headers is None:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
-        return asyncio.run(self._generate_all(prompts, params))
+        return deliver_whole(asyncio.run(self._generate_all(prompts, params)), on_delta)
 
     async def _generate_all(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
         limits = httpx.Limits(max_connections=self.config.max_batch_size)
@@ -85,6 +90,8 @@ class OpenAIBackend:
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
         try:
             resp = await client.post("chat/completions", json=body)
         except httpx.HTTPError as exc:

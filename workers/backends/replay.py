@@ -10,7 +10,9 @@ realistic answers, and ``meta['matched']`` says which case it was.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
+from workers.backends import OnDelta, deliver_whole
 from workers.config import ReplayExpert
 from workers.recorded import Record, RecordedOutcomes, load_recorded
 from workers.types import Completion, Prompt, SamplingParams
@@ -58,7 +60,12 @@ class ReplayBackend:
         digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
         return self.data.records[digest % len(self.data.records)], False
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
+        """The recorded answers; a stream gets each whole, at once."""
+        return deliver_whole(self._recorded(prompts), on_delta)
+
+    def _recorded(self, prompts: list[Prompt]) -> list[Completion]:
         if self.data is None:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
         out = []

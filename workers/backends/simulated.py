@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
+from workers.backends import OnDelta
 from workers.config import SimulatedExpert
 from workers.types import Completion, Prompt, SamplingParams
 
@@ -50,20 +52,39 @@ class SimulatedBackend:
         decode = sum(new_tokens * (c.step_s + c.step_s_per_row * (b - 1)) for b in chunks)
         return c.prefill_s_per_token * prompt_tokens + decode
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
+        """The modelled time, spent step by step when streaming: each row's answer comes a word per decode step
+        (the first after the prefill), and a cancelled row stops there."""
         if not self.loaded:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
         counts = [len(p.as_plain_text().split()) for p in prompts]
-        time.sleep(self.call_seconds(sum(counts), len(prompts), params.max_new_tokens) * self.config.time_scale)
-        out = []
-        for row, (prompt, count) in enumerate(zip(prompts, counts)):
-            # Greedy rows with one prompt give one answer; sampled rows may differ.
-            salt = f"{row}:{params.seed}" if not params.greedy else ""
-            key = f"{self.config.name}\n{prompt.as_plain_text()}\n{salt}".encode()
-            letter = _LETTERS[hashlib.sha256(key).digest()[0] % len(_LETTERS)]
-            out.append(Completion(f"The answer is ({letter}).", count, params.max_new_tokens, "length",
-                                  meta={"simulated": True}))
-        return out
+        texts = [self._answer(p, row, params) for row, p in enumerate(prompts)]
+        total = self.call_seconds(sum(counts), len(prompts), params.max_new_tokens) * self.config.time_scale
+        if on_delta is None and cancelled is None:
+            time.sleep(total)
+            return [Completion(t, n, params.max_new_tokens, "length", meta={"simulated": True})
+                    for t, n in zip(texts, counts)]
+        prefill = self.config.prefill_s_per_token * sum(counts) * self.config.time_scale
+        time.sleep(prefill)
+        words = [t.split(" ") for t in texts]
+        stopped = [None] * len(prompts)
+        for step in range(params.max_new_tokens):
+            time.sleep((total - prefill) / params.max_new_tokens)
+            for row, row_words in enumerate(words):
+                if stopped[row] is None and cancelled is not None and cancelled(row):
+                    stopped[row] = step
+                if stopped[row] is None and step < len(row_words) and on_delta is not None:
+                    on_delta(row, row_words[step] + (" " if step + 1 < len(row_words) else ""))
+        return [Completion(t if s is None else " ".join(w[:s]), n, params.max_new_tokens if s is None else s,
+                           "length" if s is None else "cancelled", meta={"simulated": True})
+                for t, w, n, s in zip(texts, words, counts, stopped)]
+
+    def _answer(self, prompt: Prompt, row: int, params: SamplingParams) -> str:
+        """A short, deterministic option letter: greedy rows with one prompt agree; sampled rows may differ."""
+        salt = f"{row}:{params.seed}" if not params.greedy else ""
+        key = f"{self.config.name}\n{prompt.as_plain_text()}\n{salt}".encode()
+        return f"The answer is ({_LETTERS[hashlib.sha256(key).digest()[0] % len(_LETTERS)]})."
 
     def describe(self) -> dict[str, object]:
         c = self.config

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
-from workers.backends import BackendUnsupported
+from workers.backends import BackendUnsupported, OnDelta
+from workers.backends.streaming import RowStops, RowStreamer
 from workers.config import TransformersExpert
 from workers.model_store import ModelStore
 from workers.types import Completion, Prompt, SamplingParams
@@ -111,15 +113,19 @@ class TransformersBackend:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
 
     @torch.inference_mode()
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
         self._require_loaded()
         out: list[Completion] = []
         step = self.config.max_batch_size
         for start in range(0, len(prompts), step):
-            out.extend(self._generate_batch(prompts[start : start + step], params))
+            shift = (lambda r, t, s=start: on_delta(s + r, t)) if on_delta else None
+            ended = (lambda r, s=start: cancelled(s + r)) if cancelled else None
+            out.extend(self._generate_batch(prompts[start : start + step], params, shift, ended))
         return out
 
-    def _generate_batch(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None,
+                        cancelled: Callable[[int], bool] | None) -> list[Completion]:
         enc = self._encode(prompts)
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -128,6 +134,11 @@ class TransformersBackend:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         else:
             sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        streamer = None
+        if on_delta is not None or cancelled is not None or params.stop:
+            streamer = RowStreamer(self.tokenizer, len(prompts), eos, params.stop, on_delta)
+            sampling.update(streamer=streamer, stopping_criteria=StoppingCriteriaList(
+                [RowStops(cancelled or (lambda _r: False), streamer)]))
         generated = self.model.generate(
             **enc,
             max_new_tokens=params.max_new_tokens,
@@ -135,8 +146,10 @@ class TransformersBackend:
             eos_token_id=eos,
             **sampling,
         )
-        prompt_len = enc["input_ids"].shape[1]
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        if streamer is not None:
+            return [self._streamed(streamer, row, int(n), cancelled) for row, n in enumerate(prompt_tokens)]
+        prompt_len = enc["input_ids"].shape[1]
         completions = []
         for row, n_prompt in zip(generated[:, prompt_len:].tolist(), prompt_tokens):
             stop = next((i for i, tok in enumerate(row) if tok in eos), None)
@@ -150,6 +163,20 @@ class TransformersBackend:
                 )
             )
         return completions
+
+    @staticmethod
+    def _streamed(streamer: RowStreamer, row: int, prompt_tokens: int, cancelled: Callable[[int], bool] | None
+                  ) -> Completion:
+        """A row's completion as the streamer saw it: its text up to EOS, a stop string, or the cancel."""
+        if streamer.cancelled[row]:
+            reason = "cancelled"
+        elif streamer.done[row]:
+            reason = "stop"  # EOS or a stop string
+        else:
+            reason = "length"
+        eos = streamer.done[row] and not streamer.stopped[row] and not streamer.cancelled[row]
+        return Completion(text=streamer.text(row).rstrip(), prompt_tokens=prompt_tokens,
+                          completion_tokens=len(streamer.tokens[row]) + (1 if eos else 0), finish_reason=reason)
 
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
