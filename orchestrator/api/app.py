@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from orchestrator.api import errors, routes
+from orchestrator.api import console, errors, routes
 from orchestrator.api.middleware import BodyLimit, Observe
 from orchestrator.api.security import Security
 from orchestrator.api.service import Service
@@ -39,6 +39,7 @@ def create_app(config: ConciliumConfig, service: Service | None = None, config_p
                   description="Route each query to the right experts, run them batched by expert, aggregate.")
     errors.install(app, config.server.max_body_bytes)
     app.include_router(routes.build(Security(config.server)))
+    console.mount(app)
     if config.server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.server.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"])
