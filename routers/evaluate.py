@@ -86,6 +86,14 @@ class FoldScore:
     calls: np.ndarray
 
 
+def scored_as(aggregation: str, k: int) -> Aggregation:
+    """How recorded outcomes score a deployment's aggregation. A vote is the recorded answers' vote. An
+    aggregation that writes a new answer (synthesis, moa) is scored by its writer's own answer, the top-scored
+    expert's, because no synthesis is recorded; a vote over free-text answers whose keys cannot be extracted
+    would instead favour whichever expert rambles a key. One expert is scored by its own answer."""
+    return Aggregation.VOTE if aggregation == Aggregation.VOTE and k > 1 else Aggregation.BEST
+
+
 def asked(decision: Decision, data: TrainingSet, q: int) -> list[int]:
     """The experts a decision asks of query ``q``: its own, plus its escalation when their answers disagree."""
     col = {e: i for i, e in enumerate(data.experts)}

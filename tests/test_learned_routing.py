@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from orchestrator.cli.routing import STARTER_TASKS as STARTER
 from orchestrator.embedders import encoder
 from orchestrator.offline.data import load_eval_data
 from routers.base import RouteOptions
-from routers.evaluate import Budget, calibration_error, cross_validation_splits, run_router
+from routers.evaluate import Budget, calibration_error, cross_validation_splits, run_router, scored_as
 from routers.plans import agree, replay
 from routers.registry import make_router
 from routers.selection import CANDIDATES, nested, select
@@ -36,6 +37,29 @@ def mmlu(bench_data, static, tmp_path_factory):
 @pytest.fixture(scope="module")
 def routerbench(bench_data, static):
     return load_eval_data(bench_data / "routerbench-arc-wino-mbpp", static)
+
+
+def test_how_recorded_outcomes_score_each_aggregation():
+    assert scored_as("vote", 3) == "vote" and scored_as("vote", 1) == "best"
+    for writes_anew in ("synthesize", "moa", "self-moa", "best"):
+        assert scored_as(writes_anew, 3) == "best"
+
+
+def test_a_small_selection_repeats_its_split_and_reads_the_task_categories(static, tmp_path):
+    """32 starter-sized questions: the 3-fold CV runs with 5 seeds, so one unlucky split decides less, and the
+    categories a task file names reach the per-category baseline."""
+    from orchestrator.offline.profiling import load_tasks
+    from routers.evaluate import EvalData
+
+    tasks = load_tasks(STARTER, None)
+    assert len(tasks.questions) == 32 and tasks.categories[0] == "geography" and None not in tasks.categories
+    rng = np.random.default_rng(0)
+    correct = (rng.random((32, 2)) < [0.6, 0.3]).astype(float)
+    data = EvalData(texts=tasks.questions, correct=correct, experts=["a", "b"], categories=tasks.categories,
+                    vectors=static.encode(tasks.questions))
+    picked = select(data, lambda n: make_router(n, embedder=static), RouteOptions(k=1), "best", folds=3)
+    assert picked.repeats == 5 and picked.summary()["repeats"] == 5
+    assert picked.scores[picked.chosen] == max(picked.scores.values())
 
 
 def test_calibration_error_arithmetic():
@@ -90,7 +114,7 @@ def test_a_calls_budget_holds_on_the_held_out_folds(mmlu, static):
 def test_auto_never_picks_a_candidate_that_scored_worse(mmlu, static):
     make = lambda n: make_router(n, embedder=static)  # noqa: E731
     picked = select(mmlu, make, RouteOptions(k=3), "vote", folds=3)
-    assert set(picked.scores) == set(CANDIDATES)
+    assert set(picked.scores) == set(CANDIDATES) and picked.repeats == 1  # 1,500 questions: one split is enough
     assert picked.scores[picked.chosen] == max(picked.scores.values())
     small = mmlu.subset(np.arange(600))
     outer = nested(small, make, RouteOptions(k=3), "vote", cross_validation_splits(600, 2, 0), inner_folds=2)

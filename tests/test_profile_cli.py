@@ -71,6 +71,8 @@ def test_live_profiles_from_the_bundled_experts(store, tmp_path):
     assert set(summary["experts"]) == {"smollm2", "gemma3"}
     selection = summary["selection"]
     assert selection["scores"][selection["chosen"]] == max(selection["scores"].values())
+    # 8 questions: the 3-fold CV is repeated; the default synthesis is scored by its writer's answer (best).
+    assert selection["repeats"] == 5 and selection["options"]["aggregation"] == "best"
     from routers.profiles import Profiles
 
     p = Profiles.load(folder)

@@ -138,6 +138,8 @@ def profile(
         raise UsageError("give exactly one source: --data DIR (imported), --tasks FILE or --starter (live)")
     if annotator is not None and tasks is None:
         raise UsageError("--annotator needs a live run (--tasks): recorded outcomes carry no expert to ask")
+    from routers.evaluate import scored_as
+
     cfg = configure(config, store)
     encoder = offline_embedder(cfg, embedder)
     keywords, agg_accuracy = None, None
@@ -151,7 +153,7 @@ def profile(
     r = cfg.routing
     with err.status("fitting and selecting routers, building the skill index"):
         folder, summary = artifacts.save(outcomes, encoder, embedder, out_dir or r.profiles, source, _options(cfg),
-                                        Aggregation.VOTE if r.k > 1 else Aggregation.BEST, keywords, agg_accuracy)
+                                        scored_as(r.aggregation, r.k), keywords, agg_accuracy)
     _print_profile(folder, summary)
 
 
@@ -167,11 +169,11 @@ def _live(cfg: ConciliumConfig, tasks: Path, limit: int | None, max_new_tokens: 
 
     if annotator is not None:
         cfg.expert(annotator)
-    questions, gold = load_tasks(tasks, limit)
+    loaded = load_tasks(tasks, limit)
     with Progress(console=err) as bar:
         task = bar.add_task("experts answering", total=len(cfg.experts))
         live = asyncio.run(with_pool(cfg, lambda p: profile_live(
-            p, questions, gold, max_new_tokens, annotator, select_aggregator,
+            p, loaded, max_new_tokens, annotator, select_aggregator,
             on_expert=lambda _e: bar.advance(task), on_stage=lambda s: bar.update(task, description=s),
         )))
     return live.data, live.keywords, live.aggregator_accuracy

@@ -28,8 +28,17 @@ LIVE_PROMPT = (
 )
 
 
-def load_tasks(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
-    """Questions and gold answers from a Symbolic-MoE task file (a JSON list of {question, gold_answer})."""
+@dataclass
+class Tasks:
+    """A task file's questions, gold answers and categories (None where an item names none)."""
+
+    questions: list[str]
+    gold: list[str]
+    categories: list[str | None]
+
+
+def load_tasks(path: Path, limit: int | None) -> Tasks:
+    """A Symbolic-MoE task file: a JSON list of {question, gold_answer}, each with an optional category."""
     try:
         items = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -42,14 +51,14 @@ def load_tasks(path: Path, limit: int | None) -> tuple[list[str], list[str]]:
             raise RoutingError(f"{path}: item {i} needs 'question' and 'gold_answer'")
     if not items:
         raise RoutingError(f"{path}: the validation set is empty")
-    return [str(x["question"]) for x in items], [str(x["gold_answer"]) for x in items]
+    return Tasks([str(x["question"]) for x in items], [str(x["gold_answer"]) for x in items],
+                 [None if x.get("category") is None else str(x["category"]) for x in items])
 
 
 async def live_outcomes(
     generate: Callable[[str, list[str]], object],
     experts: list[str],
-    questions: list[str],
-    gold: list[str],
+    tasks: Tasks,
     prices: dict[str, float],
     on_expert: Callable[[str], None] = lambda _e: None,
 ) -> tuple[TrainingSet, dict[str, list[str]]]:
@@ -57,6 +66,7 @@ async def live_outcomes(
 
     ``prices``: USD per token of each expert, for input and output alike (``cost_per_1k_tokens`` / 1000).
     """
+    questions, gold = tasks.questions, tasks.gold
     prompts = [LIVE_PROMPT.format(question=q) for q in questions]
     shape = (len(questions), len(experts))
     correct, spent, produced = np.zeros(shape), np.zeros(shape), np.zeros(shape)
@@ -71,7 +81,7 @@ async def live_outcomes(
         spent[:, j] = [(c.prompt_tokens + c.completion_tokens) * prices[expert] for c in result.completions]
         on_expert(expert)
     price = np.array([prices[e] for e in experts])
-    data = TrainingSet(texts=list(questions), correct=correct, experts=list(experts), categories=[None] * len(questions),
+    data = TrainingSet(texts=list(questions), correct=correct, experts=list(experts), categories=list(tasks.categories),
                        cost=spent, answers=extracted, output_tokens=produced, prices=Prices(price, price))
     return data, texts
 
@@ -120,7 +130,7 @@ class LiveProfile:
 
 
 async def profile_live(
-    pool: ExpertPool, questions: list[str], gold: list[str], max_new_tokens: int | None, annotator: str | None,
+    pool: ExpertPool, tasks: Tasks, max_new_tokens: int | None, annotator: str | None,
     select_aggregator: bool, on_expert: Callable[[str], None], on_stage: Callable[[str], None],
 ) -> LiveProfile:
     """Every expert answers every question (one batched call each); optionally an expert names the skills
@@ -134,13 +144,13 @@ async def profile_live(
         return await pool.generate(annotator, prompts, params)
 
     prices = {e: pool.config_of(e).cost_per_1k_tokens / 1000 for e in pool.names}
-    data, answers = await live_outcomes(gen, pool.names, questions, gold, prices, on_expert)
+    data, answers = await live_outcomes(gen, pool.names, tasks, prices, on_expert)
     keywords, ranking = None, None
     if annotator is not None:
         llm = LLMAnnotator()
         on_stage(f"{annotator} is naming skills ({llm.samples} samples each)")
-        keywords = await llm_keywords(annotate, questions, llm)
+        keywords = await llm_keywords(annotate, tasks.questions, llm)
     if select_aggregator:
         on_stage("synthesis test for the aggregator ranking")
-        ranking = await rank_aggregators(gen, pool.names, questions, gold, answers, data.correct)
+        ranking = await rank_aggregators(gen, pool.names, tasks.questions, tasks.gold, answers, data.correct)
     return LiveProfile(data, keywords, ranking)
