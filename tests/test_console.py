@@ -65,8 +65,13 @@ def text(driver: webdriver.Chrome, element_id: str) -> str:
 
 
 def fleet(driver: webdriver.Chrome) -> list[str]:
-    return [r.find_element(By.CSS_SELECTOR, "td").text
-            for r in driver.find_elements(By.CSS_SELECTOR, "#fleet-table tbody tr")]
+    """The expert names in the fleet table, read in one script call.
+
+    The page redraws the table on every refresh, so rows found by one WebDriver call can be gone by the
+    next (a stale element); one script reads them all at the same instant.
+    """
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#fleet-table tbody tr td:first-child')].map(c => c.innerText)")
 
 
 def test_the_page_loads_whole_with_no_console_errors(server, browser):
