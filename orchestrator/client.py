@@ -32,6 +32,7 @@ from orchestrator.api.schemas import (
     ExpertOut,
     FeedbackOut,
     JobOut,
+    KeyUsage,
     ModelList,
     QueryResponse,
     RouteResponse,
@@ -39,6 +40,8 @@ from orchestrator.api.schemas import (
 )
 
 RETRY_STATUS = (429, 503)
+FINAL_TYPES = ("budget_exceeded",)
+"""429s not worth retrying: a spent daily budget renews at UTC midnight, not in seconds."""
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -76,6 +79,13 @@ def _raise_for(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         kind, message = "http_error", response.text[:500]
     raise ConciliumError(response.status_code, kind, message)
+
+
+def _error_type(response: httpx.Response) -> str | None:
+    try:
+        return response.json()["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _delay(attempt: int, backoff_s: float, response: httpx.Response | None) -> float:
@@ -146,7 +156,8 @@ class _Base:
 
         ``response`` is None when the connection was refused; the caller re-raises that on the last attempt.
         """
-        if response is not None and (response.status_code not in RETRY_STATUS or attempt == self.retries):
+        if response is not None and (response.status_code not in RETRY_STATUS or attempt == self.retries
+                                     or _error_type(response) in FINAL_TYPES):
             _raise_for(response)
             return None
         return _delay(attempt, self.backoff_s, response)
@@ -235,6 +246,14 @@ class Client(_Base):
                  expert: str | None = None) -> FeedbackOut:
         body = _body(answer_id=answer_id, correct=correct, rating=rating, expert=expert)
         return self._post("/v1/feedback", body, FeedbackOut)
+
+    def answer(self, answer_id: str) -> QueryResponse:
+        """An answer this key received earlier (an admin key may read any)."""
+        return self._get(f"/v1/answers/{answer_id}", QueryResponse)
+
+    def usage(self, key_id: str | None = None) -> KeyUsage:
+        """Today's usage and budget of this key, or (admin keys only) of ``key_id``."""
+        return self._get("/v1/usage" + (f"?key_id={key_id}" if key_id else ""), KeyUsage)
 
 
 class AsyncClient(_Base):

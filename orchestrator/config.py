@@ -8,6 +8,7 @@ of the offending key, so a bad file says where it is bad.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -62,6 +63,41 @@ class RoutingConfig(Strict):
     )
 
 
+KEY_ID_CHARS = 16
+"""A key's id: the first 16 hex characters of its SHA-256 digest. Records name their owner by it; never the key."""
+
+
+class KeyLimits(Strict):
+    tokens_per_day: int | None = Field(None, ge=1, description="prompt plus completion tokens per UTC day")
+    usd_per_day: float | None = Field(None, gt=0.0, description="estimated USD per UTC day (the experts' prices)")
+
+
+class BudgetConfig(Strict):
+    """Per-key daily budgets, counted in the store (``orchestrator.api.tenants``)."""
+
+    default: KeyLimits = Field(default_factory=KeyLimits, description="every key without an entry of its own")
+    keys: dict[str, KeyLimits] = Field(
+        default_factory=dict, description="key id (first 16 hex characters of the key's SHA-256) -> its limits, "
+        "which replace the default for that key; GET /v1/usage shows the limits in force",
+    )
+    over_budget: Literal["refuse", "fit"] = Field(
+        "refuse", description="refuse: 429 budget_exceeded once a limit is reached; fit: also shrink each "
+        "request's budget to the USD that remains, so the router drops costly recruits",
+    )
+    store_down: Literal["open", "closed"] = Field(
+        "open", description="when the store cannot be read: open admits (and counts nothing), closed answers 503",
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _key_ids(cls, v: dict[str, KeyLimits]) -> dict[str, KeyLimits]:
+        for key_id in v:
+            if len(key_id) != KEY_ID_CHARS or any(c not in "0123456789abcdef" for c in key_id):
+                raise ValueError(f"{key_id!r}: a key id is the first {KEY_ID_CHARS} lowercase hex characters of "
+                                 "the key's SHA-256 digest (`concilium key-id KEY` prints it)")
+        return v
+
+
 class ServerConfig(Strict):
     """The API service: where it listens, its store, its limits and its keys."""
 
@@ -91,6 +127,12 @@ class ServerConfig(Strict):
     cors_origins: list[str] = Field(
         default_factory=list, description="origins allowed by CORS; empty (the default) sends no CORS headers"
     )
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics on its own port (at metrics_host) and not on the API's; "
+        "None: on the API's port, where it needs an admin key once keys are configured",
+    )
+    metrics_host: str = Field(env.LOOPBACK, description="where the separate /metrics port binds")
 
     @field_validator("api_key_sha256", "admin_key_sha256")
     @classmethod

@@ -7,6 +7,8 @@
 - ``ProcessServer``: ``concilium serve`` in its own process group, for tests
   that kill the API process; killing the group also ends the local Ray it
   started.
+- ``headless_chrome``: Debian's chromium driven by its chromium-driver, for
+  the pages the API serves.
 - ``FakeOpenAI``: a small OpenAI-compatible server standing in for a remote
   model endpoint (vLLM on a GPU node), which cannot run here.
 """
@@ -26,6 +28,8 @@ from pathlib import Path
 import uvicorn
 import yaml
 from fastapi import FastAPI, Header, HTTPException
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 
 from orchestrator.api.app import create_app
 from orchestrator.client import wait_until_ready
@@ -98,6 +102,24 @@ class ProcessServer:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
         self.log.close()
+
+
+def headless_chrome(offline: bool = False) -> webdriver.Chrome:
+    """Chromium, headless, keeping the page's console log. ``offline``: every host name but 127.0.0.1 fails to
+    resolve, so a page that needs a CDN breaks visibly."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        raise RuntimeError("chromium and chromium-driver are not installed: apt-get install -y chromium "
+                           "chromium-driver (make test does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1100", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    if offline:
+        options.add_argument(f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {HOST}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(driver))
 
 
 def write_config(path: Path, data: dict) -> Path:

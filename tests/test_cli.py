@@ -29,6 +29,7 @@ def concilium(*args: str, timeout: float = 300, **env: str) -> subprocess.Comple
         (("bench", "kernels", "--device", "cuda"), "--device cuda: use cpu, or cuda on a machine where torch sees"),
         (("bench", "kernels", "--batches", "1,x"), "--batches"),
         (("ask", "--router", "latent", "hi"), "--router latent needs a checkpoint: train one with"),
+        (("key-id", ""), "no key given: pass it as the argument or on stdin"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
@@ -36,6 +37,16 @@ def test_bad_input_exits_2_with_a_message(args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stderr
+
+
+def test_key_id_prints_what_the_config_and_usage_name_a_key_by():
+    """The key id is the prefix of the digest that server.api_key_sha256 holds, and is read from stdin too."""
+    by_arg = concilium("key-id", "team-a-secret")
+    by_stdin = subprocess.run([sys.executable, "-m", "orchestrator", "key-id"], input="team-a-secret\n",
+                              capture_output=True, text=True, timeout=60)
+    assert by_arg.returncode == by_stdin.returncode == 0 and by_arg.stdout == by_stdin.stdout
+    sha = "9a437339f86986f3de68d17a40511c2e61588bb30f4c5e01ab5c4991a2a4dc41"  # sha256sum of "team-a-secret"
+    assert by_arg.stdout.split() == ["key", "id:", sha[:16], "sha256:", sha]
 
 
 def _command_paths() -> list[tuple[str, ...]]:

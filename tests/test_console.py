@@ -14,14 +14,13 @@ import uuid
 
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
 from orchestrator.api.security import digest
 from tests.conftest import BENCH_DATA
-from tests.live import ThreadServer
+from tests.live import ThreadServer, headless_chrome
 
 PROMISED = [
     "ask-form", "query", "router", "k", "aggregation", "max-tokens", "experts", "ask-button", "plan", "answer",
@@ -37,17 +36,7 @@ def missing(driver: webdriver.Chrome) -> list[str]:
 
 @pytest.fixture(scope="module")
 def browser():
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (binary and driver):
-        raise RuntimeError("chromium and chromium-driver are not installed: apt-get install -y chromium "
-                           "chromium-driver (make test does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1100", "--no-first-run", "--disable-extensions"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(options=options, service=Service(driver))
+    chrome = headless_chrome()
     yield chrome
     chrome.quit()
 
@@ -151,6 +140,7 @@ def test_with_keys_the_page_refuses_to_work_until_a_key_is_entered(ray_cluster, 
                 lambda d, w=works: d.find_element(By.ID, "ask-button").is_enabled() == w
                 and (text(d, "key-state") == ("using your key" if w else "the key was refused")))
         WebDriverWait(browser, WAIT_S).until(lambda d: sorted(fleet(d)) == ["gpt4", "mistral7b"])
+        WebDriverWait(browser, WAIT_S).until(lambda d: "needs an admin key" in text(d, "figures"))  # /metrics
         _ask(browser, "What is 2 + 2?")
         assert text(browser, "answer").strip() and "router all" in text(browser, "routing")
         browser.find_element(By.ID, "reload").click()  # a user key is not an admin key

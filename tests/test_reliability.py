@@ -1,4 +1,5 @@
-"""Reliability and security guarantees (docs/reliability.md), each against live servers on 127.0.0.1.
+"""Reliability guarantees (docs/reliability.md), each against live servers on 127.0.0.1; keys and tenants are in
+tests/test_tenants.py.
 
 The experts here are simulated (real actors that sleep like a model decodes),
 so that a batch can be killed mid-call, a hang can be made, and a queue can be
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -30,7 +30,6 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.api.security import KeyRing, digest
 from routers.aggregation import SYNTHESIS_INSTRUCTIONS
 from tests.live import (
     INJECTION,
@@ -43,7 +42,7 @@ from tests.live import (
 )
 from workers.placement import ACTOR_PREFIX
 
-USER, ADMIN, LIMITED = (f"{kind}-{uuid.uuid4().hex[:10]}" for kind in ("user", "admin", "limited"))
+USER = f"user-{uuid.uuid4().hex[:10]}"
 
 
 def _sim(name: str, step_s: float) -> dict:
@@ -66,11 +65,12 @@ async def _concurrently(url: str, bodies: list[dict], prefix: str, headers: dict
 @pytest.fixture(scope="module")
 def faulty(ray_cluster):
     """Defaults everywhere except: a 1 s expert (8 tokens x 0.125 s), a fast one, one that hangs for minutes,
-    a 5 s expert timeout (room for a crashed call's restart and retry) and room for 6 pending requests."""
+    a 10 s expert timeout (room for a crashed call's restart and retry on a loaded machine) and room for 6
+    pending requests."""
     namespace = f"rel-{uuid.uuid4().hex[:6]}"
     s = ThreadServer({
         "ray": {"namespace": namespace},
-        "routing": {"aggregation": "vote", "max_wait_ms": 50, "expert_timeout_s": 5, "max_pending": 6},
+        "routing": {"aggregation": "vote", "max_wait_ms": 50, "expert_timeout_s": 10, "max_pending": 6},
         "experts": [_sim("sim-slow", 0.125), _sim("sim-fast", 0.001), _sim("sim-hung", 60.0)],
     })
     s.namespace = namespace
@@ -108,7 +108,7 @@ def test_a_hung_expert_times_out_and_the_request_finishes_with_the_others(faulty
     r = httpx.post(f"{faulty.url}/v1/query", timeout=60,
                    json={"query": "Which option?", "max_tokens": 8, "k": 2, "experts": ["sim-hung", "sim-fast"]})
     assert r.status_code == 200, r.text
-    assert time.monotonic() - started < 20  # the 5 s expert timeout, not sim-hung's 8 minutes
+    assert time.monotonic() - started < 30  # the 10 s expert timeout, not sim-hung's 8 minutes
     body = r.json()
     assert [a["expert"] for a in body["answers"]] == ["sim-fast"] and body["answer"]
     assert "sim-hung failed: timed out" in body["degraded"]
@@ -292,94 +292,6 @@ def test_bench_load_refuses_a_remote_url():
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "load", "--url", "http://10.1.2.3:8000"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "only targets loopback" in proc.stderr
-
-
-# -- security -------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def secured(ray_cluster, tmp_path_factory):
-    """User and admin keys, a rate limit of 5 a minute per key shared through redis by two replicas, CORS for
-    one origin and a 1 s request time limit."""
-    tmp = tmp_path_factory.mktemp("secured")
-    redis = RedisServer(tmp)
-    def config(replica: str) -> Path:  # each replica has its own experts; the two share redis
-        return write_config(tmp / f"{replica}.yaml", {
-            "ray": {"namespace": f"sec-{replica}-{uuid.uuid4().hex[:6]}"},
-            "routing": {"aggregation": "best", "max_wait_ms": 5},
-            "server": {"redis_url": redis.url, "api_key_sha256": [digest(USER), digest(LIMITED)],
-                       "admin_key_sha256": [digest(ADMIN)], "rate_limit_per_minute": 5,
-                       "cors_origins": ["https://app.example"], "request_timeout_s": 1},
-            "experts": [_sim("sim-fast", 0.001), _sim("sim-slow", 0.5)],
-        })
-
-    servers: list[ThreadServer] = []
-    try:
-        servers += [ThreadServer(config("a"))]
-        servers += [ThreadServer(config("b"))]
-        yield servers[0], servers[1]
-    finally:
-        for s in servers:
-            s.stop()
-        redis.stop()
-
-
-def _bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
-
-
-def test_admin_actions_need_the_admin_scope(secured):
-    s, _ = secured
-    assert httpx.post(f"{s.url}/v1/admin/reload", timeout=30).status_code == 401
-    as_user = httpx.post(f"{s.url}/v1/admin/reload", headers=_bearer(USER), timeout=30)
-    assert as_user.status_code == 403 and "needs an admin key" in as_user.json()["error"]["message"]
-    answer = httpx.post(f"{s.url}/v1/query", json={"query": "Hi?", "max_tokens": 2, "experts": ["sim-fast"]},
-                        headers=_bearer(ADMIN), timeout=30)
-    assert answer.status_code == 200, answer.text  # an admin key is also a user key
-    feedback = {"answer_id": answer.json()["id"], "correct": True}
-    assert httpx.post(f"{s.url}/v1/feedback", json=feedback, headers=_bearer(USER), timeout=30).status_code == 403
-    assert httpx.post(f"{s.url}/v1/feedback", json=feedback, headers=_bearer(ADMIN), timeout=30).status_code == 200
-    reload = httpx.post(f"{s.url}/v1/admin/reload", headers=_bearer(ADMIN), timeout=60)
-    assert reload.status_code == 200 and reload.json()["added"] == []
-
-
-def test_the_rate_limit_is_per_key_and_shared_by_replicas(secured):
-    first, second = secured
-    if time.time() % 60 > 45:  # the limit counts per clock minute: start well inside one
-        time.sleep(61 - time.time() % 60)
-    statuses = [httpx.get(f"{s.url}/v1/models", headers=_bearer(LIMITED), timeout=30).status_code
-                for s in (first, second, first, second, first, second)]
-    assert statuses == [200] * 5 + [429]
-    assert httpx.get(f"{first.url}/v1/models", headers=_bearer(USER), timeout=30).status_code == 200  # own count
-
-
-def test_request_time_limit_answers_504(secured):
-    s, _ = secured
-    r = httpx.post(f"{s.url}/v1/query", json={"query": "Slow?", "max_tokens": 8, "experts": ["sim-slow"]},
-                   headers=_bearer(USER), timeout=30)
-    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-    assert "1 s (server.request_timeout_s)" in r.json()["error"]["message"]
-    assert _metric(s.url, "concilium_timeouts") == 1
-
-
-def test_cors_is_off_by_default_and_on_only_for_configured_origins(faulty, secured):
-    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
-    default = httpx.options(f"{faulty.url}/v1/query", headers=preflight)
-    assert "access-control-allow-origin" not in default.headers
-    s, _ = secured
-    allowed = httpx.options(f"{s.url}/v1/query", headers=preflight)
-    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
-    other = httpx.options(f"{s.url}/v1/query", headers={**preflight, "origin": "https://evil.example"})
-    assert "access-control-allow-origin" not in other.headers
-
-
-def test_keys_are_kept_hashed_and_compared_without_stopping_early(monkeypatch):
-    ring = KeyRing([digest(k) for k in ("a-key", "b-key", "c-key")])
-    assert all("key" not in d for d in ring.digests)
-    calls: list[str] = []
-    real = hmac.compare_digest
-    monkeypatch.setattr(hmac, "compare_digest", lambda x, y: calls.append(y) or real(x, y))
-    assert ring.accepts("a-key") and not ring.accepts("z-key")
-    assert len(calls) == 6  # every digest is compared, even after the first one matched
 
 
 def test_an_injected_expert_answer_stays_quoted_in_the_aggregator_prompt(ray_cluster, monkeypatch):

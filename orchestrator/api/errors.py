@@ -6,6 +6,7 @@
 - 413 body_too_large: past ``server.max_body_bytes``;
 - 422 invalid_request: a field is wrong, missing, unknown or past a limit;
 - 429 rate_limited (with Retry-After): past ``server.rate_limit_per_minute``;
+- 429 budget_exceeded (with Retry-After and ``remaining``): the key has spent its daily budget (``tenants``);
 - 429 overloaded (with Retry-After): ``routing.max_pending`` requests are already admitted;
 - 503 unavailable: every recruited expert failed, or the store is down for jobs;
 - 504 timeout: no answer within ``server.request_timeout_s``.
@@ -35,11 +36,13 @@ class ServiceError(Exception):
     type = "internal_error"
 
     def __init__(self, message: str, status: int | None = None, kind: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, details: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.status = status or self.status
         self.type = kind or self.type
         self.headers = headers
+        self.details = details or {}
+        """Fields added to the error object beside type and message (``ErrorDetail`` documents them)."""
 
 
 class InvalidRequest(ServiceError):
@@ -58,8 +61,10 @@ class BodyTooLarge(Exception):
     """Raised by the body-limit middleware while a chunked body is read past the limit."""
 
 
-def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+          details: dict[str, object] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message, **(details or {})}}, status_code=status,
+                        headers=headers)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str]:
@@ -81,7 +86,7 @@ def install(app: FastAPI, max_body_bytes: int) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error(exc.status, exc.type, str(exc), exc.headers)
+        return error(exc.status, exc.type, str(exc), exc.headers, exc.details)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:

@@ -8,6 +8,9 @@ sweep) claims the job and runs it again. Several replicas on one redis share
 the work the same way: while a runner lives, its renewed claim keeps the
 others off its jobs, so a job runs again only when its runner died.
 
+A job record names its owner, the key id that submitted it: only that key
+(or an admin) reads it, and the run is counted in that key's usage.
+
 A runner holds at most ``max_running`` jobs at once, and a job the scheduler
 refuses as overloaded goes back to the pending set: the backlog waits in the
 store, never in memory.
@@ -36,7 +39,7 @@ class JobRunner:
     def __init__(
         self,
         store: Store,
-        run: Callable[[QueryBody], Awaitable[QueryResponse]],
+        run: Callable[[QueryBody, str], Awaitable[QueryResponse]],
         ttl_s: float,
         claim_s: float = 15.0,
         sweep_s: float = 5.0,
@@ -63,19 +66,24 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
-    async def submit(self, body: QueryBody) -> JobOut:
+    async def submit(self, body: QueryBody, owner: str) -> JobOut:
         job = JobOut(id="job-" + uuid.uuid4().hex, status="queued", created=time.time())
-        await self._save(job, body)
+        await self._save(job, body, owner)
         await self.store.sadd(PENDING, job.id)
         await self._claim_and_start(job.id)
         return job
 
-    async def get(self, job_id: str) -> JobOut | None:
+    async def get(self, job_id: str) -> tuple[JobOut, str] | None:
+        """The job and its owner's key id."""
         raw = await self.store.get(f"job:{job_id}")
-        return None if raw is None else JobOut.model_validate(json.loads(raw)["job"])
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        return JobOut.model_validate(record["job"]), record["owner"]
 
-    async def _save(self, job: JobOut, body: QueryBody) -> None:
-        record = {"job": job.model_dump(mode="json"), "request": body.model_dump(mode="json", by_alias=True)}
+    async def _save(self, job: JobOut, body: QueryBody, owner: str) -> None:
+        record = {"job": job.model_dump(mode="json"), "request": body.model_dump(mode="json", by_alias=True),
+                  "owner": owner}
         await self.store.set(f"job:{job.id}", json.dumps(record), self.ttl_s)
 
     async def _claim_and_start(self, job_id: str) -> None:
@@ -108,22 +116,23 @@ class JobRunner:
                 return
             record = json.loads(raw)
             job, body = JobOut.model_validate(record["job"]), QueryBody.model_validate(record["request"])
+            owner = record["owner"]
             if job.status in ("done", "failed"):
                 await self.store.srem(PENDING, job_id)
                 return
             job.status = "running"
-            await self._save(job, body)
+            await self._save(job, body, owner)
             try:
-                job.result, job.status = await self.run(body), "done"
+                job.result, job.status = await self.run(body, owner), "done"
             except Overloaded:  # back to the pending set; a later sweep runs it
                 job.status = "queued"
-                await self._save(job, body)
+                await self._save(job, body, owner)
                 await self.store.delete(f"job:{job_id}:claim")
                 return
             except Exception as exc:  # the job's outcome, recorded for the client
                 job.error, job.status = str(exc) or type(exc).__name__, "failed"
             job.finished = time.time()
-            await self._save(job, body)
+            await self._save(job, body, owner)
             await self.store.srem(PENDING, job_id)
         except StoreUnavailable as exc:
             log.warning("job %s paused, the store is unavailable: %s", job_id, exc)

@@ -9,8 +9,9 @@ so there is one source of truth for loads and queue depth.
 from __future__ import annotations
 
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -66,3 +67,9 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """This registry on a port of its own (``server.metrics_port``), for a scraper that holds no API key.
+        prometheus-client's own server, in a daemon thread; ``shutdown()`` then ``server_close()`` stop it."""
+        server, _ = start_http_server(port, host, registry=self.registry)
+        return server

@@ -308,9 +308,31 @@ class ReloadOut(BaseModel):
     routers: list[str]
 
 
+class KeyUsage(BaseModel):
+    """One key's usage on one UTC day, with the limits in force for it and what remains of them."""
+
+    key_id: str = Field(description="the first 16 hex characters of the key's SHA-256; `anonymous` without keys")
+    day: str = Field(description="the UTC day counted, YYYY-MM-DD")
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float = Field(description="estimated from the experts' configured prices")
+    tokens_per_day: int | None = Field(description="the limit in force; None: unlimited")
+    usd_per_day: float | None
+    remaining_tokens: int | None
+    remaining_usd: float | None
+    resets_in_s: int = Field(description="seconds until the window ends (UTC midnight)")
+
+
+class Remaining(BaseModel):
+    tokens: int | None
+    usd: float | None
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
+    remaining: Remaining | None = Field(None, description="429 budget_exceeded only: what is left today (nothing)")
 
 
 class ErrorBody(BaseModel):

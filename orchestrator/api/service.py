@@ -1,8 +1,9 @@
 """The service controller: the API's behaviour as plain Python, below HTTP.
 
 It turns validated request models into pipeline requests, applies the
-configured limits, serves the response cache, keeps the answer records that
-feedback refers to, and runs jobs. The FastAPI routes (``orchestrator.api.routes``)
+configured limits and the caller's budget, serves the response cache, keeps
+the answer records that feedback refers to, and runs jobs. Every record
+names the key that created it, and only that key (or an admin) can read it. The FastAPI routes (``orchestrator.api.routes``)
 are a thin layer over it, as RouteLLM's server is over its controller, so the
 same behaviour is reachable from Ray Serve or a test without HTTP.
 """
@@ -21,20 +22,15 @@ from typing import TypeVar
 
 from orchestrator import env
 from orchestrator.api.answers import Live, new_answer_id, to_response, to_routing
+from orchestrator.api.compat import Catalog
 from orchestrator.api.errors import InvalidRequest, NotFound, ServiceError, Unavailable
 from orchestrator.api.jobs import JobRunner
 from orchestrator.api.metrics import Metrics
 from orchestrator.api.schemas import (
-    DEFAULT_MODEL,
-    ChatBody,
-    CompletionBody,
     ExpertOut,
     FeedbackBody,
     FeedbackOut,
     JobOut,
-    ModelCard,
-    ModelList,
-    OpenAIBody,
     QueryBody,
     QueryResponse,
     ReloadOut,
@@ -42,7 +38,9 @@ from orchestrator.api.schemas import (
     Routing,
     Sampling,
 )
+from orchestrator.api.security import ANONYMOUS, Caller
 from orchestrator.api.store import Store, StoreUnavailable, open_store
+from orchestrator.api.tenants import Ledger
 from orchestrator.config import ConciliumConfig, ConfigError, load_config
 from orchestrator.engine.pipeline import Pipeline, ReloadError
 from orchestrator.engine.requests import AllExpertsFailed, QueryRequest, RequestError
@@ -76,7 +74,9 @@ class Service:
         self.store_up = True
         self.config_version = self._version(config)
         self.metrics = Metrics(self._live_figures)
-        self.jobs = JobRunner(store, self.query, config.server.job_ttl_s)
+        self.ledger = Ledger(store, config.server.budgets)
+        self.jobs = JobRunner(store, lambda body, owner: self.query(body, caller=Caller(owner, admin=False)),
+                              config.server.job_ttl_s)
 
     @staticmethod
     def _version(config: ConciliumConfig) -> str:
@@ -150,8 +150,10 @@ class Service:
             return request.temperature == 0
         return all(e.generation.temperature == 0 for e in self.config.experts)
 
-    def _cache_key(self, body: RouteBody, messages: tuple[Message, ...]) -> str:
+    def _cache_key(self, body: RouteBody, messages: tuple[Message, ...], caller: Caller) -> str:
+        """Per key: a cached answer is a record its first caller owns, and one tenant's hits are not another's."""
         data = body.model_dump(mode="json", by_alias=True, exclude={"stream"})
+        data["owner"] = caller.key_id
         data["query"] = " ".join(body.query.split())
         data["messages"] = [[m.role, m.content] for m in messages]
         data["versions"] = [self.config_version, self.profiles_version]
@@ -185,10 +187,10 @@ class Service:
         except StoreUnavailable:
             return None
 
-    async def _lookup(self, body: QueryBody, messages: tuple[Message, ...],
-                      request: QueryRequest) -> tuple[str | None, QueryResponse | None]:
+    async def _lookup(self, body: QueryBody, messages: tuple[Message, ...], request: QueryRequest,
+                      caller: Caller) -> tuple[str | None, QueryResponse | None]:
         """The cache key for a deterministic request, and its cached response if there is one."""
-        key = self._cache_key(body, messages) if self._cacheable(request) else None
+        key = self._cache_key(body, messages, caller) if self._cacheable(request) else None
         if key is None:
             return None, None
         raw = await self._store_call("cache", self.store.get(key))
@@ -197,23 +199,32 @@ class Service:
             return key, None
         return key, QueryResponse.model_validate_json(raw).model_copy(update={"cached": True})
 
-    async def query(self, body: QueryBody, messages: tuple[Message, ...] = ()) -> QueryResponse:
-        request = self.to_request(body, messages)
-        key, hit = await self._lookup(body, messages, request)
-        return hit or await self._answer(request, key, new_answer_id())
+    async def _admit(self, body: QueryBody, messages: tuple[Message, ...],
+                     caller: Caller) -> tuple[QueryRequest, str | None, QueryResponse | None]:
+        """Validate, apply the caller's budget (429 or fitted), then look in the cache: a hit is counted here."""
+        request = await self.ledger.admit(caller, self.to_request(body, messages))
+        key, hit = await self._lookup(body, messages, request, caller)
+        if hit is not None:
+            await self._store_call("usage", self.ledger.record(caller, hit))
+        return request, key, hit
 
-    async def open_stream(self, body: QueryBody, messages: tuple[Message, ...] = ()) -> Live:
-        """Start a request whose tokens go out as they are written. Bad input raises here, before any byte is
-        sent; a failure later ends the task with the error, and the stream with it."""
-        request = self.to_request(body, messages)
-        key, hit = await self._lookup(body, messages, request)
+    async def query(self, body: QueryBody, messages: tuple[Message, ...] = (),
+                    caller: Caller = ANONYMOUS) -> QueryResponse:
+        request, key, hit = await self._admit(body, messages, caller)
+        return hit or await self._answer(request, key, new_answer_id(), caller)
+
+    async def open_stream(self, body: QueryBody, messages: tuple[Message, ...] = (),
+                          caller: Caller = ANONYMOUS) -> Live:
+        """Start a request whose tokens go out as they are written. Bad input and a spent budget raise here,
+        before any byte is sent; a failure later ends the task with the error, and the stream with it."""
+        request, key, hit = await self._admit(body, messages, caller)
         if hit is not None:
             done: asyncio.Future[QueryResponse] = asyncio.get_running_loop().create_future()
             done.set_result(hit)
             return Live(hit.id, done, None)
         stream, answer_id = TokenStream(), new_answer_id()
         task = asyncio.ensure_future(self._within_limit(self._answer(dataclasses.replace(request, stream=stream),
-                                                                     key, answer_id)))
+                                                                     key, answer_id, caller)))
         task.add_done_callback(lambda _: stream.close())
         return Live(answer_id, task, stream)
 
@@ -225,8 +236,8 @@ class Service:
             self.metrics.timeouts.inc()
             raise ServiceError(f"no answer within {limit:g} s (server.request_timeout_s)", 504, "timeout") from None
 
-    async def _answer(self, request: QueryRequest, key: str | None, answer_id: str) -> QueryResponse:
-        """Ask the pipeline, then record the answer for feedback and cache it when its key allows."""
+    async def _answer(self, request: QueryRequest, key: str | None, answer_id: str, caller: Caller) -> QueryResponse:
+        """Ask the pipeline, then count its usage, record the answer for its owner, and cache it."""
         try:
             answer = await self.pipeline.ask(request)
         except AllExpertsFailed as exc:
@@ -236,8 +247,8 @@ class Service:
             self.metrics.routed.labels(expert).inc()
         if is_consensus(answer.aggregation_skipped):
             self.metrics.consensus.inc()
-        record = {"router": response.routing.router, "experts": [a.expert for a in answer.answers],
-                  "trace": answer.decision.trace}
+        await self._store_call("usage", self.ledger.record(caller, response))
+        record = {"owner": caller.key_id, "response": response.model_dump(mode="json")}
         ttl = self.config.server.job_ttl_s
         await self._store_call("answers", self.store.set(f"answer:{response.id}", json.dumps(record, default=str), ttl))
         if key is not None:
@@ -250,44 +261,9 @@ class Service:
         except RequestError as exc:
             raise InvalidRequest(str(exc)) from None
 
-    def chat_query(self, body: ChatBody) -> tuple[QueryBody, tuple[Message, ...]]:
-        """The routed part of a chat (its last user turn) and the whole conversation for the experts."""
-        user_turns = [m.content for m in body.messages if m.role == "user"]
-        if not user_turns or not user_turns[-1].strip():
-            raise InvalidRequest("messages: the last user message is missing or empty")
-        query = self.openai_query(body, user_turns[-1], body.max_completion_tokens or body.max_tokens)
-        return query, tuple(Message(m.role, m.content) for m in body.messages)
-
-    def completion_query(self, body: CompletionBody) -> QueryBody:
-        """A completions request routes its prompt, and the experts see the prompt alone."""
-        if not body.text.strip():
-            raise InvalidRequest("prompt: the prompt is empty or only whitespace")
-        return self.openai_query(body, body.text, body.max_tokens)
-
-    def openai_query(self, body: OpenAIBody, text: str, max_tokens: int | None) -> QueryBody:
-        """The query for an OpenAI request whose routed text is ``text``.
-
-        ``model`` is ``concilium`` (the default router), ``concilium/<router>``, or one expert's name, which
-        sends the request to that expert alone.
-        """
-        routers, experts = self.pipeline.scheduler.routers, self.pipeline.pool.names
-        router, allow, k, aggregation = None, None, body.k, body.aggregation
-        if body.model in experts:
-            allow, k, aggregation = [body.model], 1, aggregation or Aggregation.BEST
-        elif body.model.startswith(f"{DEFAULT_MODEL}/") and body.model.split("/", 1)[1] in routers:
-            router = body.model.split("/", 1)[1]
-        elif body.model != DEFAULT_MODEL:
-            raise NotFound(
-                f"model {body.model!r} does not exist; available: "
-                + ", ".join(m.id for m in self.models().data)
-            )
-        return QueryBody(query=text, router=router, k=k, aggregation=aggregation, experts=allow, max_tokens=max_tokens,
-                         **body.model_dump(include=set(Sampling.model_fields)))
-
-    def models(self) -> ModelList:
-        routers = self.pipeline.scheduler.routers
-        ids = [DEFAULT_MODEL, *(f"{DEFAULT_MODEL}/{r}" for r in routers), *self.pipeline.pool.names]
-        return ModelList(data=[ModelCard(id=i) for i in ids])
+    def catalog(self) -> Catalog:
+        """The names an OpenAI request's ``model`` may take, as the service offers them now."""
+        return Catalog(tuple(self.pipeline.scheduler.routers), tuple(self.pipeline.pool.names))
 
     async def experts(self) -> list[ExpertOut]:
         pool = self.pipeline.pool
@@ -300,43 +276,49 @@ class Service:
 
     # -- jobs and feedback ----------------------------------------------------------------------------
 
-    async def submit_job(self, body: QueryBody) -> JobOut:
+    async def submit_job(self, body: QueryBody, caller: Caller = ANONYMOUS) -> JobOut:
         if body.stream:
             raise InvalidRequest("stream: a job has no stream; poll GET /v1/jobs/{id}")
-        self.to_request(body)  # reject bad input now, not when the job runs
+        await self.ledger.admit(caller, self.to_request(body))  # refuse bad input and a spent budget now
         try:
-            return await self._store("jobs", self.jobs.submit(body))
+            return await self._store("jobs", self.jobs.submit(body, caller.key_id))
         except StoreUnavailable as exc:
             raise Unavailable(f"jobs are unavailable: {exc}") from None
 
-    async def job(self, job_id: str) -> JobOut:
+    async def job(self, job_id: str, caller: Caller = ANONYMOUS) -> JobOut:
         try:
-            job = await self._store("jobs", self.jobs.get(job_id))
+            found = await self._store("jobs", self.jobs.get(job_id))
         except StoreUnavailable as exc:
             raise Unavailable(f"jobs are unavailable: {exc}") from None
-        if job is None:
+        if found is None or not caller.owns(found[1]):  # another key's job reads as an unknown one
             raise NotFound(f"no job {job_id!r} (unknown, or older than {self.config.server.job_ttl_s:g} s)")
-        return job
+        return found[0]
 
-    async def feedback(self, body: FeedbackBody) -> FeedbackOut:
+    async def answer(self, answer_id: str, caller: Caller = ANONYMOUS, use: str = "answers") -> QueryResponse:
+        """An answer record, for its owner or an admin; any other key gets the 404 an unknown id gets."""
+        try:
+            raw = await self._store(use, self.store.get(f"answer:{answer_id}"))
+        except StoreUnavailable as exc:
+            raise Unavailable(f"answer records are unavailable: {exc}") from None
+        record = json.loads(raw) if raw is not None else None
+        if record is None or not caller.owns(record["owner"]):
+            raise NotFound(f"no answer {answer_id!r} (unknown, or older than {self.config.server.job_ttl_s:g} s)")
+        return QueryResponse.model_validate(record["response"])
+
+    async def feedback(self, body: FeedbackBody, caller: Caller = ANONYMOUS) -> FeedbackOut:
         if (body.correct is None) == (body.rating is None):
             raise InvalidRequest("give exactly one of correct (true/false) or rating (0..1)")
-        try:
-            raw = await self._store("feedback", self.store.get(f"answer:{body.answer_id}"))
-        except StoreUnavailable as exc:
-            raise Unavailable(f"feedback is unavailable: {exc}") from None
-        if raw is None:
-            raise NotFound(f"no answer {body.answer_id!r} (unknown, or older than {self.config.server.job_ttl_s:g} s)")
-        record = json.loads(raw)
-        if body.expert is not None and body.expert not in record["experts"]:
+        response = await self.answer(body.answer_id, caller, "feedback")
+        answered = sorted({a.expert for a in response.answers})
+        if body.expert is not None and body.expert not in answered:
             raise InvalidRequest(f"expert {body.expert!r} did not answer {body.answer_id}; "
-                                 f"these did: {', '.join(sorted(set(record['experts'])))}")
-        experts = [body.expert] if body.expert else sorted(set(record["experts"]))
+                                 f"these did: {', '.join(answered)}")
+        experts = [body.expert] if body.expert else answered
         value = float(body.correct) if body.correct is not None else float(body.rating)
-        router = self.pipeline.scheduler.routers.get(record["router"])
+        router = self.pipeline.scheduler.routers.get(response.routing.router)
         updated = False
         if isinstance(router, OnlineRouter):
-            decision = Decision(experts=experts, scores={}, trace=record["trace"])
+            decision = Decision(experts=experts, scores={}, trace=response.routing.trace)
             for expert in experts:
                 updated = router.learn(decision, expert, value) or updated
         if updated:
@@ -362,6 +344,7 @@ class Service:
         except (ConfigError, ReloadError, PlacementError) as exc:
             raise InvalidRequest(str(exc)) from None
         self.config, self.config_version = config, self._version(config)
+        self.ledger.budgets = config.server.budgets
         return ReloadOut(**changes)
 
     async def ready(self) -> dict[str, object]:

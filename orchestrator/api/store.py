@@ -43,7 +43,9 @@ class Store(Protocol):
         """Add one; a key created by this call expires after ``ttl_s`` (fixed-window counters)."""
         ...
 
-    async def hincr(self, key: str, fields: dict[str, float]) -> None: ...
+    async def hincr(self, key: str, fields: dict[str, float], ttl_s: float | None = None) -> None:
+        """Add to a hash's fields; with ``ttl_s`` the hash expires that long after this call (daily counters)."""
+        ...
 
     async def hgetall(self, key: str) -> dict[str, float]: ...
 
@@ -63,7 +65,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._values: dict[str, tuple[str, float | None]] = {}
-        self._hashes: dict[str, dict[str, float]] = {}
+        self._hashes: dict[str, tuple[dict[str, float], float | None]] = {}
         self._sets: dict[str, set[str]] = {}
 
     async def ping(self) -> None:
@@ -100,13 +102,22 @@ class MemoryStore:
         self._values[key] = (str(value), self._values[key][1])
         return value
 
-    async def hincr(self, key: str, fields: dict[str, float]) -> None:
-        h = self._hashes.setdefault(key, {})
+    def _hash(self, key: str) -> dict[str, float]:
+        h, expires = self._hashes.get(key, ({}, None))
+        if expires is not None and expires <= time.monotonic():
+            del self._hashes[key]
+            return {}
+        return h
+
+    async def hincr(self, key: str, fields: dict[str, float], ttl_s: float | None = None) -> None:
+        h = self._hash(key)
         for f, amount in fields.items():
             h[f] = h.get(f, 0.0) + amount
+        expires = time.monotonic() + ttl_s if ttl_s else self._hashes.get(key, ({}, None))[1]
+        self._hashes[key] = (h, expires)
 
     async def hgetall(self, key: str) -> dict[str, float]:
-        return dict(self._hashes.get(key, {}))
+        return dict(self._hash(key))
 
     async def sadd(self, key: str, member: str) -> None:
         self._sets.setdefault(key, set()).add(member)
@@ -165,11 +176,13 @@ class RedisStore:
 
         return await self._do(run())
 
-    async def hincr(self, key: str, fields: dict[str, float]) -> None:
+    async def hincr(self, key: str, fields: dict[str, float], ttl_s: float | None = None) -> None:
         async def run() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
                 for f, amount in fields.items():
                     pipe.hincrbyfloat(self._k(key), f, amount)
+                if ttl_s:
+                    pipe.pexpire(self._k(key), int(ttl_s * 1000))
                 await pipe.execute()
 
         await self._do(run())

@@ -36,7 +36,14 @@ import torch
 import yaml
 
 from orchestrator.bench.costmodel import fit_steps
-from orchestrator.bench.gpu_experts import LLAMA3_8B, TINY, build, drop_page_cache, host_to_device_gbps, prompt_words
+from orchestrator.bench.gpu_experts import (
+    LLAMA3_8B,
+    TINY,
+    build,
+    drop_page_cache,
+    host_to_device_gbps,
+    prompt_words,
+)
 
 PROJECTION = Path(__file__).resolve().parents[2] / "deploy" / "projection-16x8b.yaml"
 KV_AND_ACTIVATIONS_GB = 2.0

@@ -2,7 +2,7 @@
 
 | module | commands |
 |---|---|
-| ``experts`` | models list/pull, experts, generate, check-config |
+| ``experts`` | models list/pull, experts, generate, check-config, key-id |
 | ``ask`` | ask, serve |
 | ``routing`` | eval, profile |
 | ``latent`` | train-latent, bench latent |

@@ -1,14 +1,17 @@
-"""``concilium models``, ``experts``, ``generate`` and ``check-config``: the model store and the experts themselves."""
+"""``concilium models``, ``experts``, ``generate``, ``check-config`` and ``key-id``: the model store, the experts,
+and the config that names them."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from orchestrator.api.security import digest, key_id
 from orchestrator.cli.common import (
     ConfigOpt,
     MaxTokOpt,
@@ -128,8 +131,19 @@ def check_config(path: Annotated[Path, typer.Argument(help="the config file to v
     out.print(f"[green]✓[/] {path} is valid: {len(cfg.experts)} experts ({', '.join(e.name for e in cfg.experts)})")
 
 
+def show_key_id(key: Annotated[str | None, typer.Argument(
+        help="the API key; omit it to read the key from stdin, which keeps it out of the shell history")] = None,
+) -> None:
+    """Print a key's SHA-256 (for server.api_key_sha256) and its key id (for server.budgets.keys and usage)."""
+    key = key if key is not None else sys.stdin.readline().strip()
+    if not key:
+        raise UsageError("no key given: pass it as the argument or on stdin")
+    out.print(f"key id: {key_id(key)}\nsha256: {digest(key)}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
     app.command()(friendly(experts))
     app.command()(friendly(generate))
     app.command("check-config")(friendly(check_config))
+    app.command("key-id")(friendly(show_key_id))
