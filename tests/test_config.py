@@ -48,7 +48,9 @@ def test_a_full_expert_entry_parses():
     [
         ({"experts": [{"name": "a", "source": "x", "colour": 1}]}, "experts[0].colour: Extra inputs"),
         ({"experts": [{"name": "a", "source": "x", "max_batch_size": 0}]}, "experts[0].max_batch_size"),
-        ({"experts": [{"name": "a", "backend": "vllm", "source": "x"}]}, "experts[0]: an expert must be a mapping whose 'backend' is one of transformers, openai, replay, simulated"),
+        ({"experts": [{"name": "a", "backend": "tgi", "source": "x"}]}, "experts[0]: an expert must be a mapping whose 'backend' is one of transformers, vllm, openai, replay, simulated"),
+        ({"experts": [{"name": "a", "backend": "vllm", "source": "x", "engine": {"tensor_parallel_size": 4}}]},
+         "experts[0]: Value error, engine.tensor_parallel_size is 4: set num_gpus to 4"),
         ({"experts": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}, "expert name 'a' is used twice"),
         ({"experts": [{"name": "a", "source": "x", "num_gpus": 1.5}]}, "whole number of GPUs"),
         ({"experts": [{"name": "a", "source": "x", "dtype": "int3"}]}, "experts[0].dtype"),

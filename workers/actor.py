@@ -2,11 +2,13 @@
 
 The actor is threaded (``max_concurrency`` > 1) so that ``info()`` and
 ``health()`` answer while a long ``generate`` runs; a lock serialises the calls
-that touch the model.
+that touch the model, except the generate calls of a backend that batches
+concurrent calls itself (vLLM), which the pool never overlaps with an unload.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from workers.backends import OnDelta, make_backend
+from workers.backends import OnDelta, can_sleep, make_backend, runs_concurrently
 from workers.config import ExpertConfig
 from workers.streams import Cancels, stream
 from workers.types import GenerationResult, Prompt, SamplingParams, TokenDelta, WorkerInfo
@@ -73,14 +75,15 @@ class ExpertWorker:
         return self.backend.estimate_memory_bytes()
 
     def load(self) -> float:
-        """Load the model; returns the seconds it took (0 when already loaded)."""
+        """Load the model, or wake it if it sleeps; returns the seconds it took (0 when already loaded)."""
         with self.lock:
             if self.state == "loaded":
                 return 0.0
+            wake = self.state == "sleeping"
             self.state, self.error = "loading", None
             started = time.perf_counter()
             try:
-                self.backend.load()
+                self.backend.wake() if wake else self.backend.load()
             except Exception as exc:
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
                 self.backend.unload()
@@ -89,11 +92,18 @@ class ExpertWorker:
             self.state = "loaded"
             return self.load_s
 
-    def unload(self) -> None:
+    def unload(self, deep: bool = False) -> str:
+        """Free the device and return the new state: ``sleeping`` when the backend can keep its weights in host
+        RAM (unless ``deep``), else ``unloaded``."""
         with self.lock:
+            if self.state == "loaded" and not deep and can_sleep(self.backend):
+                self.backend.sleep()
+                self.state = "sleeping"
+                return self.state
             self.backend.unload()
             if self.state != "failed":
                 self.state = "unloaded"
+            return self.state
 
     def _require_loaded(self) -> None:
         if self.state != "loaded":
@@ -103,7 +113,7 @@ class ExpertWorker:
                  cancelled: Callable[[int], bool] | None = None) -> GenerationResult:
         requested = time.perf_counter()
         parsed = [Prompt.of(p) for p in prompts]
-        with self.lock:
+        with contextlib.nullcontext() if runs_concurrently(self.backend) else self.lock:
             self._require_loaded()
             started = time.perf_counter()
             completions = self.backend.generate(parsed, params, on_delta, cancelled)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from workers.types import SamplingParams
 
@@ -80,6 +80,46 @@ class TransformersExpert(ExpertBase):
         return self.source
 
 
+class VLLMEngine(Strict):
+    """vLLM engine arguments, passed one to one to ``AsyncEngineArgs`` (validated here, before any start)."""
+
+    max_model_len: int | None = Field(None, ge=16, description="context length; None: the model's own")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of the GPU for weights and KV cache")
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="GPUs per engine; the actor reserves as many")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enforce_eager: bool = Field(False, description="no CUDA graphs: quicker start, slower decode")
+    kv_cache_gb: int = Field(
+        1, ge=1, description="CPU only: KV cache GiB (vLLM's VLLM_CPU_KVCACHE_SPACE), part of the memory estimate"
+    )
+
+
+class VLLMExpert(ExpertBase):
+    """A model served by vLLM's async engine inside the expert's actor: continuous batching over every window's
+    requests, token streaming from the engine, and on CUDA sleep mode for swaps."""
+
+    backend: Literal["vllm"]
+    source: str = Field(description="a model-store name or a local folder; nothing is fetched from a hub")
+    engine: VLLMEngine = VLLMEngine()
+    sleep_level: Literal[1, 2] = Field(
+        1, description="CUDA: 1 keeps the weights in host RAM while asleep (fast wake), 2 drops them (reload on wake)"
+    )
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    max_batch_size: int = Field(256, ge=1, le=4096, description="rows the scheduler sends per call; vLLM batches")
+
+    @model_validator(mode="after")
+    def _gpus_for_tensor_parallel(self) -> VLLMExpert:
+        tp = self.engine.tensor_parallel_size
+        if tp > 1 and self.num_gpus != tp:
+            raise ValueError(f"engine.tensor_parallel_size is {tp}: set num_gpus to {tp}, so that the actor "
+                             "reserves the GPUs its engine shards the model over")
+        return self
+
+    @property
+    def origin(self) -> str:
+        return self.source
+
+
 class OpenAIExpert(ExpertBase):
     backend: Literal["openai"]
     base_url: str = Field(pattern=r"^https?://")
@@ -116,13 +156,16 @@ class SimulatedExpert(ExpertBase):
     prefill_s_per_token: float = Field(0.0, ge=0.0, description="seconds per prompt token")
     time_scale: float = Field(1.0, gt=0.0, le=1.0, description="every sleep is multiplied by this")
     num_cpus: float = Field(0.0, ge=0.0)
+    sleep_mode: bool = Field(False, description="declare sleep support, as a vLLM expert on CUDA has: the pool "
+                                                "puts it to sleep instead of unloading it")
+    wake_s: float = Field(0.0, ge=0.0, description="seconds a wake-up takes, with sleep_mode")
 
     @property
     def origin(self) -> str:
         return f"simulated (load {self.load_s:g} s, step {self.step_s * 1000:.2f} ms)"
 
 
-BACKENDS = ("transformers", "openai", "replay", "simulated")
+BACKENDS = ("transformers", "vllm", "openai", "replay", "simulated")
 
 
 def _backend_of(value: object) -> str | None:
@@ -134,6 +177,7 @@ def _backend_of(value: object) -> str | None:
 
 ExpertConfig = Annotated[
     Annotated[TransformersExpert, Tag("transformers")]
+    | Annotated[VLLMExpert, Tag("vllm")]
     | Annotated[OpenAIExpert, Tag("openai")]
     | Annotated[ReplayExpert, Tag("replay")]
     | Annotated[SimulatedExpert, Tag("simulated")],

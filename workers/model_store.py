@@ -172,6 +172,21 @@ def embedder_path() -> Path:
     return path
 
 
+_BYTES_PER = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def weight_bytes(folder: Path, dtype: str) -> int:
+    """What a stored model's safetensors take in memory once loaded at ``dtype`` (``auto``: as stored)."""
+    stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        stored_dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    except (OSError, json.JSONDecodeError):
+        stored_dtype = "float32"
+    target = dtype if dtype != "auto" else stored_dtype
+    return int(stored * _BYTES_PER.get(target, 4) / _BYTES_PER.get(stored_dtype, 4))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

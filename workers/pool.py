@@ -5,6 +5,11 @@ budget of its device allows. Loading an expert that does not fit unloads the
 least recently used idle residents first. The pool counts every load and
 unload, because the scheduler's whole purpose is to keep that count low.
 
+A backend that sleeps (vLLM on CUDA) is put to sleep instead of unloaded: its
+weights wait in host RAM, so they count against the ``cpu`` budget and not its
+device's, and the next load is a wake-up. Making room on the host drops
+sleeping experts whole.
+
 The pool decides residency only; *when* work runs is the scheduler's business.
 """
 
@@ -60,7 +65,11 @@ class ExpertUnavailableError(UserError, RuntimeError):
 @dataclass
 class PoolStats:
     loads: int = 0
+    """Every time an expert became resident: a load, or a wake-up from sleep (``wakes`` counts those)."""
     unloads: int = 0
+    """Every time an expert left its device: unloaded, or put to sleep (``sleeps`` counts those)."""
+    wakes: int = 0
+    sleeps: int = 0
     load_seconds: float = 0.0
     restarts: int = 0
     failures: int = 0
@@ -74,6 +83,7 @@ class _Slot:
     device: str = "cpu"
     size: int = 0
     resident: bool = False
+    asleep: bool = False
     loading: bool = False
     failed: str | None = None
     in_use: int = 0
@@ -190,22 +200,32 @@ class ExpertPool:
                 f"expert {slot.config.name} needs {slot.size / 2**30:.2f} GiB; "
                 f"the budget for {slot.device} is {budget / 2**30:.2f} GiB"
             )
-        held = [s for s in self.slots.values() if (s.resident or s.loading) and s.device == slot.device]
+        held = self._held(slot.device)
         used = sum(s.size for s in held)
         idle = sorted((s for s in held if s.in_use == 0 and not s.loading), key=lambda s: s.last_used)
         for victim in idle:
             if used + slot.size <= budget:
                 break
-            await self._unload(victim)
+            await self._unload(victim, deep=victim.asleep)
             used -= victim.size
         return used + slot.size <= budget
 
-    async def _unload(self, slot: _Slot) -> None:
-        slot.resident = False
-        self.stats.unloads += 1
-        with contextlib.suppress(*_ACTOR_LOST):
-            await slot.actor.unload.remote()
+    def _held(self, device: str) -> list[_Slot]:
+        """The experts that hold memory on ``device``: resident or loading there, and on the host every
+        sleeping expert, whose weights wait in host RAM."""
+        return [s for s in self.slots.values()
+                if ((s.resident or s.loading) and s.device == device) or (device == "cpu" and s.asleep)]
 
+    async def _unload(self, slot: _Slot, deep: bool = False) -> None:
+        """Free the slot's device: asleep if its backend can sleep (not ``deep``), else unloaded."""
+        if slot.resident:
+            self.stats.unloads += 1
+        slot.resident = False
+        state = "unloaded"
+        with contextlib.suppress(*_ACTOR_LOST):
+            state = await slot.actor.unload.remote(deep)
+        slot.asleep = state == "sleeping"
+        self.stats.sleeps += slot.asleep
     async def _load(self, slot: _Slot) -> None:
         started = time.perf_counter()
         try:
@@ -216,6 +236,8 @@ class ExpertPool:
             raise ExpertUnavailableError(slot.failed) from None
         name = slot.config.name
         self.stats.loads += 1
+        self.stats.wakes += slot.asleep
+        slot.asleep = False
         self.stats.loads_by_expert[name] = self.stats.loads_by_expert.get(name, 0) + 1
         self.stats.load_seconds += time.perf_counter() - started
 
@@ -273,7 +295,7 @@ class ExpertPool:
                 return result
             except (*_ACTOR_LOST, NotLoadedError) as exc:
                 slot = self._slot(name)
-                slot.resident = False  # a restarted actor comes back with nothing loaded
+                slot.resident = slot.asleep = False  # a restarted actor comes back with nothing loaded
                 losses += 1
                 self.stats.restarts += 1
                 log.warning("expert %s lost its actor (%s); attempt %d", name, type(exc).__name__, losses)

@@ -34,39 +34,58 @@ def bench_models(
     drop_caches: Annotated[
         bool, typer.Option(help="drop the OS page cache before each cold load (needs root)")
     ] = True,
+    backend: Annotated[str, typer.Option(help="comma-separated backends, run side by side: transformers, vllm")]
+    = "transformers",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON")] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Load times (GGUF vs store) and tokens/s per batch size of the bundled models."""
-    from orchestrator.bench.models import ModelsBenchSettings, run_models_bench
+    """Load times (GGUF vs store), time to first token and tokens/s per batch size of the bundled models, on
+    each backend."""
+    from orchestrator.bench.models import BACKENDS, ModelsBenchSettings, run_models_bench
 
     chosen = names(models) or []
     unknown = [n for n in chosen if n not in LLMS]
     if unknown:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; bundled LLMs: {', '.join(LLMS)}")
+    backends = tuple(names(backend) or [])
+    if not backends or any(b not in BACKENDS for b in backends):
+        raise UsageError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
     sizes = int_list(batch_sizes, "--batch-sizes")
     with err.status("benchmarking") as status:
-        settings = ModelsBenchSettings(sizes, new_tokens, repeats, threads, gguf, drop_caches)
+        settings = ModelsBenchSettings(sizes, new_tokens, repeats, threads, gguf, drop_caches, backends)
         results = run_models_bench(chosen, settings, ModelStore(configure(None, store).store_root), status.update,
                                    json_out)
-    loads = Table(title="load time (s)")
-    for col in ("model", "from GGUF", "store, cold", "store, warm", "GGUF / store cold", "page cache dropped"):
+    out.print(_load_table(results))
+    out.print(_throughput_table(results, sizes, f"greedy generation, {new_tokens} new tokens, median of {repeats}"))
+
+
+def _load_table(results: list) -> Table:
+    loads = Table(title="load time (s); a vLLM load is its engine's start")
+    for col in ("model", "backend", "from GGUF", "store, cold", "store, warm", "GGUF / store cold",
+                "page cache dropped", "first token (s)"):
         loads.add_column(col)
     for r in results:
         ratio = f"{r.gguf_load_s / r.store_cold_load_s:.1f}x" if r.gguf_load_s else "-"
         gguf_s = f"{r.gguf_load_s:.1f}" if r.gguf_load_s else "-"
-        loads.add_row(r.model, gguf_s, f"{r.store_cold_load_s:.2f}", f"{r.store_warm_load_s:.2f}", ratio,
-                      "yes" if r.caches_dropped else "no")
-    out.print(loads)
-    tput = Table(title=f"greedy generation, {new_tokens} new tokens, {threads} threads, median of {repeats}")
-    for col in ("model", "batch", "tokens", "seconds", "tokens/s", "vs batch 1"):
+        warm = f"{r.store_warm_load_s:.2f}" if r.store_warm_load_s is not None else "-"
+        loads.add_row(r.model, r.backend, gguf_s, f"{r.store_cold_load_s:.2f}", warm, ratio,
+                      "yes" if r.caches_dropped else "no", f"{r.ttft_s:.3f}")
+    return loads
+
+
+def _throughput_table(results: list, sizes: list[int], title: str) -> Table:
+    """Tokens/s per batch size, against batch 1 and against the first backend's figure for the same model."""
+    tput = Table(title=title)
+    for col in ("model", "backend", "batch", "tokens", "seconds", "tokens/s", "vs batch 1", "vs first backend"):
         tput.add_column(col)
+    first = {}
     for r in results:
-        base = r.tokens_per_s[sizes[0]]
+        first.setdefault(r.model, r)
         for bs in sizes:
-            tput.add_row(r.model, str(bs), str(r.tokens[bs]), f"{r.seconds[bs]:.2f}",
-                         f"{r.tokens_per_s[bs]:.1f}", f"{r.tokens_per_s[bs] / base:.2f}x")
-    out.print(tput)
+            tput.add_row(r.model, r.backend, str(bs), str(r.tokens[bs]), f"{r.seconds[bs]:.2f}",
+                         f"{r.tokens_per_s[bs]:.1f}", f"{r.tokens_per_s[bs] / r.tokens_per_s[sizes[0]]:.2f}x",
+                         f"{r.tokens_per_s[bs] / first[r.model].tokens_per_s[bs]:.2f}x")
+    return tput
 
 
 def bench_router(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from workers.config import ExpertConfig
 from workers.types import Completion, Prompt, SamplingParams
@@ -50,9 +50,32 @@ class Backend(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+@runtime_checkable
+class Sleeper(Protocol):
+    """A backend that can free its device without dropping its weights: vLLM's sleep mode on CUDA moves them to
+    host RAM, so a wake-up replaces a load. ``sleeps`` says whether it can, on this device, now."""
+
+    sleeps: bool
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+def can_sleep(backend: Backend) -> bool:
+    return isinstance(backend, Sleeper) and backend.sleeps
+
+
+def runs_concurrently(backend: Backend) -> bool:
+    """Whether calls may overlap in the actor: an engine with its own continuous batching (vLLM) takes every
+    window's rows as they come; the others run one batched call at a time."""
+    return bool(getattr(backend, "concurrent", False))
+
+
 def make_backend(config: ExpertConfig, model_store: Path) -> Backend:
     factories: dict[str, Callable[[], Backend]] = {
         "transformers": lambda: _transformers(config, model_store),
+        "vllm": lambda: _vllm(config, model_store),
         "openai": lambda: _openai(config),
         "replay": lambda: _replay(config),
         "simulated": lambda: _simulated(config),
@@ -64,6 +87,12 @@ def _transformers(config: ExpertConfig, model_store: Path) -> Backend:
     from workers.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(config, model_store)
+
+
+def _vllm(config: ExpertConfig, model_store: Path) -> Backend:
+    from workers.backends.vllm_backend import VLLMBackend
+
+    return VLLMBackend(config, model_store)
 
 
 def _openai(config: ExpertConfig) -> Backend:

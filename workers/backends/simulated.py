@@ -29,6 +29,8 @@ class SimulatedBackend:
         self.config = config
         self.device = config.device
         self.loaded = False
+        self.sleeps = config.sleep_mode
+        """With ``sleep_mode`` it declares sleep support, so the pool's sleep path runs without a GPU."""
 
     def load(self) -> None:
         time.sleep(self.config.load_s * self.config.time_scale)
@@ -36,6 +38,13 @@ class SimulatedBackend:
 
     def unload(self) -> None:
         self.loaded = False
+
+    def sleep(self) -> None:
+        self.loaded = False
+
+    def wake(self) -> None:
+        time.sleep(self.config.wake_s * self.config.time_scale)
+        self.loaded = True
 
     def estimate_memory_bytes(self) -> int:
         return int(self.config.memory_gb * 2**30)

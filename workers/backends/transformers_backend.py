@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
-from workers.backends import BackendUnsupported, OnDelta
+from workers.backends import OnDelta
 from workers.backends.streaming import RowStops, RowStreamer
+from workers.backends.templates import ChatFormat
 from workers.config import TransformersExpert
-from workers.model_store import ModelStore
+from workers.model_store import ModelStore, weight_bytes
 from workers.types import Completion, Prompt, SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class TransformersBackend:
@@ -42,16 +41,7 @@ class TransformersBackend:
         if self.config.memory_gb is not None:
             return int(self.config.memory_gb * 2**30)
         folder = self._folder()
-        if isinstance(folder, str):
-            return 0
-        stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        try:
-            cfg = json.loads((folder / "config.json").read_text())
-            stored_dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        except (OSError, json.JSONDecodeError):
-            stored_dtype = "float32"
-        target = self.config.dtype if self.config.dtype != "auto" else stored_dtype
-        return int(stored * _BYTES.get(target, 4) / _BYTES.get(stored_dtype, 4))
+        return 0 if isinstance(folder, str) else weight_bytes(folder, self.config.dtype)
 
     def load(self) -> None:
         if self.device == "cpu":
@@ -83,29 +73,13 @@ class TransformersBackend:
         return sum(seen.values())
 
     @property
-    def uses_chat_template(self) -> bool:
-        has = bool(getattr(self.tokenizer, "chat_template", None))
-        mode = self.config.chat_template
-        if mode == "always" and not has:
-            raise BackendUnsupported(f"{self.config.name}: chat_template=always but the tokenizer has none")
-        return mode == "always" or (mode == "auto" and has)
-
-    def render(self, prompt: Prompt) -> str:
-        if self.uses_chat_template:
-            return self.tokenizer.apply_chat_template(
-                prompt.as_messages(), add_generation_prompt=True, tokenize=False
-            )
-        return prompt.as_plain_text()
+    def format(self) -> ChatFormat:
+        return ChatFormat(self.tokenizer, self.config.chat_template, self.config.name)
 
     def _encode(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
-        texts = [self.render(p) for p in prompts]
-        # A rendered chat template already carries its special tokens.
-        enc = self.tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=not self.uses_chat_template,
-        )
+        fmt = self.format
+        enc = self.tokenizer([fmt.render(p) for p in prompts], return_tensors="pt", padding=True,
+                             add_special_tokens=fmt.add_special_tokens)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def _require_loaded(self) -> None:
@@ -193,7 +167,7 @@ class TransformersBackend:
                 architecture=cfg.model_type,
                 layers=getattr(cfg, "num_hidden_layers", None),
                 hidden_size=getattr(cfg, "hidden_size", None),
-                chat_template=self.uses_chat_template,
+                chat_template=self.format.uses_template,
                 threads=torch.get_num_threads() if self.device == "cpu" else None,
             )
         return info
