@@ -30,6 +30,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.api.security import key_id
 from routers.aggregation import SYNTHESIS_INSTRUCTIONS
 from tests.live import (
     INJECTION,
@@ -229,7 +230,8 @@ def test_broken_profile_artifacts_stop_serve_before_it_starts(tmp_path, break_it
 @pytest.mark.ray
 def test_shutdown_drains_in_flight_requests_binds_loopback_and_logs_no_secrets(tmp_path):
     """SIGTERM while a request runs: the request still gets its answer, then the process exits. The same
-    run shows the listening socket is on 127.0.0.1, and that the log holds no prompt, answer or key."""
+    run shows the listening socket is on 127.0.0.1, and that the log of the whole cycle (queries, a bad one, a wrong
+    key, usage, a job) holds no prompt, answer or key."""
     config = write_config(tmp_path / "c.yaml", {"routing": {"aggregation": "best", "max_wait_ms": 5},
                                                 "experts": [_sim("sim-slow", 0.3)]})
     marker = f"zebra-quokka-{uuid.uuid4().hex[:8]}"
@@ -245,6 +247,12 @@ def test_shutdown_drains_in_flight_requests_binds_loopback_and_logs_no_secrets(t
         assert first.status_code == 200, first.text
         bad = httpx.post(f"{s.url}/v1/query", json={"query": marker, "k": 0}, headers=headers, timeout=60)
         assert bad.status_code == 422
+        usage = httpx.get(f"{s.url}/v1/usage", headers=headers, timeout=60)  # the rest of a tenant's cycle
+        assert usage.status_code == 200 and usage.json()["requests"] == 1
+        assert usage.json()["key_id"] == key_id(USER) and USER not in usage.text  # named by its id, never itself
+        job = httpx.post(f"{s.url}/v1/jobs", json={"query": f"Later, {marker}?", "max_tokens": 2}, headers=headers,
+                         timeout=60).json()
+        assert httpx.get(f"{s.url}/v1/jobs/{job['id']}", headers=headers, timeout=60).status_code == 200
         assert httpx.post(f"{s.url}/v1/query", json={"query": marker}, headers={"authorization": "Bearer " + marker},
                           timeout=60).status_code == 403
 
