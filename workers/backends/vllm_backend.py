@@ -128,8 +128,9 @@ class VLLMBackend:
         if self.engine is None:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
         sampling = self._sampling(params)
-        rows = [asyncio.run_coroutine_threadsafe(self._row(row, p, sampling, on_delta, cancelled), self._loop)
-                for row, p in enumerate(prompts)]
+        encoded = [self.format.token_ids(p) for p in prompts]  # here, not on the loop the engine's output runs on
+        rows = [asyncio.run_coroutine_threadsafe(self._row(row, ids, sampling, on_delta, cancelled), self._loop)
+                for row, ids in enumerate(encoded)]
         return [r.result() for r in rows]
 
     @staticmethod
@@ -139,11 +140,10 @@ class VLLMBackend:
         return VLLMSampling(max_tokens=params.max_new_tokens, temperature=params.temperature,
                             top_p=1.0 if params.greedy else params.top_p, seed=params.seed, stop=list(params.stop))
 
-    async def _row(self, row: int, prompt: Prompt, sampling: Any, on_delta: OnDelta | None,
+    async def _row(self, row: int, ids: list[int], sampling: Any, on_delta: OnDelta | None,
                    cancelled: Callable[[int], bool] | None) -> Completion:
         """One row as one engine request: its text passed on as it grows; aborted once its client is gone."""
         request_id = f"{self.config.name}-{uuid.uuid4().hex}"
-        ids = self.format.token_ids(prompt)
         sent, last, aborted = 0, None, False
         async for out in self.engine.generate({"prompt_token_ids": ids}, sampling, request_id):
             last = out.outputs[0]
