@@ -20,7 +20,9 @@ from pathlib import Path
 from workers.errors import UserError
 
 MANIFEST = "concilium-manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: the tokenizer's special tokens follow the GGUF's own metadata (version 1 dropped Gemma's BOS); an older
+copy is converted again by the next pull."""
 EMBEDDER_NAME = "all-minilm-l6-v2"
 
 
@@ -83,8 +85,39 @@ def _gemma3_gguf(cache: Path) -> Path:
     return gemma.assemble(gemma.default_output_path(cache))
 
 
+SPECIAL_TOKEN_FLAGS = ("add_bos_token", "add_eos_token")
+"""The GGUF tokenizer flags (``tokenizer.ggml.<flag>``) that say which special tokens the model's own tokenizer
+adds around a text."""
+
+
+def _gguf_special_tokens(gguf: Path) -> dict[str, bool]:
+    """The special-token flags the GGUF itself records (llama.cpp honours them); a flag it lacks is left out."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    return {flag: bool(fields[f"tokenizer.ggml.{flag}"].contents())
+            for flag in SPECIAL_TOKEN_FLAGS if f"tokenizer.ggml.{flag}" in fields}
+
+
+def _special_tokens(tokenizer: object, source_flags: dict[str, bool]) -> dict[str, object]:
+    """Apply the source's flags to a converted tokenizer, and what the manifest records of it.
+
+    transformers' GGUF conversion does not read these flags, so a Gemma tokenizer came out without its BOS,
+    and the model answered "??????". What is recorded is measured on the tokenizer itself, so a wrong
+    conversion shows in the manifest rather than in the answers.
+    """
+    from workers.backends.templates import adds_bos
+
+    for flag, value in source_flags.items():
+        setattr(tokenizer, flag, value)  # the tokenizers backend rebuilds its post-processor on assignment
+    full = tokenizer("a")["input_ids"]
+    return {"add_bos_token": adds_bos(tokenizer), "add_eos_token": full[-1:] == [tokenizer.eos_token_id],
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "source_flags": source_flags}
+
+
 def _convert_gguf(gguf: Path, staging: Path, on_step: Step) -> dict[str, object]:
-    """De-quantise a GGUF file into safetensors and a tokenizer."""
+    """De-quantise a GGUF file into safetensors, and its tokenizer with the special tokens the GGUF asks for."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,6 +125,7 @@ def _convert_gguf(gguf: Path, staging: Path, on_step: Step) -> dict[str, object]
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    special = _special_tokens(tokenizer, _gguf_special_tokens(gguf))
     convert_s = time.perf_counter() - started
     # save_pretrained refuses a model that still carries its GGUF quantizer.
     model.hf_quantizer = None
@@ -100,7 +134,8 @@ def _convert_gguf(gguf: Path, staging: Path, on_step: Step) -> dict[str, object]
     on_step("writing safetensors and tokenizer")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    return {"source_gguf": gguf.name, "source_sha256": _sha256(gguf), "gguf_convert_seconds": round(convert_s, 2)}
+    return {"source_gguf": gguf.name, "source_sha256": _sha256(gguf), "gguf_convert_seconds": round(convert_s, 2),
+            "tokenizer": special}
 
 
 STATIC_EMBEDDER = "minilm-static"
@@ -205,8 +240,16 @@ class ModelStore:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def _version(self, name: str) -> int | None:
+        """The manifest version of the stored copy; None when there is none (or it is unreadable)."""
+        try:
+            return int(json.loads((self.path(name) / MANIFEST).read_text()).get("version", 0))
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def is_pulled(self, name: str) -> bool:
-        return (self.path(name) / MANIFEST).exists()
+        """A copy converted by this version of the store's rules; an older one is converted again on pull."""
+        return self._version(name) == MANIFEST_VERSION
 
     def resolve(self, source: str) -> Path | str:
         """A store name or a local folder as a Path; a model-hub id ("org/name") as is.
@@ -215,9 +258,9 @@ class ModelStore:
         """
         if source in BUNDLED:  # the static embedder too: routers ask for it by name
             if not self.is_pulled(source):
+                state = "is not in" if self._version(source) is None else "needs converting again in"
                 raise ModelStoreError(
-                    f"model {source!r} is not in the store at {self.root}; "
-                    f"run `concilium models pull {source}`"
+                    f"model {source!r} {state} the store at {self.root}; run `concilium models pull {source}`"
                 )
             return self.path(source)
         local = Path(source).expanduser()

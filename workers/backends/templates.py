@@ -1,4 +1,5 @@
-"""How a prompt becomes model input for a local model: its tokenizer's chat template, or plain text.
+"""How a prompt becomes model input for a local model: its tokenizer's chat template, or plain text, then token ids
+with the model's BOS exactly once.
 
 Both local backends (transformers and vLLM) use this one rule, so the same prompt reaches the same token ids
 whichever engine runs it, and their greedy answers can be compared.
@@ -6,12 +7,35 @@ whichever engine runs it, and their greedy answers can be compared.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from workers.backends import BackendUnsupported
 from workers.types import Prompt
 
 TemplateMode = Literal["auto", "always", "never"]
+
+
+def load_tokenizer(folder: Path | str) -> object:
+    """A local model's tokenizer, padding on the left (generation appends on the right), with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def adds_bos(tokenizer: object) -> bool:
+    """Whether the tokenizer's own encoding of a text begins with its BOS: measured, not read from a flag, because
+    tokenizers say so in different places (a flag, a post-processor, a template)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    return full[:1] == [bos] and full[1 : 1 + len(plain)] == plain
 
 
 class ChatFormat:
@@ -21,6 +45,8 @@ class ChatFormat:
             raise BackendUnsupported(f"{expert}: chat_template=always but the tokenizer has none")
         self.tokenizer = tokenizer
         self.uses_template = mode == "always" or (mode == "auto" and has)
+        self.bos: int | None = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+        """The BOS every input starts with, for a model whose tokenizer adds one; None for the others."""
 
     def render(self, prompt: Prompt) -> str:
         if self.uses_template:
@@ -28,10 +54,11 @@ class ChatFormat:
                                                       tokenize=False)
         return prompt.as_plain_text()
 
-    @property
-    def add_special_tokens(self) -> bool:
-        """A rendered chat template already carries its special tokens."""
-        return not self.uses_template
-
     def token_ids(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer(self.render(prompt), add_special_tokens=self.add_special_tokens)["input_ids"]
+        """The rendered text's ids with no special tokens added, then the BOS in front where the model needs one
+        and the text (a chat template that writes it) does not already begin with it: exactly once. No EOS is
+        added, whatever the tokenizer's flags: the model is to continue this text, not end it."""
+        ids = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+        if self.bos is not None and ids[:1] != [self.bos]:
+            ids = [self.bos, *ids]
+        return ids

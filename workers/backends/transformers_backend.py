@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, StoppingCriteriaList
 
 from workers.backends import OnDelta
 from workers.backends.streaming import RowStops, RowStreamer
-from workers.backends.templates import ChatFormat
+from workers.backends.templates import ChatFormat, load_tokenizer
 from workers.config import TransformersExpert
 from workers.model_store import ModelStore, weight_bytes
 from workers.types import Completion, Prompt, SamplingParams
@@ -24,6 +24,7 @@ class TransformersBackend:
         self.store = ModelStore(model_store)
         self.model = None
         self.tokenizer = None
+        self.format: ChatFormat | None = None
         self.device = self._pick_device()
 
     def _pick_device(self) -> str:
@@ -47,18 +48,17 @@ class TransformersBackend:
         if self.device == "cpu":
             torch.set_num_threads(self.config.threads or max(1, int(self.config.num_cpus)))
         folder = self._folder()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(folder)
         dtype = "auto" if self.config.dtype == "auto" else _DTYPES[self.config.dtype]
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         model.to(self.device).eval()
         self.tokenizer, self.model = tokenizer, model
+        self.format = ChatFormat(tokenizer, self.config.chat_template, self.config.name)
 
     def unload(self) -> None:
         self.model = None
         self.tokenizer = None
+        self.format = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
@@ -72,14 +72,10 @@ class TransformersBackend:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(seen.values())
 
-    @property
-    def format(self) -> ChatFormat:
-        return ChatFormat(self.tokenizer, self.config.chat_template, self.config.name)
-
     def _encode(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
-        fmt = self.format
-        enc = self.tokenizer([fmt.render(p) for p in prompts], return_tensors="pt", padding=True,
-                             add_special_tokens=fmt.add_special_tokens)
+        """The prompts' ids by the shared rule (``ChatFormat``), left-padded into one batch."""
+        ids = [self.format.token_ids(p) for p in prompts]
+        enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def _require_loaded(self) -> None:

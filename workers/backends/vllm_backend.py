@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from transformers import AutoTokenizer
 
 from workers.backends import BackendUnsupported, OnDelta
-from workers.backends.templates import ChatFormat
+from workers.backends.templates import ChatFormat, load_tokenizer
 from workers.config import VLLMExpert
 from workers.model_store import ModelStore, weight_bytes
 from workers.types import Completion, Prompt, SamplingParams
@@ -84,8 +83,7 @@ class VLLMBackend:
             return AsyncLLM.from_engine_args(args)
 
         self.engine = self._run(start())
-        tokenizer = AutoTokenizer.from_pretrained(self._folder())
-        self.format = ChatFormat(tokenizer, self.config.chat_template, self.config.name)
+        self.format = ChatFormat(load_tokenizer(self._folder()), self.config.chat_template, self.config.name)
 
     async def _close(self) -> None:
         """Stop the engine (its core process too), then end its background tasks on their own loop."""
