@@ -12,22 +12,31 @@ serves every candidate by name, and ``auto``, its default, is the chosen one.
 from __future__ import annotations
 
 import json
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from orchestrator.config import ConciliumConfig
+from orchestrator.embedders import encoder
 from routers.annotators import EmbeddingAnnotator
 from routers.base import RouteOptions, Router, RoutingError, TrainingSet
 from routers.embedding import TextEncoder
-from routers.evaluate import EvalData
 from routers.profiles import ProfileError, Profiles, build_profiles, read_artifact
 from routers.registry import make_router
-from routers.selection import CANDIDATES, select
+from routers.scoring.crossval import EvalData
+from routers.scoring.selection import select
+from routers.selected import CANDIDATES, Selected
 from routers.skill_index import SkillIndex
 from routers.symbolic import SkillRouter
+from routers.vocabulary import AUTO_ROUTER, Encoder
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
+
 MIN_SELECTION_QUERIES = 6
 """Below this many questions there are too few for three folds: the skill router is used unselected."""
 
@@ -137,3 +146,52 @@ def _summarise(profiles: Profiles, index: SkillIndex, source: dict[str, object],
         "aggregator_ranking": ranking,
         "aggregator_ranking_method": method,
     }
+
+
+@dataclass
+class ServedProfile:
+    """What the service routes with, read once from the newest profile (or its absence)."""
+
+    folder: Path | None
+    routers: dict[str, Router]
+    """By name, the default first: ``auto``, every candidate, ``all``; or ``all`` alone without a usable profile."""
+    aggregators: tuple[str, ...]
+    """Who synthesises, in order of preference (the first allowed one is taken); empty: the top-scored expert."""
+    aggregator_source: str | None
+    """Where that preference comes from; None: nothing names one."""
+
+
+def served(config: ConciliumConfig, experts: list[str]) -> ServedProfile:
+    """The routers and the aggregator preference of the newest profile in ``routing.profiles``; a missing,
+    corrupt or mismatched file raises ProfileError with its name. Profiles for other experts are not used: then
+    every expert answers, and the trace says why."""
+    folder = latest(config.routing.profiles)
+    info = summary(folder) if folder is not None else {}
+    return ServedProfile(folder, _routers(config, experts, folder, info), *aggregators(config, folder, info))
+
+
+def _routers(config: ConciliumConfig, experts: list[str], folder: Path | None, info: dict) -> dict[str, Router]:
+    if folder is None:
+        why = f"no profiles in {config.routing.profiles}: every expert answers (run `concilium profile`)"
+        return {"all": make_router("all", experts=experts, fallback=why)}
+    # The encoder the profile was built with (its vectors live in that space; profiles from before encoders were
+    # recorded used MiniLM), with no disk cache: live queries are new text.
+    routers, chosen = load(folder, encoder(str(info.get("encoder", Encoder.MINILM)), config.store_root))
+    covered = routers["skill"].profiles.experts
+    if sorted(covered) != sorted(experts):
+        log.warning("profiles in %s cover %s, not the configured experts %s", folder, covered, experts)
+        why = f"the profiles in {folder} are for other experts: every expert answers (run `concilium profile`)"
+        return {"all": make_router("all", experts=experts, fallback=why)}
+    why = {"profile": folder.name, "cv_accuracy": info.get("selection", {}).get("scores", {}).get(chosen)}
+    return {AUTO_ROUTER: Selected(routers[chosen], chosen, why), **routers, "all": make_router("all", experts=experts)}
+
+
+def aggregators(config: ConciliumConfig, folder: Path | None, info: dict) -> tuple[tuple[str, ...], str | None]:
+    """The configured aggregator, else the ranking stored with the profile, else none (the top-scored expert)."""
+    if config.routing.aggregator is not None:
+        return (config.routing.aggregator,), "fixed in config (routing.aggregator)"
+    if folder is not None:
+        configured = {e.name for e in config.experts}
+        ranking = tuple(e for e in info.get("aggregator_ranking") or [] if e in configured)
+        return ranking, f"profiles' aggregator ranking ({folder / SUMMARY})"
+    return (), None

@@ -286,6 +286,9 @@ class AsyncClient(_Base):
             await asyncio.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    async def _get(self, path: str, model: type[BaseModel]) -> Any:
+        return model.model_validate((await self._send("GET", path)).json())
+
     async def _post(self, path: str, body: dict, model: type[BaseModel]) -> Any:
         return model.model_validate((await self._send("POST", path, body)).json())
 
@@ -319,8 +322,11 @@ class AsyncClient(_Base):
     async def submit_job(self, query: str, **options: Any) -> JobOut:
         return await self._post("/v1/jobs", _body(query=query, **options), JobOut)
 
+    async def models(self) -> ModelList:
+        return await self._get("/v1/models", ModelList)
+
     async def job(self, job_id: str) -> JobOut:
-        return JobOut.model_validate((await self._send("GET", f"/v1/jobs/{job_id}")).json())
+        return await self._get(f"/v1/jobs/{job_id}", JobOut)
 
     async def wait_job(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> JobOut:
         deadline = time.monotonic() + timeout_s
@@ -336,3 +342,11 @@ class AsyncClient(_Base):
                        expert: str | None = None) -> FeedbackOut:
         body = _body(answer_id=answer_id, correct=correct, rating=rating, expert=expert)
         return await self._post("/v1/feedback", body, FeedbackOut)
+
+    async def answer(self, answer_id: str) -> QueryResponse:
+        """An answer this key received earlier (an admin key may read any)."""
+        return await self._get(f"/v1/answers/{answer_id}", QueryResponse)
+
+    async def usage(self, key_id: str | None = None) -> KeyUsage:
+        """Today's usage and budget of this key, or (admin keys only) of ``key_id``."""
+        return await self._get("/v1/usage" + (f"?key_id={key_id}" if key_id else ""), KeyUsage)

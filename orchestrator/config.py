@@ -72,7 +72,7 @@ class KeyLimits(Strict):
     usd_per_day: float | None = Field(None, gt=0.0, description="estimated USD per UTC day (the experts' prices)")
 
 
-class BudgetConfig(Strict):
+class QuotaConfig(Strict):
     """Per-key daily budgets, counted in the store (``orchestrator.api.tenants``)."""
 
     default: KeyLimits = Field(default_factory=KeyLimits, description="every key without an entry of its own")
@@ -127,7 +127,7 @@ class ServerConfig(Strict):
     cors_origins: list[str] = Field(
         default_factory=list, description="origins allowed by CORS; empty (the default) sends no CORS headers"
     )
-    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    budgets: QuotaConfig = Field(default_factory=QuotaConfig)
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on its own port (at metrics_host) and not on the API's; "
         "None: on the API's port, where it needs an admin key once keys are configured",

@@ -26,6 +26,8 @@ BENCH_DATA = "CONCILIUM_BENCH_DATA"
 """The bench-data folder of recorded outcomes."""
 PROFILES = "CONCILIUM_PROFILES"
 """The profile folder when the config names none (``routing.profiles``)."""
+GPU_CHECK_WORK = "GPU_CHECK_WORK"
+"""Where the prepared GPU check writes its scratch files (default: the system's temporary folder)."""
 
 DEFAULT_CONFIG_FILE = Path("concilium.yaml")
 DEFAULT_BENCH_DATA = Path("../shared/bench-data")

@@ -18,27 +18,22 @@ that text inside an answer cannot pose as part of the instructions. Reasoning
 blocks such as ``<think>…</think>`` are stripped first: the aggregator should
 judge conclusions and arguments, not a model's scratchpad.
 
-Aggregator selection, as in Symbolic-MoE: for each validation question, one
-correct and two wrong candidate answers are shuffled, and each candidate
-aggregator must synthesise them. The aggregator that most often lands on the
-gold answer wins.
+The aggregator test that ranks aggregators offline is ``routers.scoring.aggregator_test``.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from routers.answers import extract
 from routers.base import Decision
-from routers.grading import extract_choice, extract_integer
 from routers.vocabulary import SYNTHESISING, Aggregation
 
-_NON_WORD = re.compile(r"[^a-z0-9]+")
 MIN_WEIGHT = 1e-9
 """A voter whose score is 0 still counts, a little: a vote among zero-scored experts still has a winner."""
 
@@ -55,18 +50,6 @@ class Aggregated:
     skipped: str | None
     """Why no aggregator call was made; None when one was."""
     usage: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-def extract(text: str) -> str | None:
-    """The comparable core of an answer: an option letter, an integer, or the normalised text."""
-    choice = extract_choice(text)
-    if choice is not None:
-        return choice
-    number = extract_integer(text)
-    if number is not None:
-        return str(number)
-    norm = _NON_WORD.sub(" ", text.lower()).strip()
-    return norm or None
 
 
 def weighted_vote(keys: Sequence[str | None], weights: Sequence[float]) -> int | None:
@@ -134,7 +117,6 @@ def synthesis_request(
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 _MARKER_RUN = re.compile(r"<{3,}|>{3,}")
-LETTERS = "ABCDEFGHIJ"
 
 SYNTHESIS_INSTRUCTIONS = (
     "You will see a question and several candidate answers written by other assistants. The candidates "
@@ -178,44 +160,3 @@ def synthesis_prompt(question: str, answers: list[str], answer_format: str = "")
 def proposer_prompt(question: str, previous: list[str]) -> str:
     """A later Mixture-of-Agents layer: answer again with the previous layer's answers as references."""
     return f"{PROPOSER_INSTRUCTIONS}\n\nQuestion:\n{as_data(question)}\n\n{_quoted(previous)}\n\nYour answer:"
-
-
-@dataclass
-class SelectionItem:
-    question: str
-    candidates: list[str]
-    gold: str
-
-
-def selection_items(
-    questions: list[str],
-    gold: list[str],
-    answers: dict[str, list[str]],
-    correct: dict[str, list[bool]],
-    seed: int = 0,
-) -> list[SelectionItem]:
-    """One right and two wrong candidates per question, shuffled.
-
-    Where no expert was right, the right candidate states the gold answer.
-    Where too few were wrong, a wrong candidate states another option letter,
-    or another integer.
-    """
-    rng = random.Random(seed)
-    items = []
-    for q, (question, g) in enumerate(zip(questions, gold)):
-        right = [answers[e][q] for e in answers if correct[e][q]]
-        wrong = [answers[e][q] for e in answers if not correct[e][q]]
-        good = rng.choice(right) if right else f"The answer is ({g})." if g in LETTERS else f"\\boxed{{{g}}}"
-        bad = rng.sample(wrong, min(2, len(wrong)))
-        while len(bad) < 2:
-            bad.append(_wrong_answer(g, rng))
-        candidates = [good, *bad]
-        rng.shuffle(candidates)
-        items.append(SelectionItem(question, candidates, g))
-    return items
-
-
-def _wrong_answer(gold: str, rng: random.Random) -> str:
-    if gold in LETTERS:
-        return f"The answer is ({rng.choice([c for c in LETTERS if c != gold])})."
-    return f"\\boxed{{{int(gold) + rng.choice([-3, -1, 1, 2, 7]) if gold.lstrip('-').isdigit() else 0}}}"

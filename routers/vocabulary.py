@@ -73,5 +73,5 @@ class Encoder(StrEnum):
     """all-MiniLM-L6-v2 itself: a transformer pass per text."""
 
 AUTO_ROUTER = "auto"
-"""The router that selection chose on the profile's data (``routers.selection``); the default once a profile
+"""The router that selection chose on the profile's data (``routers.scoring.selection``); the default once a profile
 exists."""

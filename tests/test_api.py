@@ -226,10 +226,14 @@ def test_async_sdk_against_the_live_server(server):
             job = await c.submit_job("Say yes.", max_tokens=4, aggregation="best", experts=["smollm2"], k=1)
             done = await c.wait_job(job.id, timeout_s=120)
             routing = await c.route("Say yes.", experts=["gemma3"], k=1)
-            return r, "".join(pieces), done, routing
+            extras = (await c.models(), await c.answer(r.id), await c.usage())
+            return r, "".join(pieces), done, routing, extras
 
-    r, streamed, done, routing = asyncio.run(main())
+    r, streamed, done, routing, (models, again, usage) = asyncio.run(main())
     assert [a.expert for a in r.answers] == ["gemma3"]
+    assert {"concilium", "smollm2", "gemma3"} <= {m.id for m in models.data}
+    assert again.id == r.id and again.answer == r.answer  # the async SDK has what the sync one has
+    assert usage.requests >= 2
     assert "Paris" in streamed
     assert done.status == "done" and done.result.answers[0].expert == "smollm2"
     assert routing.experts == ["gemma3"]

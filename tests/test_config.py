@@ -121,14 +121,18 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults():
 
 
 def test_aggregator_preference_from_config_or_profile_ranking(tmp_path):
-    from orchestrator.engine.pipeline import aggregator_preference
+    from orchestrator import artifacts
+
+    def preference(cfg):  # noqa: ANN001, ANN202
+        folder = artifacts.latest(cfg.routing.profiles)
+        return artifacts.aggregators(cfg, folder, artifacts.summary(folder) if folder else {})
 
     cfg = parse_config({"routing": {"profiles": str(tmp_path)}})
-    assert aggregator_preference(cfg) == ((), "router's top-scored expert")  # no profiles yet
+    assert preference(cfg) == ((), None)  # no profiles yet: the router's top-scored expert
     (tmp_path / "v1").mkdir()
     (tmp_path / "LATEST").write_text("v1\n")
     (tmp_path / "v1" / "summary.json").write_text('{"aggregator_ranking": ["gone", "gemma3", "smollm2"]}')
-    ranking, source = aggregator_preference(cfg)
+    ranking, source = preference(cfg)
     assert ranking == ("gemma3", "smollm2") and "aggregator ranking" in source  # unconfigured names dropped
     fixed = parse_config({"routing": {"profiles": str(tmp_path), "aggregator": "smollm2"}})
-    assert aggregator_preference(fixed) == (("smollm2",), "fixed in config (routing.aggregator)")
+    assert preference(fixed) == (("smollm2",), "fixed in config (routing.aggregator)")

@@ -13,10 +13,10 @@ import torch
 
 from orchestrator.latent.checkpoint import LatentSettings, read_checkpoint, save_checkpoint
 from orchestrator.latent.experts import build_mixture, group_backends, load_experts
+from orchestrator.latent.mixture import LatentError, LatentRouting, boundary_layers
 from orchestrator.latent.training import load_examples
 from routers.base import RouteOptions, RoutingError
 from routers.embedding import Embedder
-from routers.latent import LatentError, LatentRouting, boundary_layers
 from workers.config import TransformersExpert
 from workers.model_store import embedder_path
 

@@ -24,9 +24,9 @@ from orchestrator.engine.requests import QueryRequest
 from orchestrator.latent.checkpoint import LatentSettings, save_checkpoint
 from orchestrator.latent.experts import build_mixture, group_backends, load_experts
 from orchestrator.latent.group import LatentGroup, LatentGroupWorker
+from orchestrator.latent.mixture import LatentError
 from routers.base import RouteOptions
 from routers.embedding import DIM
-from routers.latent import LatentError
 from tests.conftest import run
 from tests.test_cli import concilium
 from workers.types import Prompt, SamplingParams
@@ -96,7 +96,7 @@ def test_untrained_latent_mode_answers_exactly_as_the_primary_alone(pipeline, ch
         assert a.usage[peer] == {"prompt_tokens": read, "completion_tokens": 0}  # the peer read the prompt
         assert abs(sum(d.scores.values()) - 1) < 1e-5
         assert a.text and a.text == _greedy_alone(checkpoints["backends"], d.experts[0], [q])[0]
-    assert p.scheduler.stats.expert_calls <= 2  # batched: one group call per primary in the window
+    assert p.figures()["expert_calls"] <= 2  # batched: one group call per primary in the window
 
 
 def test_open_gates_change_the_primary_s_answer(store, checkpoints):

@@ -10,10 +10,17 @@ from orchestrator.cli.routing import STARTER_TASKS as STARTER
 from orchestrator.embedders import encoder
 from orchestrator.offline.data import load_eval_data
 from routers.base import RouteOptions
-from routers.evaluate import Budget, calibration_error, cross_validation_splits, run_router, scored_as
 from routers.plans import agree, replay
 from routers.registry import make_router
-from routers.selection import CANDIDATES, nested, select
+from routers.scoring.crossval import (
+    CostTarget,
+    calibration_error,
+    cross_validation_splits,
+    run_router,
+    scored_as,
+)
+from routers.scoring.selection import nested, select
+from routers.selected import CANDIDATES
 from routers.vocabulary import Policy
 from tests.conftest import STORE_ROOT
 from tests.test_eval_cli import write_slice
@@ -49,7 +56,7 @@ def test_a_small_selection_repeats_its_split_and_reads_the_task_categories(stati
     """32 starter-sized questions: the 3-fold CV runs with 5 seeds, so one unlucky split decides less, and the
     categories a task file names reach the per-category baseline."""
     from orchestrator.offline.profiling import load_tasks
-    from routers.evaluate import EvalData
+    from routers.scoring.crossval import EvalData
 
     tasks = load_tasks(STARTER, None)
     assert len(tasks.questions) == 32 and tasks.categories[0] == "geography" and None not in tasks.categories
@@ -97,7 +104,7 @@ def test_a_cascade_stops_on_agreement_and_escalates_on_disagreement():
 def test_a_cost_budget_holds_on_the_held_out_folds(routerbench, static):
     splits = cross_validation_splits(len(routerbench.texts), 3, 0)
     outcome = run_router(lambda: make_router("cluster", embedder=static), routerbench,
-                         RouteOptions(k=1, policy=Policy.COST), "best", splits, budget=Budget(share=0.4))
+                         RouteOptions(k=1, policy=Policy.COST), "best", splits, budget=CostTarget(share=0.4))
     idx = np.concatenate([t for _, t in splits])
     best = int(np.argmax(routerbench.correct[idx].mean(axis=0)))
     assert outcome.mean_cost <= 0.4 * routerbench.cost[idx, best].mean()
@@ -107,7 +114,7 @@ def test_a_cost_budget_holds_on_the_held_out_folds(routerbench, static):
 def test_a_calls_budget_holds_on_the_held_out_folds(mmlu, static):
     splits = cross_validation_splits(len(mmlu.texts), 3, 0)
     outcome = run_router(lambda: make_router("cluster", embedder=static), mmlu,
-                         RouteOptions(k=3, policy=Policy.ADAPTIVE), "vote", splits, budget=Budget(max_experts=2.0))
+                         RouteOptions(k=3, policy=Policy.ADAPTIVE), "vote", splits, budget=CostTarget(max_experts=2.0))
     assert 1.0 <= outcome.mean_experts <= 2.0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import GEMMA, SMOLLM, STORE_ROOT, run
 from workers.config import PoolConfig, TransformersExpert
-from workers.pool import BudgetError, ExpertPool, ExpertUnavailableError, UnknownExpertError
+from workers.pool import ExpertPool, ExpertUnavailableError, MemoryLimitError, UnknownExpertError
 from workers.types import SamplingParams
 
 pytestmark = pytest.mark.models
@@ -144,7 +144,7 @@ def test_budget_error_is_raised_for_an_oversized_direct_lease(ray_cluster, store
         pool = await _start(_experts()[:1], memory_budget_gb={"cpu": 2.0})
         try:
             pool.config.memory_budget_gb["cpu"] = 0.1  # shrunk after start: the lease must refuse
-            with pytest.raises(BudgetError, match="needs 0.50 GiB"):
+            with pytest.raises(MemoryLimitError, match="needs 0.50 GiB"):
                 async with pool.lease("smollm2"):
                     pass
         finally:

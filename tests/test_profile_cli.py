@@ -84,7 +84,7 @@ def test_live_profiles_from_the_bundled_experts(store, tmp_path):
     from orchestrator.engine.pipeline import load_routers
     from routers.base import RouteOptions
 
-    routers = load_routers(ConciliumConfig(routing={"profiles": out}), ["smollm2", "gemma3"])
+    routers, _ = load_routers(ConciliumConfig(routing={"profiles": out}), ["smollm2", "gemma3"])
     assert next(iter(routers)) == "auto"
     decision = routers["auto"].route(["What is the capital of Peru?"], RouteOptions(k=2))[0]
     assert decision.trace["selected"] == {"router": selection["chosen"], "profile": folder.name,

@@ -7,9 +7,9 @@ import pytest
 
 from routers.annotators import LLMAnnotator, agreed_keywords, candidate_phrases, parse_keywords
 from routers.base import Decision, RouteOptions, RoutingError, TrainingSet, pick
-from routers.evaluate import EvalData, cross_validation_splits, oracle, score
 from routers.profiles import ProfileError, Profiles, build_profiles
 from routers.registry import make_router
+from routers.scoring.crossval import EvalData, cross_validation_splits, oracle, score
 from routers.skill_index import SkillIndex
 
 
@@ -196,13 +196,13 @@ def test_embedding_cache_round_trip(embedder, tmp_path):
     ],
 )
 def test_grading_rules(text, gold, right):
-    from routers.grading import is_correct
+    from routers.scoring.grading import is_correct
 
     assert is_correct(text, gold) is right
 
 
 def test_frontier_and_aiq_by_hand():
-    from routers.frontier import aiq, frontier
+    from routers.scoring.frontier import aiq, frontier
 
     pts = [(1.0, 0.5), (2.0, 0.55), (3.0, 0.9), (4.0, 0.8), (0.5, 0.2)]
     # (2, .55) lies under the chord from (1, .5) to (3, .9); (4, .8) is dominated.
@@ -224,8 +224,8 @@ def test_synthesis_prompt_quotes_candidates_as_data_and_strips_reasoning():
 
 
 def test_selection_items_have_one_right_and_two_wrong():
-    from routers.aggregation import selection_items
-    from routers.grading import is_correct
+    from routers.scoring.aggregator_test import selection_items
+    from routers.scoring.grading import is_correct
 
     answers = {"a": ["The answer is (A).", "x"], "b": ["The answer is (C).", "\\boxed{5}"]}
     correct = {"a": [True, False], "b": [False, False]}
@@ -275,7 +275,7 @@ def test_the_live_vote_and_the_offline_vote_pick_the_same(experts, answers, scor
     from dataclasses import dataclass
 
     from routers.aggregation import aggregate_without_call
-    from routers.grading import extract_choice
+    from routers.answers import extract_choice
 
     @dataclass
     class Said:

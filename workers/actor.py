@@ -18,8 +18,8 @@ from pathlib import Path
 import ray
 
 from workers.backends import OnDelta, can_sleep, make_backend, runs_concurrently
+from workers.call_stream import Cancels, stream
 from workers.config import ExpertConfig
-from workers.streams import Cancels, stream
 from workers.types import GenerationResult, Prompt, SamplingParams, TokenDelta, WorkerInfo
 
 

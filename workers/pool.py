@@ -1,4 +1,4 @@
-"""The expert pool: one actor per expert, residency under a memory budget, restarts.
+"""The expert pool: one actor per expert, residency under a memory limit per device (the config calls it a budget), restarts.
 
 Actors exist for the pool's lifetime, but a model is resident only while the
 budget of its device allows. Loading an expert that does not fit unloads the
@@ -54,8 +54,8 @@ class UnknownExpertError(UserError, KeyError):
         return str(self.args[0])
 
 
-class BudgetError(UserError, RuntimeError):
-    """An expert is larger than its device's whole budget."""
+class MemoryLimitError(UserError, RuntimeError):
+    """An expert is larger than its device's whole memory limit (``pool.memory_budget_gb``)."""
 
 
 class ExpertUnavailableError(UserError, RuntimeError):
@@ -73,6 +73,7 @@ class PoolStats:
     load_seconds: float = 0.0
     restarts: int = 0
     failures: int = 0
+    """Loads that failed; the expert is then unavailable until it is reloaded."""
     loads_by_expert: dict[str, int] = field(default_factory=dict)
 
 
@@ -153,11 +154,11 @@ class ExpertPool:
             slot.failed = reason(exc)
             log.warning("expert %s is unavailable: %s", slot.config.name, slot.failed)
             return
-        budget = self._budget(slot.device)
-        if budget is not None and slot.size > budget:
+        limit = self._memory_limit(slot.device)
+        if limit is not None and slot.size > limit:
             slot.failed = (
                 f"needs {slot.size / 2**30:.2f} GiB but the budget for {slot.device} "
-                f"is {budget / 2**30:.2f} GiB"
+                f"is {limit / 2**30:.2f} GiB"
             )
 
     @property
@@ -179,7 +180,7 @@ class ExpertPool:
                 f"unknown expert {name!r}; configured experts: {', '.join(self.slots)}"
             ) from None
 
-    def _budget(self, device: str) -> int | None:
+    def _memory_limit(self, device: str) -> int | None:
         gb = self.config.memory_budget_gb.get(device)
         return None if gb is None else int(gb * 2**30)
 
@@ -192,23 +193,23 @@ class ExpertPool:
         Called under the pool lock. Unloading only drops the model's references,
         so it is quick enough to do there; loading is not, and happens outside.
         """
-        budget = self._budget(slot.device)
-        if budget is None:
+        limit = self._memory_limit(slot.device)
+        if limit is None:
             return True
-        if slot.size > budget:
-            raise BudgetError(
+        if slot.size > limit:
+            raise MemoryLimitError(
                 f"expert {slot.config.name} needs {slot.size / 2**30:.2f} GiB; "
-                f"the budget for {slot.device} is {budget / 2**30:.2f} GiB"
+                f"the budget for {slot.device} is {limit / 2**30:.2f} GiB"
             )
         held = self._held(slot.device)
         used = sum(s.size for s in held)
         idle = sorted((s for s in held if s.in_use == 0 and not s.loading), key=lambda s: s.last_used)
         for victim in idle:
-            if used + slot.size <= budget:
+            if used + slot.size <= limit:
                 break
             await self._unload(victim, deep=victim.asleep)
             used -= victim.size
-        return used + slot.size <= budget
+        return used + slot.size <= limit
 
     def _held(self, device: str) -> list[_Slot]:
         """The experts that hold memory on ``device``: resident or loading there, and on the host every

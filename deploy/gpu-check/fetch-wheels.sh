@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The wheels the GPU machine lacks (pydantic and what it needs), for its Python 3.12, into .whl/ in the repo root.
-# .whl/ is ignored by git; name it in the device tool's `carry` so it travels with the working tree.
+# .whl/ is ignored by git; carry it with the working tree to the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

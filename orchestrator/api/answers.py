@@ -8,7 +8,7 @@ import uuid
 
 from orchestrator.api.schemas import ExpertAnswerOut, QueryResponse, Routing, Usage
 from orchestrator.engine.requests import Answer
-from orchestrator.engine.streams import TokenStream
+from orchestrator.engine.token_stream import TokenStream
 from routers.base import Decision
 
 

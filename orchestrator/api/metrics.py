@@ -19,6 +19,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 LIVE = (
     (CounterMetricFamily, "concilium_model_loads", "models loaded into memory", "loads"),
+    (CounterMetricFamily, "concilium_load_failures", "model loads that failed (the expert is then unavailable)",
+     "load_failures"),
     (GaugeMetricFamily, "concilium_queue_depth", "requests waiting for a scheduler window", "queue_depth"),
     (GaugeMetricFamily, "concilium_resident_experts", "experts resident in memory", "resident"),
     (CounterMetricFamily, "concilium_scheduled", "requests the scheduler's windows processed", "scheduled"),

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from orchestrator.api import streaming
+from orchestrator.api import sse
 from orchestrator.api.schemas import (
     ChatBody,
     ChatChoice,
@@ -58,20 +58,20 @@ User = Annotated[Caller, Depends(user_scope)]
 Admin = Annotated[Caller, Depends(admin_scope)]
 
 
-async def answer_stream(request: Request, svc: Service, body: QueryBody, events: streaming.Events,
+async def answer_stream(request: Request, svc: Service, body: QueryBody, events: sse.Events,
                         caller: Caller, messages: tuple[Message, ...] = ()) -> StreamingResponse:
     """Admit and route first (errors keep their status), then stream."""
     live = await svc.open_stream(body, messages, caller)
-    plan = await streaming.start(request, svc, live)
-    return StreamingResponse(streaming.relay(svc, live, plan, events), media_type=SSE,
-                             headers=streaming.plan_headers(live, plan))
+    plan = await sse.start(request, svc, live)
+    return StreamingResponse(sse.relay(svc, live, plan, events), media_type=SSE,
+                             headers=sse.plan_headers(live, plan))
 
 
 def openai_events(body: ChatBody | CompletionBody, object_name: str, prefix: str,
-                  choice: streaming.ChoiceFn) -> streaming.OpenAIEvents:
+                  choice: sse.ChoiceFn) -> sse.OpenAIEvents:
     base = {"id": prefix + uuid.uuid4().hex, "object": object_name, "created": int(time.time()), "model": body.model}
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return streaming.OpenAIEvents(base, choice, include_usage)
+    return sse.OpenAIEvents(base, choice, include_usage)
 
 
 answering = APIRouter()
@@ -85,9 +85,9 @@ GUARDED = [Depends(user_scope)]
 @answering.post("/v1/query", response_model=QueryResponse)
 async def query(body: QueryBody, svc: Svc, request: Request, caller: User) -> Response:
     if body.stream:
-        return await answer_stream(request, svc, body, streaming.QueryEvents(), caller)
-    result = await streaming.until_disconnect(request, svc, svc.query(body, caller=caller))
-    return JSONResponse(result.model_dump(mode="json"), headers=streaming.headers(result))
+        return await answer_stream(request, svc, body, sse.QueryEvents(), caller)
+    result = await sse.until_disconnect(request, svc, svc.query(body, caller=caller))
+    return JSONResponse(result.model_dump(mode="json"), headers=sse.headers(result))
 
 
 @answering.post("/v1/route", response_model=RouteResponse, dependencies=GUARDED)
@@ -99,26 +99,26 @@ async def route(body: RouteBody, svc: Svc) -> RouteResponse:
 async def chat(body: ChatBody, svc: Svc, request: Request, caller: User) -> Response:
     query_body, messages = svc.catalog().chat_query(body)
     if body.stream:
-        events = openai_events(body, "chat.completion.chunk", "chatcmpl-", streaming.chat_choice)
+        events = openai_events(body, "chat.completion.chunk", "chatcmpl-", sse.chat_choice)
         return await answer_stream(request, svc, query_body, events, caller, messages)
-    result = await streaming.until_disconnect(request, svc, svc.query(query_body, messages, caller))
+    result = await sse.until_disconnect(request, svc, svc.query(query_body, messages, caller))
     reply = ChatResponse(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=body.model,
                          usage=result.total_usage, concilium=result,
                          choices=[ChatChoice(message=ChatChoiceMessage(content=result.answer))])
-    return JSONResponse(reply.model_dump(mode="json"), headers=streaming.headers(result))
+    return JSONResponse(reply.model_dump(mode="json"), headers=sse.headers(result))
 
 
 @answering.post("/v1/completions", response_model=CompletionResponse)
 async def completions(body: CompletionBody, svc: Svc, request: Request, caller: User) -> Response:
     query_body = svc.catalog().completion_query(body)
     if body.stream:
-        events = openai_events(body, "text_completion", "cmpl-", streaming.completion_choice)
+        events = openai_events(body, "text_completion", "cmpl-", sse.completion_choice)
         return await answer_stream(request, svc, query_body, events, caller)
-    result = await streaming.until_disconnect(request, svc, svc.query(query_body, caller=caller))
+    result = await sse.until_disconnect(request, svc, svc.query(query_body, caller=caller))
     reply = CompletionResponse(id="cmpl-" + uuid.uuid4().hex, created=int(time.time()), model=body.model,
                                usage=result.total_usage, concilium=result,
                                choices=[CompletionChoice(text=result.answer)])
-    return JSONResponse(reply.model_dump(mode="json"), headers=streaming.headers(result))
+    return JSONResponse(reply.model_dump(mode="json"), headers=sse.headers(result))
 
 
 @records.get("/v1/models", response_model=ModelList, dependencies=GUARDED)

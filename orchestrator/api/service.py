@@ -22,10 +22,10 @@ from typing import TypeVar
 
 from orchestrator import env
 from orchestrator.api.answers import Live, new_answer_id, to_response, to_routing
-from orchestrator.api.compat import Catalog
 from orchestrator.api.errors import InvalidRequest, NotFound, ServiceError, Unavailable
 from orchestrator.api.jobs import JobRunner
 from orchestrator.api.metrics import Metrics
+from orchestrator.api.openai_compat import Catalog
 from orchestrator.api.schemas import (
     ExpertOut,
     FeedbackBody,
@@ -44,9 +44,9 @@ from orchestrator.api.tenants import Ledger
 from orchestrator.config import ConciliumConfig, ConfigError, load_config
 from orchestrator.engine.pipeline import Pipeline, ReloadError
 from orchestrator.engine.requests import AllExpertsFailed, QueryRequest, RequestError
-from orchestrator.engine.streams import TokenStream
+from orchestrator.engine.token_stream import TokenStream
 from routers.aggregation import is_consensus
-from routers.base import Decision, OnlineRouter, RouteOptions, RoutingError
+from routers.base import Decision, RouteOptions, RoutingError
 from routers.vocabulary import Aggregation, Policy
 from workers.placement import PlacementError
 from workers.types import Message
@@ -104,12 +104,7 @@ class Service:
         await self.store.close()
 
     def _live_figures(self) -> dict[str, float]:
-        pool = self.pipeline.pool
-        scheduler = self.pipeline.scheduler
-        return {"loads": pool.stats.loads, "queue_depth": scheduler.queue_depth, "resident": len(pool.resident()),
-                "scheduled": scheduler.stats.requests, "pending": scheduler.pending, "store_up": float(self.store_up),
-                "generated_tokens": scheduler.stats.generated_tokens, "windows": scheduler.stats.windows,
-                "rejected": scheduler.stats.rejected}
+        return {**self.pipeline.figures(), "store_up": float(self.store_up)}
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -135,9 +130,9 @@ class Service:
                 aggregation=body.aggregation or defaults.aggregation, experts=body.experts,
                 max_new_tokens=body.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 seed=sampling.seed, stop=sampling.stop, router=body.router, messages=messages,
-                budget_usd=body.budget,
+                max_cost_usd=body.budget,
             )
-            self.pipeline.scheduler.validate(request)
+            self.pipeline.validate(request)
         except (RequestError, RoutingError) as exc:
             raise InvalidRequest(str(exc)) from None
         return request
@@ -257,21 +252,21 @@ class Service:
 
     async def route(self, body: RouteBody) -> Routing:
         try:
-            return to_routing(await self.pipeline.scheduler.explain(self.to_request(body)))
+            return to_routing(await self.pipeline.explain(self.to_request(body)))
         except RequestError as exc:
             raise InvalidRequest(str(exc)) from None
 
     def catalog(self) -> Catalog:
         """The names an OpenAI request's ``model`` may take, as the service offers them now."""
-        return Catalog(tuple(self.pipeline.scheduler.routers), tuple(self.pipeline.pool.names))
+        names = self.pipeline.catalog()
+        return Catalog(names.routers, names.experts)
 
     async def experts(self) -> list[ExpertOut]:
-        pool = self.pipeline.pool
         return [
-            ExpertOut(name=i.name, backend=i.backend, source=i.source, state=i.state, device=i.device,
-                      memory_bytes=i.memory_bytes, in_flight=pool.in_flight(i.name), node_id=i.node_id or None,
-                      load_s=i.load_s, error=i.error)
-            for i in await pool.info()
+            ExpertOut(name=e.info.name, backend=e.info.backend, source=e.info.source, state=e.info.state,
+                      device=e.info.device, memory_bytes=e.info.memory_bytes, in_flight=e.in_flight,
+                      node_id=e.info.node_id or None, load_s=e.info.load_s, error=e.info.error)
+            for e in await self.pipeline.experts()
         ]
 
     # -- jobs and feedback ----------------------------------------------------------------------------
@@ -315,12 +310,8 @@ class Service:
                                  f"these did: {', '.join(answered)}")
         experts = [body.expert] if body.expert else answered
         value = float(body.correct) if body.correct is not None else float(body.rating)
-        router = self.pipeline.scheduler.routers.get(response.routing.router)
-        updated = False
-        if isinstance(router, OnlineRouter):
-            decision = Decision(experts=experts, scores={}, trace=response.routing.trace)
-            for expert in experts:
-                updated = router.learn(decision, expert, value) or updated
+        decision = Decision(experts=experts, scores={}, trace=response.routing.trace)
+        updated = self.pipeline.learn(response.routing.router, decision, experts, value)
         if updated:
             self.profiles_version += 1  # cached answers were routed by the old profiles
         for expert in experts:
@@ -331,7 +322,7 @@ class Service:
 
     async def reload(self) -> ReloadOut:
         """Re-read the config file the service started from and apply its experts, routing and limits."""
-        if self.pipeline.pool.detached:
+        if self.pipeline.shared:
             raise InvalidRequest("this is one replica of a Ray Serve deployment whose experts are shared: change "
                                  "the config with `concilium cluster deploy`, which rolls every replica")
         try:
@@ -344,11 +335,11 @@ class Service:
         except (ConfigError, ReloadError, PlacementError) as exc:
             raise InvalidRequest(str(exc)) from None
         self.config, self.config_version = config, self._version(config)
-        self.ledger.budgets = config.server.budgets
+        self.ledger.quotas = config.server.budgets
         return ReloadOut(**changes)
 
     async def ready(self) -> dict[str, object]:
-        healthy = self.pipeline.pool.healthy()
+        healthy = self.pipeline.healthy()
         await self._store_call("ready", self.store.ping())  # records whether the store answers
         return {"ready": any(healthy.values()), "experts": healthy, "store": self.store.kind, "store_ok": self.store_up,
                 "time": time.time()}

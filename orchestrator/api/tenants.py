@@ -25,7 +25,7 @@ from orchestrator.api.errors import ServiceError, Unavailable
 from orchestrator.api.schemas import KeyUsage, QueryResponse
 from orchestrator.api.security import Caller, needs_admin
 from orchestrator.api.store import Store, StoreUnavailable
-from orchestrator.config import BudgetConfig, KeyLimits
+from orchestrator.config import KeyLimits, QuotaConfig
 from orchestrator.engine.requests import QueryRequest
 
 DAY_S = 86_400
@@ -41,7 +41,9 @@ def resets_in_s(now: float) -> int:
     return DAY_S - int(now) % DAY_S
 
 
-class BudgetExceeded(ServiceError):
+class QuotaExceeded(ServiceError):
+    """A key's daily quota (``server.budgets``) is spent; on the wire it keeps the name ``budget_exceeded``."""
+
     status, type = 429, "budget_exceeded"
 
     def __init__(self, message: str, remaining: dict[str, float | None], retry_after_s: int) -> None:
@@ -51,10 +53,10 @@ class BudgetExceeded(ServiceError):
 @dataclasses.dataclass
 class Ledger:
     store: Store
-    budgets: BudgetConfig
+    quotas: QuotaConfig
 
     def limits(self, key_id: str) -> KeyLimits:
-        return self.budgets.keys.get(key_id, self.budgets.default)
+        return self.quotas.keys.get(key_id, self.quotas.default)
 
     async def usage_for(self, caller: Caller, key_id: str | None) -> KeyUsage:
         """``GET /v1/usage``: the caller's own usage; another key's only for an admin."""
@@ -88,7 +90,7 @@ class Ledger:
         try:
             usage = await self.usage(caller.key_id)
         except StoreUnavailable as exc:
-            if self.budgets.store_down == "closed":
+            if self.quotas.store_down == "closed":
                 raise Unavailable(f"budgets cannot be checked, the store is unavailable: {exc}") from None
             return request
         remaining = {"tokens": usage.remaining_tokens, "usd": usage.remaining_usd}
@@ -96,13 +98,13 @@ class Ledger:
             spent = [f"{usage.prompt_tokens + usage.completion_tokens} of {limits.tokens_per_day} tokens"
                      if usage.remaining_tokens == 0 else "",
                      f"${usage.cost_usd:.6f} of ${limits.usd_per_day:g}" if usage.remaining_usd == 0.0 else ""]
-            raise BudgetExceeded(f"key {caller.key_id} has used {' and '.join(s for s in spent if s)} today "
+            raise QuotaExceeded(f"key {caller.key_id} has used {' and '.join(s for s in spent if s)} today "
                                  f"(UTC {usage.day}); the budget renews in {usage.resets_in_s} s", remaining,
                                  usage.resets_in_s)
-        if self.budgets.over_budget == "fit" and usage.remaining_usd is not None:
-            fitted = min(request.budget_usd if request.budget_usd is not None else usage.remaining_usd,
+        if self.quotas.over_budget == "fit" and usage.remaining_usd is not None:
+            fitted = min(request.max_cost_usd if request.max_cost_usd is not None else usage.remaining_usd,
                          usage.remaining_usd)
-            return dataclasses.replace(request, budget_usd=fitted)
+            return dataclasses.replace(request, max_cost_usd=fitted)
         return request
 
     async def record(self, caller: Caller, response: QueryResponse) -> None:

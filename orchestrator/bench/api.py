@@ -116,9 +116,8 @@ async def _pool_stream(service: Service, expert: str, question: str, max_tokens:
     """(first token, end) in seconds for one call of ``expert`` straight from the pool, as the API would ask it."""
     body = QueryBody(query=question, max_tokens=max_tokens, experts=[expert], k=1)
     request = service.to_request(body)
-    params = service.pipeline.scheduler.planner.params(request, expert)
     t0, first = time.perf_counter(), None
-    async for item in service.pipeline.pool.stream(expert, [request.prompt], params, f"bench-{time.time_ns()}"):
+    async for item in service.pipeline.expert_stream(request, expert, f"bench-{time.time_ns()}"):
         if first is None and not isinstance(item, GenerationResult) and any(d.text for d in item):
             first = time.perf_counter() - t0
     return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from orchestrator import env
 from orchestrator.bench.costmodel import fit_steps
 from orchestrator.bench.gpu_experts import (
     LLAMA3_8B,
@@ -165,11 +166,11 @@ def swap_phase(plan: Plan, folder: Path, rounds: int = 2) -> dict:
 
 def latent_phase(plan: Plan, work: Path) -> list[dict]:
     """The latent mixture of two small random experts against the primary alone, on the plan's device."""
-    from orchestrator.bench.latent import latency
     from orchestrator.latent.checkpoint import LatentSettings
     from orchestrator.latent.experts import build_mixture
+    from orchestrator.latent.latency import latency
+    from orchestrator.latent.mixture import ExpertShape
     from routers.embedding import DIM
-    from routers.latent import ExpertShape
 
     experts, shapes = {}, []
     for i, shape in enumerate(plan.latent_shapes):
@@ -231,7 +232,7 @@ def run(out: Path, dry_run: bool) -> dict:
         raise SystemExit("no CUDA device: run with --dry-run, or on the GPU machine")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=os.environ.get("GPU_CHECK_WORK")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=env.get(env.GPU_CHECK_WORK)) as tmp:
         work = Path(tmp)
         result = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": dry_run,
                   "device": torch.cuda.get_device_name(0) if plan.device.type == "cuda" else "CPU (dry run)",

@@ -119,9 +119,9 @@ def bench_latent(
     store: StoreOpt = None,
 ) -> None:
     """Generation latency of the latent mode over the primary alone, at several prompt lengths, side by side."""
-    from orchestrator.bench.latent import latency
     from orchestrator.latent.checkpoint import load_mixture
     from orchestrator.latent.experts import LatentSettings, build_mixture
+    from orchestrator.latent.latency import latency
     from routers.embedding import DIM
 
     cfg = configure(config, store)

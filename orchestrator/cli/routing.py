@@ -57,7 +57,7 @@ def eval_(
 ) -> None:
     """Evaluate a router offline on recorded outcomes, with its baselines on the same folds."""
     from orchestrator.offline.evaluation import EvalSettings, evaluate
-    from routers.evaluate import Budget
+    from routers.scoring.crossval import CostTarget
 
     if not train.is_dir():
         raise UsageError(f"--train {train} is not a folder")
@@ -66,7 +66,7 @@ def eval_(
     if budget_share is not None and policy not in PLANNED:
         policy = Policy.COST
     options = RouteOptions(k=k, policy=policy, cost_lambda=cost_lambda, seed=seed)
-    budget = None if budget_share is None and max_experts is None else Budget(budget_share, max_experts)
+    budget = None if budget_share is None and max_experts is None else CostTarget(budget_share, max_experts)
     settings = EvalSettings(train, router, options, aggregation, folds, test, pool, names(models), budget, seed, plots)
     with err.status("evaluating") as status:
         result = evaluate(settings, offline_embedder(configure(None), embedder),
@@ -138,7 +138,7 @@ def profile(
         raise UsageError("give exactly one source: --data DIR (imported), --tasks FILE or --starter (live)")
     if annotator is not None and tasks is None:
         raise UsageError("--annotator needs a live run (--tasks): recorded outcomes carry no expert to ask")
-    from routers.evaluate import scored_as
+    from routers.scoring.crossval import scored_as
 
     cfg = configure(config, store)
     encoder = offline_embedder(cfg, embedder)

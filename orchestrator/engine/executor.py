@@ -1,15 +1,19 @@
 """The executor: runs a phase's planned calls against the pool and the latent group, and nothing else.
 
 Different experts run concurrently and resident experts start first; one
-expert's calls run one after another, under the pool's lease, so an expert that
-must be loaded is loaded once for all its work in the phase. Every call goes
-through one failure wrapper, ``attempt``: a call either returns its result or
-the reason it failed, and a failure never stops the other calls.
+expert's calls run one after another under one lease that the executor holds
+for all of them, so an expert that must be loaded is loaded at most once per
+phase, and no other expert's load can evict it between its calls. Between
+phases nothing is held: an expert stays resident unless another one's load needs
+its memory. Every call goes through one failure wrapper, ``attempt``: a call
+either returns its result or the reason it failed, and a failure never stops
+the other calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +21,7 @@ from typing import Protocol
 
 from orchestrator.engine.plan import ExpertWork, LatentWork
 from orchestrator.engine.stats import SchedulerStats
-from orchestrator.engine.streams import TokenStream
+from orchestrator.engine.token_stream import TokenStream
 from workers.pool import ExpertPool, reason
 from workers.types import GenerationResult, SamplingParams, TokenDelta
 
@@ -66,18 +70,31 @@ class Executor:
         outcomes: list[tuple[ExpertWork, Outcome]] = []
 
         async def run_expert(expert: str) -> None:
-            for work in by_expert[expert]:
-                if work.streams:
-                    call = uuid.uuid4().hex
-                    self._hook(work.streams, lambda row, c=call, e=expert: self.pool.cancel(e, c, row))
-                    outcome = await self.attempt(self._forward(
-                        self.pool.stream(expert, work.prompts, work.params, call), work.streams))
-                else:
-                    outcome = await self.attempt(self.pool.generate(expert, work.prompts, work.params))
-                outcomes.append((work, outcome))
+            async with self._held(expert) as failure:
+                for work in by_expert[expert]:
+                    outcomes.append((work, failure or await self.attempt(self._call(expert, work))))
 
         await asyncio.gather(*(asyncio.create_task(run_expert(e)) for e in order))
         return outcomes
+
+    @contextlib.asynccontextmanager
+    async def _held(self, expert: str) -> AsyncIterator[str | None]:
+        """The expert leased for all its calls of the phase; yields None, or why it could not be held (each of
+        its calls then fails with that reason)."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await asyncio.wait_for(stack.enter_async_context(self.pool.lease(expert)), self.timeout_s)
+            except Exception as exc:  # the load failed or never found room: the calls' outcome, not the window's
+                yield "timed out" if isinstance(exc, TimeoutError) else reason(exc)
+                return
+            yield None
+
+    def _call(self, expert: str, work: ExpertWork) -> Awaitable[GenerationResult]:
+        if not work.streams:
+            return self.pool.generate(expert, work.prompts, work.params)
+        call = uuid.uuid4().hex
+        self._hook(work.streams, lambda row, c=call: self.pool.cancel(expert, c, row))
+        return self._forward(self.pool.stream(expert, work.prompts, work.params, call), work.streams)
 
     async def run_latent(self, works: list[LatentWork]) -> list[tuple[LatentWork, Outcome]]:
         """Every latent-group call, concurrently: the group serialises them on its one device."""

@@ -1,105 +1,54 @@
-"""The routed pipeline: query → route → solve → aggregate → answer.
+"""The routed pipeline: query → route → solve → aggregate → answer, behind one door.
 
-A plain Python controller over the routers, the expert pool, the latent group
-and the scheduler: ``concilium ask`` uses it directly, and the API's service
-controller wraps it.
+``Pipeline`` is the only object the API, the CLI and the benchmarks hold, as vLLM's ``AsyncLLM`` is the only
+door into its engine: it validates, explains, lists what it offers, learns from feedback, answers, and
+reloads. The scheduler, the pool and the latent group stay behind it.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from orchestrator import artifacts
 from orchestrator.config import ConciliumConfig
-from orchestrator.embedders import encoder
 from orchestrator.engine.executor import LatentExecutor
 from orchestrator.engine.requests import Answer, QueryRequest
 from orchestrator.engine.runtime import start_pool
 from orchestrator.engine.scheduler import Scheduler
 from orchestrator.engine.settings import TOP_SCORED, SchedulerSettings
-from routers.base import Router
-from routers.embedding import TextEncoder
-from routers.registry import make_router
-from routers.selection import Selected
-from routers.vocabulary import AUTO_ROUTER, LATENT_ROUTER, Encoder
+from routers.base import Decision, OnlineRouter, Router
+from routers.vocabulary import LATENT_ROUTER
 from workers.errors import UserError
 from workers.pool import ExpertPool
-
-log = logging.getLogger(__name__)
+from workers.types import GenerationResult, TokenDelta, WorkerInfo
 
 
 def check_artifacts(config: ConciliumConfig) -> None:
     """Read the newest profile artifacts and the latent checkpoint once, before anything starts, so that a
     missing, corrupt or mismatched file stops ``serve`` with its name instead of leaving a half-started server."""
-    folder = artifacts.latest(config.routing.profiles)
-    if folder is not None:
-        artifacts.load(folder, None)
-        _encoder(config, folder)
-    aggregator_preference(config)
+    artifacts.served(config, [e.name for e in config.experts])
     if config.latent.checkpoint is not None:
         from orchestrator.latent.group import check_latent
 
         check_latent(config)
 
 
-def load_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
-    """Routers by name, the default first. With the newest profile for exactly these experts: ``auto`` (the
-    router its selection chose), then every candidate it holds by name, then ``all``. Without one, ``all``
-    (every expert answers) is the default, and the trace says why. With ``latent.checkpoint`` set, ``latent``
-    is served as well (never the default: it needs a trained checkpoint and its own actor).
-
-    The encoder is the one the profile was built with (its vectors live in that space), with no disk cache:
-    live queries are new text.
-    """
-    routers = _base_routers(config, experts)
+def load_routers(config: ConciliumConfig, experts: list[str]) -> tuple[dict[str, Router], SchedulerSettings]:
+    """Routers by name, the default first (``artifacts.served``), with ``latent`` added when a checkpoint is
+    configured (never the default: it needs a trained checkpoint and its own actor); and the scheduler's
+    settings, whose aggregator preference comes from the same profile."""
+    profile = artifacts.served(config, experts)
+    routers = profile.routers
     if config.latent.checkpoint is not None:
         from orchestrator.latent.group import latent_routing
 
         routers[LATENT_ROUTER] = latent_routing(config)
-    return routers
-
-
-def _encoder(config: ConciliumConfig, folder: Path) -> TextEncoder:
-    """The encoder a profile was built with (profiles from before encoders were recorded used MiniLM)."""
-    return encoder(str(artifacts.summary(folder).get("encoder", Encoder.MINILM)), config.store_root)
-
-
-def _base_routers(config: ConciliumConfig, experts: list[str]) -> dict[str, Router]:
-    folder = artifacts.latest(config.routing.profiles)
-    if folder is None:
-        why = f"no profiles in {config.routing.profiles}: every expert answers (run `concilium profile`)"
-        return {"all": make_router("all", experts=experts, fallback=why)}
-    served, chosen = artifacts.load(folder, _encoder(config, folder))
-    covered = served["skill"].profiles.experts
-    if sorted(covered) != sorted(experts):
-        log.warning("profiles in %s cover %s, not the configured experts %s", folder, covered, experts)
-        why = f"the profiles in {folder} are for other experts: every expert answers (run `concilium profile`)"
-        return {"all": make_router("all", experts=experts, fallback=why)}
-    selection = artifacts.summary(folder).get("selection", {})
-    why = {"profile": folder.name, "cv_accuracy": selection.get("scores", {}).get(chosen)}
-    return {AUTO_ROUTER: Selected(served[chosen], chosen, why), **served, "all": make_router("all", experts=experts)}
-
-
-def aggregator_preference(config: ConciliumConfig) -> tuple[tuple[str, ...], str]:
-    """Who synthesises: the configured expert, else the ranking stored with the newest profiles."""
-    if config.routing.aggregator is not None:
-        return (config.routing.aggregator,), "fixed in config (routing.aggregator)"
-    folder = artifacts.latest(config.routing.profiles)
-    if folder is not None:
-        ranking = artifacts.summary(folder).get("aggregator_ranking") or []
-        configured = {e.name for e in config.experts}
-        return tuple(e for e in ranking if e in configured), f"profiles' aggregator ranking ({folder / 'summary.json'})"
-    return (), TOP_SCORED
-
-
-def scheduler_settings(config: ConciliumConfig) -> SchedulerSettings:
     r = config.routing
-    aggregators, source = aggregator_preference(config)
-    return SchedulerSettings(
-        r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers, r.self_moa_temperature, aggregators, source,
-        r.max_pending,
-    )
+    settings = SchedulerSettings(r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers,
+                                 r.self_moa_temperature, profile.aggregators,
+                                 profile.aggregator_source or TOP_SCORED, r.max_pending)
+    return routers, settings
 
 
 def expert_costs(config: ConciliumConfig) -> dict[str, float]:
@@ -110,18 +59,34 @@ class ReloadError(UserError, ValueError):
     """A new config that cannot be applied without a restart."""
 
 
+@dataclass(frozen=True)
+class Catalog:
+    """What the pipeline offers by name: its routers (the default first) and its experts."""
+
+    routers: tuple[str, ...]
+    experts: tuple[str, ...]
+
+
+@dataclass
+class ExpertState:
+    """An expert as the pool sees it now: its actor's report and the calls it is running or about to."""
+
+    info: WorkerInfo
+    in_flight: int
+
+
 class Pipeline:
     def __init__(self, config: ConciliumConfig, pool: ExpertPool, scheduler: Scheduler,
                  latent: LatentExecutor | None = None) -> None:
         self.config = config
-        self.pool = pool
-        self.scheduler = scheduler
-        self.latent = latent
+        self._pool = pool
+        self._scheduler = scheduler
+        self._latent = latent
 
     @classmethod
     async def start(cls, config: ConciliumConfig, detached: bool = False) -> Pipeline:
         """``detached``: share the experts as named actors that outlive this pipeline (Ray Serve replicas)."""
-        routers = load_routers(config, [e.name for e in config.experts])
+        routers, settings = load_routers(config, [e.name for e in config.experts])
         pool = await start_pool(config, detached)
         latent = None
         if config.latent.checkpoint is not None:
@@ -132,9 +97,61 @@ class Pipeline:
             except Exception:
                 pool.shutdown()
                 raise
-        scheduler = Scheduler(routers, pool, scheduler_settings(config), expert_costs(config), latent)
+        scheduler = Scheduler(routers, pool, settings, expert_costs(config), latent)
         scheduler.start()
         return cls(config, pool, scheduler, latent)
+
+    # -- what it offers ----------------------------------------------------------------------------------
+
+    def validate(self, request: QueryRequest) -> None:
+        """Raise RequestError or RoutingError for a request that would be refused; nothing queues."""
+        self._scheduler.validate(request)
+
+    async def explain(self, request: QueryRequest) -> Decision:
+        """The decision a request would get, at once and outside any window; nothing is generated."""
+        return await self._scheduler.explain(request)
+
+    def catalog(self) -> Catalog:
+        return Catalog(tuple(self._scheduler.routers), tuple(self._pool.names))
+
+    async def experts(self) -> list[ExpertState]:
+        return [ExpertState(i, self._pool.in_flight(i.name)) for i in await self._pool.info()]
+
+    def healthy(self) -> dict[str, bool]:
+        return self._pool.healthy()
+
+    @property
+    def shared(self) -> bool:
+        """Whether the experts are shared with other replicas (detached actors under Ray Serve)."""
+        return self._pool.detached
+
+    def figures(self) -> dict[str, float]:
+        """Live counters for the metrics: loads, queue, residency, windows, tokens, refusals."""
+        pool, scheduler = self._pool, self._scheduler
+        return {"loads": pool.stats.loads, "load_failures": pool.stats.failures, "queue_depth": scheduler.queue_depth,
+                "resident": len(pool.resident()),
+                "scheduled": scheduler.stats.requests, "pending": scheduler.pending,
+                "generated_tokens": scheduler.stats.generated_tokens, "windows": scheduler.stats.windows,
+                "expert_calls": scheduler.stats.expert_calls, "rejected": scheduler.stats.rejected}
+
+    # -- what it does ------------------------------------------------------------------------------------
+
+    async def ask(self, request: QueryRequest) -> Answer:
+        return await self._scheduler.submit(request)
+
+    def learn(self, router: str, decision: Decision, experts: list[str], value: float) -> bool:
+        """Feedback on an answer ``router`` routed: each expert's outcome (0..1) teaches the router, where it
+        learns online. True when its profiles changed."""
+        online = self._scheduler.routers.get(router)
+        if not isinstance(online, OnlineRouter):
+            return False
+        return any([online.learn(decision, expert, value) for expert in experts])
+
+    def expert_stream(self, request: QueryRequest, expert: str, call: str
+                      ) -> AsyncIterator[list[TokenDelta] | GenerationResult]:
+        """One expert's stream for a request, straight from the pool with the settings the planner would give
+        it, outside any window: the baseline against which benchmarks measure what the scheduler adds."""
+        return self._pool.stream(expert, [request.prompt], self._scheduler.planner.params(request, expert), call)
 
     async def reload(self, config: ConciliumConfig) -> dict[str, list[str]]:
         """Apply a new config's experts, routing and budgets in place: only added, removed or changed experts are
@@ -146,21 +163,18 @@ class Pipeline:
         removed = [n for n in old if n not in new]
         added = [n for n in new if n not in old]
         changed = [n for n in new if n in old and new[n] != old[n]]
-        self.pool.config = config.pool
+        self._pool.config = config.pool
         for name in removed + changed:
-            await self.pool.remove(name)
+            await self._pool.remove(name)
         for name in changed + added:
-            await self.pool.add(new[name])
-        routers = load_routers(config, self.pool.names)
-        self.scheduler.reconfigure(routers, scheduler_settings(config), expert_costs(config))
+            await self._pool.add(new[name])
+        routers, settings = load_routers(config, self._pool.names)
+        self._scheduler.reconfigure(routers, settings, expert_costs(config))
         self.config = config
         return {"added": added, "removed": removed, "changed": changed, "routers": list(routers)}
 
-    async def ask(self, request: QueryRequest) -> Answer:
-        return await self.scheduler.submit(request)
-
     async def close(self) -> None:
-        await self.scheduler.stop()
-        if self.latent is not None:
-            self.latent.shutdown()
-        self.pool.shutdown()
+        await self._scheduler.stop()
+        if self._latent is not None:
+            self._latent.shutdown()
+        self._pool.shutdown()

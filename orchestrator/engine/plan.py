@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.engine.requests import InFlight
-from orchestrator.engine.streams import TokenStream
+from orchestrator.engine.token_stream import TokenStream
 from workers.types import Prompt, SamplingParams
 
 

@@ -17,13 +17,8 @@ import numpy as np
 from orchestrator.engine.plan import ExpertWork, LatentWork
 from orchestrator.engine.requests import InFlight, QueryRequest
 from orchestrator.engine.settings import TOP_SCORED, SchedulerSettings
-from routers.aggregation import (
-    Aggregated,
-    aggregate_without_call,
-    extract,
-    proposer_prompt,
-    synthesis_request,
-)
+from routers.aggregation import Aggregated, aggregate_without_call, proposer_prompt, synthesis_request
+from routers.answers import extract
 from routers.base import Decision, RouteOptions, pick
 from routers.plans import agree
 from routers.vocabulary import SYNTHESISING, Aggregation
@@ -73,7 +68,7 @@ class Planner:
         p.decision = self._restrict(decision, p.request, options)
         if not p.decision.latent:
             self._choose_aggregator(p)
-            self._fit_budget(p)
+            self._fit_cost_cap(p)
 
     def _restrict(self, decision: Decision, request: QueryRequest, options: RouteOptions) -> Decision:
         """Apply the request's allow-list by re-picking among allowed experts with the router's scores."""
@@ -111,14 +106,15 @@ class Planner:
         else:
             d.trace["aggregator_choice"] = TOP_SCORED
 
-    def _fit_budget(self, p: InFlight) -> None:
-        """Drop the costliest recruits until the estimated cost fits the request's budget; one always stays.
+    def _fit_cost_cap(self, p: InFlight) -> None:
+        """Drop the costliest recruits until the estimated cost fits the request's cost cap (the API's ``budget``);
+        one always stays.
 
         The estimate is the expert's price per 1k tokens times the prompt's words (a token count needs the
         expert's tokenizer, which lives in the worker) plus the tokens it may generate.
         """
         r, d = p.request, p.decision
-        if r.budget_usd is None:
+        if r.max_cost_usd is None:
             return
         words = len(r.query.split())
 
@@ -126,13 +122,13 @@ class Planner:
             return self.costs.get(e, 0.0) * (words + self.params(r, e).max_new_tokens) / 1000
 
         dropped = []
-        if d.escalate and sum(cost(e) for e in d.experts + d.escalate) > r.budget_usd:
+        if d.escalate and sum(cost(e) for e in d.experts + d.escalate) > r.max_cost_usd:
             dropped, d.escalate = list(d.escalate), []  # a cascade's second round goes first
-        while len(d.experts) > 1 and sum(cost(e) for e in d.experts) > r.budget_usd:
+        while len(d.experts) > 1 and sum(cost(e) for e in d.experts) > r.max_cost_usd:
             costliest = max(d.experts, key=cost)
             d.experts.remove(costliest)
             dropped.append(costliest)
-        d.trace["budget"] = {"usd": r.budget_usd, "estimate_usd": round(sum(cost(e) for e in d.experts), 8),
+        d.trace["budget"] = {"usd": r.max_cost_usd, "estimate_usd": round(sum(cost(e) for e in d.experts), 8),
                              "dropped": dropped}
 
     # -- work -------------------------------------------------------------------------------------------

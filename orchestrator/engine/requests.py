@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from orchestrator.engine.streams import TokenStream
+from orchestrator.engine.token_stream import TokenStream
 from routers.base import Decision, RouteOptions
 from routers.vocabulary import Aggregation
 from workers.errors import UserError
@@ -48,7 +48,7 @@ class QueryRequest:
     """A router by name; None: the scheduler's default."""
     messages: tuple[Message, ...] = ()
     """A whole conversation for the experts; empty: they see ``query`` alone."""
-    budget_usd: float | None = None
+    max_cost_usd: float | None = None
     """Most estimated cost: the costliest recruits are dropped until the estimate fits (one always stays)."""
     top_p: float | None = None
     seed: int | None = None

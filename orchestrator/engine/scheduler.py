@@ -13,9 +13,10 @@ back to the requests (``assembly``):
    settings, so each expert gets one batched call, and duplicates from
    sampling with replacement are extra rows of that call. Different experts
    run concurrently, resident experts first. An expert that must be loaded is
-   leased once for all its work in the window, so it loads at most once per
-   window. Requests routed by the ``latent`` router are grouped by primary
-   instead, one call to the latent group each;
+   leased once for all its calls of the phase (``executor``), so it loads at
+   most once per phase; between phases it stays resident unless another
+   expert's load needs its memory. Requests routed by the ``latent`` router
+   are grouped by primary instead, one call to the latent group each;
 3. re-route: a request that lost every expert goes to its next-ranked healthy
    expert, and the answer is marked degraded; then a cascade whose first
    answers disagree asks its escalation experts, a second round batched by

@@ -15,9 +15,9 @@ class SchedulerStats:
     """Requests refused because ``max_pending`` were already admitted."""
     expert_calls: int = 0
     generate_s: float = 0.0
+    """The experts' own time inside calls, summed over calls (they may overlap in wall time)."""
     generated_tokens: int = 0
     """Completion tokens the calls generated, answered or cancelled rows alike: a cancel shows as tokens saved."""
-    """The experts' own time inside calls, summed over calls (they may overlap in wall time)."""
     batch_sizes: list[int] = field(default_factory=list)
     loads_per_window: list[int] = field(default_factory=list)
     distinct_experts_per_window: list[int] = field(default_factory=list)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from routers.latent import ExpertShape, Interaction, LatentError, LatentMixture, LatentRouter
+from orchestrator.latent.mixture import ExpertShape, Interaction, LatentError, LatentMixture, LatentRouter
 from workers.config import TransformersExpert
 from workers.model_store import MANIFEST, ModelStore
 

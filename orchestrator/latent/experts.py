@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.latent.checkpoint import LatentSettings, expert_version
-from routers.latent import ExpertShape, Interaction, LatentError, LatentMixture, LatentRouter
+from orchestrator.latent.mixture import ExpertShape, Interaction, LatentError, LatentMixture, LatentRouter
 from workers.backends.transformers_backend import TransformersBackend
 from workers.config import TransformersExpert
 from workers.model_store import ModelStore

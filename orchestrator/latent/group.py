@@ -25,13 +25,13 @@ import torch
 from orchestrator.config import ConciliumConfig
 from orchestrator.latent.checkpoint import checkpoint_experts, load_mixture, router_for
 from orchestrator.latent.experts import check_fit, group_backends, load_experts
+from orchestrator.latent.mixture import LatentError, LatentRouter, LatentRouting
 from routers.embedding import Embedder
-from routers.latent import LatentError, LatentRouter, LatentRouting
 from workers.backends import OnDelta
+from workers.call_stream import Cancels, stream
 from workers.config import TransformersExpert
 from workers.model_store import ModelStore, embedder_path
 from workers.pool import reason
-from workers.streams import Cancels, stream
 from workers.types import Completion, GenerationResult, Prompt, SamplingParams, TokenDelta
 
 ACTOR_NAME = "concilium-latent-group"

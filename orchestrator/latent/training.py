@@ -1,4 +1,4 @@
-"""Training and measuring the latent mixture (``routers.latent``) on frozen experts.
+"""Training and measuring the latent mixture (``orchestrator.latent.mixture``) on frozen experts.
 
 Only the router and the interaction layers train. Every expert takes a turn as
 the primary with the others as its peers; the answer loss trains the
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from orchestrator.latent.mixture import LatentError, LatentMixture
 from routers.embedding import Embedder
-from routers.latent import LatentError, LatentMixture
 
 
 @dataclass

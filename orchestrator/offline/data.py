@@ -12,7 +12,7 @@ import numpy as np
 
 from routers.base import Prices, RoutingError
 from routers.embedding import TextEncoder
-from routers.evaluate import EvalData
+from routers.scoring.crossval import EvalData
 from workers.recorded import load_recorded
 from workers.types import CHARS_PER_TOKEN
 

@@ -2,7 +2,7 @@
 
 The router runs through the same functions that route live (``routers``); only
 the experts' answers come from the recording. ``--router auto`` measures the
-selection itself by nested cross-validation (``routers.selection``).
+selection itself by nested cross-validation (``routers.scoring.selection``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,18 @@ from orchestrator.offline.data import load_eval_data
 from orchestrator.offline.plots import plot_accuracy_vs_k, plot_frontier
 from routers.base import RouteOptions, RoutingError
 from routers.embedding import TextEncoder
-from routers.evaluate import Budget, EvalData, baselines, cross_validation_splits, run_router, sweep
-from routers.frontier import aiq
 from routers.learned import PLANNED
 from routers.registry import make_router
-from routers.selection import candidate_factory, nested
+from routers.scoring.crossval import (
+    CostTarget,
+    EvalData,
+    baselines,
+    cross_validation_splits,
+    run_router,
+    sweep,
+)
+from routers.scoring.frontier import aiq
+from routers.scoring.selection import candidate_factory, nested
 from routers.vocabulary import AUTO_ROUTER, OFFLINE_AGGREGATIONS, Aggregation, Policy
 
 LAMBDAS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 1e5)
@@ -37,7 +44,7 @@ class EvalSettings:
     test: Path | None = None
     pool: str | None = None
     models: list[str] | None = None
-    budget: Budget | None = None
+    budget: CostTarget | None = None
     seed: int = 0
     plots: Path | None = None
 
@@ -99,7 +106,7 @@ def evaluate(s: EvalSettings, embedder: TextEncoder, on_fold: Callable[[int], No
     return result
 
 
-def _held(budget: Budget, data: EvalData, splits: list, mean_cost: float | None, mean_experts: float) -> dict:
+def _held(budget: CostTarget, data: EvalData, splits: list, mean_cost: float | None, mean_experts: float) -> dict:
     """What the budget asked for, and what the test folds got."""
     if budget.max_experts is not None:
         return {"max_experts": budget.max_experts, "test_mean_experts": mean_experts}

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from routers.frontier import frontier  # noqa: E402
+from routers.scoring.frontier import frontier  # noqa: E402
 
 
 def plot_accuracy_vs_k(rows: list[dict[str, float]], router: str, path: Path) -> None:

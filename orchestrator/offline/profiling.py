@@ -2,7 +2,7 @@
 
 The outcomes (right or wrong, each answer as the vote compares it, each
 answer's length and cost) become the same training set that recorded outcomes
-give, so ``orchestrator.profiles`` fits and selects routers on them alike.
+give, so ``orchestrator.artifacts`` fits and selects routers on them alike.
 Optionally an expert names each question's skills (the paper's LLM annotator),
 and the aggregators are ranked by the paper's synthesis test.
 """
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from routers.aggregation import extract, selection_items, synthesis_prompt
+from routers.aggregation import synthesis_prompt
 from routers.annotators import LLMAnnotator
+from routers.answers import extract
 from routers.base import Prices, RoutingError, TrainingSet
-from routers.grading import is_correct
+from routers.scoring.aggregator_test import selection_items
+from routers.scoring.grading import is_correct
 from workers.pool import ExpertPool
 
 LIVE_PROMPT = (

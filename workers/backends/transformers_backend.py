@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteriaList
 
 from workers.backends import OnDelta
-from workers.backends.streaming import RowStops, RowStreamer
+from workers.backends.row_streamer import RowStops, RowStreamer
 from workers.backends.templates import ChatFormat, load_tokenizer
 from workers.config import TransformersExpert
 from workers.model_store import ModelStore, weight_bytes

@@ -1,10 +1,11 @@
-"""Grading free-text answers against gold answers, by the Symbolic-MoE task rules.
+"""An answer's comparable core: what the vote, the consensus skip and a cascade's agreement compare, live and
+offline alike.
 
 - Multiple choice: the last option letter the answer commits to. An explicit
   "answer is (X)" wins, then the last "(X)", then the last standalone capital
   A-J. The fallback skips the pronoun "I" when a lower-case word follows it.
-- AIME: the last ``\\boxed{...}``, else the final integer in the text, compared
-  as numbers.
+- A number: the last ``\\boxed{...}``, else the final integer in the text.
+- Otherwise the normalised text.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ _PAREN = re.compile(r"\(([A-J])\)")
 _BARE = re.compile(r"(?<![A-Za-z])([A-J])(?![A-Za-z])(?!\s+[a-z])")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _INTEGER = re.compile(r"-?\d[\d,]*")
+_NON_WORD = re.compile(r"[^a-z0-9]+")
 
 
 def extract_choice(text: str) -> str | None:
@@ -37,9 +39,13 @@ def extract_integer(text: str) -> int | None:
         return None
 
 
-def is_correct(answer: str, gold: str) -> bool:
-    """Right when the extracted answer equals the gold one: a letter, or an integer for AIME."""
-    gold = gold.strip()
-    if gold.lstrip("-").isdigit():
-        return extract_integer(answer) == int(gold)
-    return extract_choice(answer) == gold.upper()
+def extract(text: str) -> str | None:
+    """The comparable core of an answer: an option letter, an integer, or the normalised text."""
+    choice = extract_choice(text)
+    if choice is not None:
+        return choice
+    number = extract_integer(text)
+    if number is not None:
+        return str(number)
+    norm = _NON_WORD.sub(" ", text.lower()).strip()
+    return norm or None

@@ -138,7 +138,7 @@ def calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int
 
 
 @dataclass
-class Budget:
+class CostTarget:
     """What λ must hold on the test folds: a share of the best single expert's cost, or mean expert calls."""
 
     share: float | None = None
@@ -161,7 +161,7 @@ def run_router(
     aggregation: str,
     splits: list[tuple[np.ndarray, np.ndarray]],
     on_fold: Callable[[int], None] = lambda _i: None,
-    budget: Budget | None = None,
+    budget: CostTarget | None = None,
 ) -> Outcome:
     """Cross-validated accuracy, cost, calls and calibration. With a budget, λ is solved per training fold."""
     def fold_options(train: EvalData) -> list[RouteOptions]:
@@ -222,7 +222,7 @@ class _Tally:
 
 
 def solve_lambda(make: Callable[[], Router], train: EvalData, options: RouteOptions, aggregation: str,
-                 budget: Budget, inner_folds: int = 3, steps: int = 20) -> RouteOptions:
+                 budget: CostTarget, inner_folds: int = 3, steps: int = 20) -> RouteOptions:
     """Options whose λ keeps the budget on cross-fitted training decisions; the cost policy unless the options
     ask for a planned one.
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from routers.latent import LatentMixture
+from orchestrator.latent.mixture import LatentMixture
 
 
 @dataclass

@@ -26,7 +26,7 @@ from orchestrator.api.answers import Live
 from orchestrator.api.errors import ServiceError
 from orchestrator.api.schemas import QueryResponse
 from orchestrator.api.service import Service
-from orchestrator.engine.streams import DELTA
+from orchestrator.engine.token_stream import DELTA
 
 log = logging.getLogger(__name__)
 

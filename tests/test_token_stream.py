@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.engine.requests import QueryRequest
-from orchestrator.engine.streams import DELTA, PLAN, TokenStream
+from orchestrator.engine.token_stream import DELTA, PLAN, TokenStream
 from tests.conftest import run
 from tests.test_scheduler import _scheduler
 from workers.config import SimulatedExpert
