@@ -61,7 +61,7 @@ browser:
 # The embedded default routes from the first query: the bundled experts answer the 32 starter questions once
 # (about a minute), and `concilium profile` fits and selects a router on their outcomes. Kept until removed.
 $(PROFILES)/LATEST: | models
-	$(BIN)/concilium profile --starter --no-select-aggregator -n 24 --out $(PROFILES)
+	$(BIN)/concilium profile --starter --no-select-aggregator -n 24 --concurrency 32 --out $(PROFILES)
 
 profile: $(PROFILES)/LATEST
 

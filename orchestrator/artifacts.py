@@ -22,12 +22,10 @@ import numpy as np
 from orchestrator.config import ConciliumConfig
 from orchestrator.embedders import encoder
 from routers.annotators import EmbeddingAnnotator
-from routers.base import RouteOptions, Router, RoutingError, TrainingSet
+from routers.base import Router, RoutingError, TrainingSet
 from routers.embedding import TextEncoder
 from routers.profiles import ProfileError, Profiles, build_profiles, read_artifact
 from routers.registry import make_router
-from routers.scoring.crossval import EvalData
-from routers.scoring.selection import select
 from routers.selected import CANDIDATES, Selected
 from routers.skill_index import SkillIndex
 from routers.symbolic import SkillRouter
@@ -37,8 +35,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 
-MIN_SELECTION_QUERIES = 6
-"""Below this many questions there are too few for three folds: the skill router is used unselected."""
 
 
 def latest(root: Path) -> Path | None:
@@ -64,9 +60,11 @@ def summary(folder: Path) -> dict[str, object]:
 
 
 def save(data: TrainingSet, embedder: TextEncoder, encoder: str, out_dir: Path, source: dict[str, object],
-         options: RouteOptions, aggregation: str, keywords: list[list[str]] | None = None,
+         served: dict[str, object], keywords: list[list[str]] | None = None,
          aggregator_accuracy: dict[str, float] | None = None) -> tuple[Path, dict[str, object]]:
-    """Fit every candidate, select one by cross-validation, save them all; (folder, summary)."""
+    """Fit every candidate router on all the questions and save them with the served configuration that
+    selection chose (``orchestrator.evals.choose``); (folder, summary). ``auto`` serves that configuration's
+    router."""
     if len(data.texts) == 0:
         raise RoutingError("the validation set is empty: nothing to profile")
     if data.vectors is None:
@@ -79,15 +77,13 @@ def save(data: TrainingSet, embedder: TextEncoder, encoder: str, out_dir: Path, 
             router = make_router(name, embedder=embedder)
             router.fit(data)
             router.save(folder, name)
-    chosen = None
-    if len(data.texts) >= MIN_SELECTION_QUERIES:
-        chosen = select(EvalData(**vars(data)), lambda n: make_router(n, embedder=embedder), options, aggregation,
-                        folds=3).summary()
     result = _summarise(skill.profiles, skill.index, {**source, "n_questions": len(data.texts)},
                         aggregator_accuracy)
-    result.update(encoder=encoder, candidates=list(CANDIDATES),
-                  selection=chosen or {"chosen": "skill", "rule": f"fewer than {MIN_SELECTION_QUERIES} questions: "
-                                       "no selection, the skill router"})
+    scores = {c["name"]: c["cv_accuracy"] for c in served.get("candidates", [])}
+    result.update(encoder=encoder, candidates=list(CANDIDATES), served=served,
+                  selection={"chosen": served["router"], "scores": scores,
+                             "rule": "auto serves the router of the served configuration; scores are every "
+                                     "configuration's cross-validated accuracy"})
     (folder / SUMMARY).write_text(json.dumps(result, indent=2))
     (out_dir / "LATEST").write_text(folder.name + "\n")
     return folder, result
@@ -159,6 +155,9 @@ class ServedProfile:
     """Who synthesises, in order of preference (the first allowed one is taken); empty: the top-scored expert."""
     aggregator_source: str | None
     """Where that preference comes from; None: nothing names one."""
+    served: dict[str, object] | None = None
+    """The configuration selection chose for ``auto`` (router, k, aggregation, policy, λ) with its cross-validated
+    accuracy beside the best single expert's; None without a profile for these experts."""
 
 
 def served(config: ConciliumConfig, experts: list[str]) -> ServedProfile:
@@ -167,7 +166,9 @@ def served(config: ConciliumConfig, experts: list[str]) -> ServedProfile:
     every expert answers, and the trace says why."""
     folder = latest(config.routing.profiles)
     info = summary(folder) if folder is not None else {}
-    return ServedProfile(folder, _routers(config, experts, folder, info), *aggregators(config, folder, info))
+    routers = _routers(config, experts, folder, info)
+    served = info.get("served") if AUTO_ROUTER in routers else None
+    return ServedProfile(folder, routers, *aggregators(config, folder, info), served)
 
 
 def _routers(config: ConciliumConfig, experts: list[str], folder: Path | None, info: dict) -> dict[str, Router]:
@@ -182,7 +183,12 @@ def _routers(config: ConciliumConfig, experts: list[str], folder: Path | None, i
         log.warning("profiles in %s cover %s, not the configured experts %s", folder, covered, experts)
         why = f"the profiles in {folder} are for other experts: every expert answers (run `concilium profile`)"
         return {"all": make_router("all", experts=experts, fallback=why)}
-    why = {"profile": folder.name, "cv_accuracy": info.get("selection", {}).get("scores", {}).get(chosen)}
+    why: dict[str, object] = {"profile": folder.name}
+    if isinstance(info.get("served"), dict):  # the configuration, its CV accuracy, the best single expert's
+        served = info["served"]
+        why["served"] = {key: served.get(key) for key in ("name", "cv_accuracy", "best_single", "n_questions")}
+    else:  # a profile written before whole configurations were selected: the router's own CV accuracy
+        why["cv_accuracy"] = info.get("selection", {}).get("scores", {}).get(chosen)
     return {AUTO_ROUTER: Selected(routers[chosen], chosen, why), **routers, "all": make_router("all", experts=experts)}
 
 

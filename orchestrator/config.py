@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator import env
-from routers.vocabulary import LATENT_ROUTER, Aggregation, Policy
+from routers.vocabulary import Aggregation, Policy
 from workers.config import BACKENDS, ExpertConfig, PoolConfig, Strict, TransformersExpert
 from workers.errors import UserError
 
@@ -156,6 +156,9 @@ def _bundled_experts() -> list[ExpertConfig]:
             source="gemma3-270m",
             tags=["base", "gemma"],
             cost_per_1k_tokens=0.0002,
+            # A base model: asked as a question to complete, it answers on one line (docs/benchmarks.md, issue 26).
+            plain_prompt="Question: {prompt}\nAnswer:",
+            generation={"stop": ["\n"]},
         ),
     ]
 
@@ -244,10 +247,6 @@ class ConciliumConfig(Strict):
         """This config with the address given on the command line (None: the file's). A reload keeps it."""
         server = self.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
         return self.model_copy(update={"server": server})
-
-    def default_k(self, router: str | None) -> int:
-        """k for a request that sets none: the latent mixture has its own, as it is usually smaller."""
-        return self.latent.k if router == LATENT_ROUTER else self.routing.k
 
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:

@@ -1,10 +1,13 @@
 """Aggregation, in one place: how recruited answers become one, live and offline alike.
 
 - best: the top-scored expert's answer, with no call.
-- vote: extract each answer (an option letter, else an integer, else the
-  normalised text) and take the vote weighted by the router's scores, with no
-  call. ``weighted_vote`` is the one vote: the scheduler runs it on live
-  answers, and ``concilium eval`` runs it on recorded ones.
+- vote: extract each answer by the kind of answer the question asks for (an
+  option letter, a number, or the normalised text: ``routers.answers``) and
+  take the vote weighted by the router's scores, with no call. On free text
+  only answers that say the same words pool their weight, so without such a
+  majority the vote is the top-scored answer: a letter is never voted on out
+  of free text. ``weighted_vote`` is the one vote: the scheduler runs it on
+  live answers, and ``concilium eval`` runs it on recorded ones.
 - synthesize: an aggregator LLM reads the answers, quoted as data, and writes
   one better answer. The call is skipped when the extracted answers agree.
 - moa: layered Mixture-of-Agents. Later proposer layers answer again with the
@@ -32,7 +35,7 @@ from typing import Protocol
 
 from routers.answers import extract
 from routers.base import Decision
-from routers.vocabulary import SYNTHESISING, Aggregation
+from routers.vocabulary import SYNTHESISING, Aggregation, AnswerKind
 
 MIN_WEIGHT = 1e-9
 """A voter whose score is 0 still counts, a little: a vote among zero-scored experts still has a winner."""
@@ -50,6 +53,8 @@ class Aggregated:
     skipped: str | None
     """Why no aggregator call was made; None when one was."""
     usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    source: str | None = None
+    """The expert whose own answer is the text; None when an aggregator wrote it."""
 
 
 def weighted_vote(keys: Sequence[str | None], weights: Sequence[float]) -> int | None:
@@ -86,22 +91,27 @@ def is_consensus(skipped: str | None) -> bool:
     return skipped is not None and skipped.startswith(CONSENSUS)
 
 
-def aggregate_without_call(strategy: str, answers: Sequence[_Answer], decision: Decision) -> Aggregated | None:
-    """The result when no aggregator call is needed, else None (synthesis without consensus)."""
+def _own(answer: _Answer, why: str) -> Aggregated:
+    return Aggregated(answer.text, None, why, source=answer.expert)
+
+
+def aggregate_without_call(strategy: str, answers: Sequence[_Answer], decision: Decision,
+                           kind: AnswerKind) -> Aggregated | None:
+    """The result when no aggregator call is needed, else None (synthesis without consensus). ``answers`` are in
+    the decision's order: a tie in the vote goes to the earlier one, live as offline."""
     if strategy == Aggregation.BEST or len(answers) == 1:
-        why = "strategy best" if strategy == Aggregation.BEST else "a single answer"
-        return Aggregated(_best(answers, decision).text, None, why)
-    keys = [extract(a.text) for a in answers]
+        return _own(_best(answers, decision), "strategy best" if strategy == Aggregation.BEST else "a single answer")
+    keys = [extract(a.text, kind) for a in answers]
     if strategy in SYNTHESISING:
         if None not in keys and len(set(keys)) == 1:
-            return Aggregated(_best(answers, decision).text, None, f"{CONSENSUS}: every expert answered {keys[0]!r}")
+            return _own(_best(answers, decision), f"{CONSENSUS}: every expert answered {keys[0]!r} ({kind})")
         return None
     weights = [decision.scores.get(a.expert, 0.0) for a in answers]
     winner = weighted_vote(keys, weights)
     if winner is None:
-        return Aggregated(_best(answers, decision).text, None, "vote: no answer could be extracted; best answer")
+        return _own(_best(answers, decision), f"vote: no {kind} answer could be extracted; best answer")
     weight = sum(max(w, MIN_WEIGHT) for k, w in zip(keys, weights) if k == keys[winner])
-    return Aggregated(answers[winner].text, None, f"vote: {keys[winner]!r} with weight {weight:.3f}")
+    return _own(answers[winner], f"vote ({kind}): {keys[winner]!r} with weight {weight:.3f}")
 
 
 def synthesis_request(

@@ -74,10 +74,11 @@ class BestSingleRouter(Router):
 class PerCategoryRouter(Router):
     """Composition of Experts' two steps: a category per query, then that category's best experts.
 
-    Offline, the categories come from the data. Live, a query has none, so the
-    nearest category centroid of the training embeddings stands in (a
-    nearest-centroid classifier); for a category unseen in training, or with
-    no embeddings to go on, the overall accuracy decides.
+    Offline, the categories come from the data; live, from the request when its
+    caller knows it. A query without one takes the nearest category centroid of
+    the training embeddings (a nearest-centroid classifier); for a category
+    unseen in training, or with no embeddings to go on, the overall accuracy
+    decides.
     """
 
     def __init__(self, embedder: TextEncoder | None = None, **_: object) -> None:
@@ -108,14 +109,16 @@ class PerCategoryRouter(Router):
     def route(self, texts: list[str], options: RouteOptions, vectors: np.ndarray | None = None,
               categories: list[str | None] | None = None) -> list[Decision]:
         rng = np.random.default_rng(options.seed)
-        cats = categories or self.categories_of(texts, vectors)
+        given = categories or [None] * len(texts)
+        guessed = self.categories_of(texts, vectors) if None in given else given
         index = {c: i for i, c in enumerate(self.names)}
         cost = self.cost if len(self.cost) else None
         out = []
-        for cat in cats:
+        for known, nearest in zip(given, guessed):
+            cat = known if known is not None else nearest
             scores = self.table[index[cat]] if cat in index else self.overall
             out.append(_decision(self.experts, pick(scores, options, cost, rng), scores, skills=[cat or ""],
-                                 trace={"category": cat, "from": "data" if categories else "nearest centroid"}))
+                                 trace={"category": cat, "from": "data" if known is not None else "nearest centroid"}))
         return out
 
     def state(self) -> dict[str, np.ndarray]:

@@ -64,6 +64,38 @@ LATENT_ROUTER = "latent"
 """The name under which the latent mixture's router is served; it needs a trained checkpoint."""
 
 
+class AnswerKind(StrEnum):
+    """What an answer is compared by: the votes, the consensus skip and a cascade's agreement (``routers.answers``)."""
+
+    LETTER = "letter"
+    """An option letter: the question lists lettered options."""
+    NUMBER = "number"
+    """A number."""
+    TEXT = "text"
+    """Free text, compared as its normalised words."""
+
+
+ANSWER_KINDS: tuple[str, ...] = tuple(k.value for k in AnswerKind)
+
+
+class Grader(StrEnum):
+    """How a labelled question's answer is graded against its gold answer (``routers.scoring.grading``)."""
+
+    MC = "mc"
+    """The option letter the answer commits to."""
+    EXACT = "exact"
+    """The normalised answer is the gold, or begins with it."""
+    NUMERIC = "numeric"
+    """The answer's number equals the gold number."""
+    CONTAINS = "contains"
+    """The gold appears in the answer as whole words."""
+
+
+KIND_OF_GRADER: dict[Grader, AnswerKind] = {Grader.MC: AnswerKind.LETTER, Grader.NUMERIC: AnswerKind.NUMBER,
+                                            Grader.EXACT: AnswerKind.TEXT, Grader.CONTAINS: AnswerKind.TEXT}
+"""The kind of answer a grader reads: what the vote compares when that question is served."""
+
+
 class Encoder(StrEnum):
     """What routers embed text with."""
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -87,15 +88,29 @@ class ThreadServer:
 
 
 class ProcessServer:
-    def __init__(self, config_file: Path, env: dict[str, str], log: Path, ready_timeout_s: float = 240) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
+    def __init__(self, config_file: Path, env: dict[str, str], log: Path, ready_timeout_s: float = 240,
+                 attempts: int = 3) -> None:
+        """``concilium serve`` in a process of its own. A free port can be taken by another process (a Ray
+        worker starting, say) between the moment it is picked and the moment uvicorn binds it, after Ray has
+        started: then the server exits with "address already in use", and it is started again on a new port."""
         self.log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "serve", "--port", str(self.port), "--config", str(config_file)],
-            env={**os.environ, **env}, stdout=self.log, stderr=self.log, start_new_session=True,
-        )
-        wait_until_ready(self.url, ready_timeout_s, lambda: self.proc.poll() is None)
+        for attempt in range(attempts):
+            self.port = free_port()
+            self.url = f"http://{HOST}:{self.port}"
+            start = log.stat().st_size
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", "serve", "--port", str(self.port), "--config", str(config_file)],
+                env={**os.environ, **env}, stdout=self.log, stderr=self.log, start_new_session=True,
+            )
+            try:
+                wait_until_ready(self.url, ready_timeout_s, lambda: self.proc.poll() is None)
+                return
+            except RuntimeError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the local Ray it started too
+                self.proc.wait(30)
+                if attempt + 1 == attempts or b"address already in use" not in log.read_bytes()[start:]:
+                    raise
 
     def kill(self) -> None:
         """SIGKILL the whole process group: the API process and the local Ray it started."""

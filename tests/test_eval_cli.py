@@ -136,4 +136,4 @@ def test_empty_validation_set_is_rejected(tmp_path):
     empty.write_text("[]")
     proc = concilium("profile", "--tasks", str(empty))
     assert proc.returncode == 2
-    assert "the validation set is empty" in proc.stderr
+    assert "no questions" in proc.stderr

@@ -73,9 +73,11 @@ def pipeline(ray_cluster, store, checkpoints):
 
 
 def _greedy_alone(backends, expert: str, prompts: list[str]) -> list[str]:  # noqa: ANN001
-    """The expert on its own, as the latent group presents prompts to it (plain text, no chat template)."""
+    """The expert on its own, as the latent group presents prompts to it (plain text, no chat template, no frame),
+    with the expert's own stop strings."""
+    stop = tuple(ConciliumConfig().expert(expert).generation.stop)
     return [c.text for c in backends[expert].generate([Prompt(text=p) for p in prompts],
-                                                      SamplingParams(max_new_tokens=TOKENS))]
+                                                      SamplingParams(max_new_tokens=TOKENS, stop=stop))]
 
 
 def test_untrained_latent_mode_answers_exactly_as_the_primary_alone(pipeline, checkpoints):

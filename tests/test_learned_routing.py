@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.cli.routing import STARTER_TASKS as STARTER
+from orchestrator.cli.live import STARTER
 from orchestrator.embedders import encoder
 from orchestrator.offline.data import load_eval_data
 from routers.base import RouteOptions
@@ -55,10 +55,10 @@ def test_how_recorded_outcomes_score_each_aggregation():
 def test_a_small_selection_repeats_its_split_and_reads_the_task_categories(static, tmp_path):
     """32 starter-sized questions: the 3-fold CV runs with 5 seeds, so one unlucky split decides less, and the
     categories a task file names reach the per-category baseline."""
-    from orchestrator.offline.profiling import load_tasks
+    from orchestrator.evals.labelled import load_labelled
     from routers.scoring.crossval import EvalData
 
-    tasks = load_tasks(STARTER, None)
+    tasks = load_labelled(STARTER, 32)
     assert len(tasks.questions) == 32 and tasks.categories[0] == "geography" and None not in tasks.categories
     rng = np.random.default_rng(0)
     correct = (rng.random((32, 2)) < [0.6, 0.3]).astype(float)

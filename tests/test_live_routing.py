@@ -28,7 +28,7 @@ def profiled(bench_data, tmp_path_factory):
     (data / "prices.json").write_text((source / "prices.json").read_text())
     proc = concilium("profile", "--data", str(data), "--models", ",".join(MODELS), "--out", str(tmp / "profiles"))
     assert proc.returncode == 0, proc.stderr
-    assert "router selected:" in proc.stdout
+    assert "served:" in proc.stdout
     folder = tmp / "profiles" / (tmp / "profiles" / "LATEST").read_text().strip()
     return tmp / "profiles", folder, json.loads((folder / "summary.json").read_text()), source
 
@@ -46,12 +46,17 @@ def server(ray_cluster, profiled):
 
 
 def test_the_profile_records_every_candidate_and_the_choice(profiled):
+    """Recorded outcomes have no synthesis to score: every other configuration of the grid is, by cross-validation,
+    against the best single expert alone, and `auto` serves the choice's router."""
     _, folder, summary, _ = profiled
-    selection = summary["selection"]
-    assert summary["encoder"] == "static"
-    assert set(selection["scores"]) == set(summary["candidates"]) >= {"cluster", "logistic", "irt", "skill", "knn",
-                                                                      "per_category", "best_single"}
-    assert selection["scores"][selection["chosen"]] == max(selection["scores"].values())
+    served, selection = summary["served"], summary["selection"]
+    assert summary["encoder"] == "static" and set(summary["candidates"]) >= {
+        "cluster", "logistic", "irt", "skill", "knn", "per_category", "best_single"}
+    scored = {c["name"]: c["cv_accuracy"] for c in served["candidates"]}
+    assert scored == selection["scores"] and f"{served['best_single']['expert']} alone" in scored
+    assert {"cluster k=1 best", "cluster k=3 vote", "cluster k=3 vote cascade", "knn k=2 vote"} <= set(scored)
+    assert not any("synthesize" in name for name in scored)
+    assert served["cv_accuracy"] >= served["best_single"]["cv_accuracy"] and selection["chosen"] == served["router"]
     for name in summary["candidates"]:
         assert (folder / ("profiles.json" if name == "skill" else f"{name}.npz")).exists()
 
@@ -64,6 +69,7 @@ def test_auto_routes_by_default_and_says_which_profile_and_router(server, profil
     assert routing["router"] == "auto" and len(routing["experts"]) == (1 if chosen == "best_single" else 2)
     assert routing["trace"]["selected"]["router"] == chosen
     assert routing["trace"]["selected"]["profile"] == folder.name
+    assert routing["trace"]["selected"]["served"]["name"] == summary["served"]["name"]
     models = {m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
     assert {"concilium/auto", "concilium/cluster", "concilium/per_category", "concilium/knn"} <= models
 

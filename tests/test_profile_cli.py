@@ -41,7 +41,7 @@ def test_imported_profiles_load_into_a_working_router(mmlu_slice, tmp_path):  # 
     ("args", "message"),
     [
         ((), "give exactly one source"),
-        (("--tasks", "/no/such.json"), "cannot read task file /no/such.json"),
+        (("--tasks", "/no/such.json"), "cannot read /no/such.json"),
         (("--data", "/tmp", "--annotator", "smollm2"), "--annotator needs a live run"),
     ],
 )
@@ -53,39 +53,42 @@ def test_profile_bad_input(args, message):
 
 @pytest.mark.models
 def test_live_profiles_from_the_bundled_experts(store, tmp_path):
-    """What `make serve` does once, on fewer questions: the bundled experts answer the starter questions, an
-    expert names the skills, the synthesis test ranks aggregators, and the candidates are selected; the service
-    then routes with `auto` from this profile, and says so."""
-    from orchestrator.cli.routing import STARTER_TASKS
+    """What `make serve` does once, on fewer questions: the bundled experts answer starter questions through the
+    served pipeline, an expert names the skills, the synthesis test ranks aggregators, and the served configuration
+    is chosen; the service then routes with `auto` from this profile, and says so."""
+    from orchestrator.cli.live import STARTER
 
     out = tmp_path / "live"
-    proc = concilium("profile", "--starter", "--limit", "8", "-n", "8", "--annotator", "smollm2", "--out", str(out))
+    proc = concilium("profile", "--starter", "--limit", "8", "-n", "8", "--folds", "2", "--annotator", "smollm2",
+                     "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     folder = out / (out / "LATEST").read_text().strip()
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["source"] == {
-        "kind": "live", "tasks": str(STARTER_TASKS), "limit": 8, "annotator": "smollm2", "n_questions": 8,
+        "kind": "live", "tasks": str(STARTER), "half": "profile", "limit": 8, "annotator": "smollm2",
+        "n_questions": 8,
     }
     assert summary["aggregator_ranking_method"].startswith("synthesis test")
     assert sorted(summary["aggregator_ranking"]) == ["gemma3", "smollm2"]
     assert set(summary["experts"]) == {"smollm2", "gemma3"}
-    selection = summary["selection"]
-    assert selection["scores"][selection["chosen"]] == max(selection["scores"].values())
-    # 8 questions: the 3-fold CV is repeated; the default synthesis is scored by its writer's answer (best).
-    assert selection["repeats"] == 5 and selection["options"]["aggregation"] == "best"
+    served = summary["served"]
+    # 8 questions decide nothing beyond chance: the best single expert alone is served.
+    assert served["name"] == f"{served['best_single']['expert']} alone" and served["router"] == "best_single"
+    assert summary["selection"]["chosen"] == "best_single"
     from routers.profiles import Profiles
 
     p = Profiles.load(folder)
-    # Every question's keywords were counted once per expert; accuracies are graded fractions of 8.
+    # Accuracies are graded fractions of 8; every keyword the annotator agreed on (sampled, so how many differs
+    # from run to run and from CPU to CPU) was counted once per expert.
     assert np.allclose(p.overall * 8, np.round(p.overall * 8))
-    assert (p.seen[:, 0] == p.seen[:, 1]).all() and p.seen.max() <= 8
+    assert p.seen.size == 0 or ((p.seen[:, 0] == p.seen[:, 1]).all() and p.seen.max() <= 8)
 
     from orchestrator.config import ConciliumConfig
     from orchestrator.engine.pipeline import load_routers
     from routers.base import RouteOptions
 
-    routers, _ = load_routers(ConciliumConfig(routing={"profiles": out}), ["smollm2", "gemma3"])
+    routers, _, _ = load_routers(ConciliumConfig(routing={"profiles": out}), ["smollm2", "gemma3"])
     assert next(iter(routers)) == "auto"
     decision = routers["auto"].route(["What is the capital of Peru?"], RouteOptions(k=2))[0]
-    assert decision.trace["selected"] == {"router": selection["chosen"], "profile": folder.name,
-                                          "cv_accuracy": selection["scores"][selection["chosen"]]}
+    assert decision.trace["selected"] == {"router": "best_single", "profile": folder.name, "served": {
+        key: served[key] for key in ("name", "cv_accuracy", "best_single", "n_questions")}}

@@ -89,5 +89,5 @@ def test_replay_experts_through_the_pool(ray_cluster, bench_data):
             pool.shutdown()
 
     rec, results = run(main())
-    assert [r.completions[0].meta["cost_usd"] for r in results] == [rec.cost[5], rec.cost[8]]
+    assert [r.completions[0].cost_usd for r in results] == [rec.cost[5], rec.cost[8]]
     assert [r.completions[0].meta["score"] for r in results] == [rec.outcome[5], rec.outcome[8]]

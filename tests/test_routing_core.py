@@ -11,6 +11,7 @@ from routers.profiles import ProfileError, Profiles, build_profiles
 from routers.registry import make_router
 from routers.scoring.crossval import EvalData, cross_validation_splits, oracle, score
 from routers.skill_index import SkillIndex
+from routers.vocabulary import AnswerKind
 
 
 def test_parse_keywords_follows_the_paper_rules():
@@ -285,7 +286,7 @@ def test_the_live_vote_and_the_offline_vote_pick_the_same(experts, answers, scor
     # An empty answer is the live form of "nothing extracted": extract() gives None, and the voter abstains.
     said = [Said(e, f"The answer is ({a})." if a else "") for e, a in zip(experts, answers)]
     decision = Decision(experts=experts, scores=scores)
-    live = extract_choice(aggregate_without_call("vote", said, decision).text)
+    live = extract_choice(aggregate_without_call("vote", said, decision, AnswerKind.LETTER).text)
     names = sorted(scores)
     cols = {e: names.index(e) for e in names}
     preds = np.array([[None] * len(names)], dtype=object)

@@ -40,7 +40,7 @@ class TableRouter:
     def fit(self, train) -> None:  # noqa: ANN001
         raise NotImplementedError
 
-    def route(self, texts, options, vectors=None):  # noqa: ANN001, ANN201
+    def route(self, texts, options, vectors=None, categories=None):  # noqa: ANN001, ANN201
         self.windows.append(list(texts))
         return [
             Decision(experts=list(self.table[t]), scores={"smollm2": 0.9, "gemma3": 0.4}, aggregator="smollm2")
@@ -305,7 +305,7 @@ def test_a_cascade_escalates_only_where_the_first_answers_disagree(ray_cluster, 
     experts = [ReplayExpert(backend="replay", name=n, path=folder, model=m) for m, n in names.items()]
 
     class CascadeRouter:
-        def route(self, texts, options, vectors=None):  # noqa: ANN001, ANN201
+        def route(self, texts, options, vectors=None, categories=None):  # noqa: ANN001, ANN201
             return [Decision(experts=["pro", "qwen"], escalate=["llama"], scores={"pro": 0.9, "qwen": 0.6,
                                                                                   "llama": 0.7}) for _ in texts]
 

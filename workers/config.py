@@ -25,16 +25,26 @@ class GenerationDefaults(Strict):
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    stop: list[str] = Field(default_factory=list, description="strings that end this expert's answers, besides a "
+                            "request's own (a base model's answer to 'Question: ...\\nAnswer:' ends at its line)")
+
+    @field_validator("stop")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not all(v):
+            raise ValueError("a stop string cannot be empty")
+        return v
 
     def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: tuple[str, ...] = ()) -> SamplingParams:
-        """The one way an expert's sampling parameters are made: these defaults, with a request's overrides."""
+        """The one way an expert's sampling parameters are made: these defaults, with a request's overrides (a
+        request's stop strings join the expert's)."""
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             temperature=self.temperature if temperature is None else temperature,
             top_p=self.top_p if top_p is None else top_p,
             seed=self.seed if seed is None else seed,
-            stop=tuple(stop),
+            stop=tuple(dict.fromkeys([*self.stop, *stop])),
         )
 
 
@@ -63,7 +73,23 @@ class ExpertBase(Strict):
         return v
 
 
-class TransformersExpert(ExpertBase):
+class LocalPrompting(Strict):
+    """How a local model (transformers or vLLM) sees a prompt: its chat template, or plain text."""
+
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    plain_prompt: str = Field("{prompt}", description="plain text for a model without a chat template: {prompt} is "
+                              "the query (a base model answers 'Question: {prompt}\\nAnswer:' best); a conversation "
+                              "is written as 'Role: content' lines whatever this says")
+
+    @field_validator("plain_prompt")
+    @classmethod
+    def _has_prompt(cls, v: str) -> str:
+        if "{prompt}" not in v:
+            raise ValueError("must contain {prompt}, where the query goes")
+        return v
+
+
+class TransformersExpert(ExpertBase, LocalPrompting):
     backend: Literal["transformers"] = "transformers"
     source: str = Field(description="a model-store name, a local folder, or a model-hub id")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -73,7 +99,6 @@ class TransformersExpert(ExpertBase):
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads; defaults to the actor's num_cpus (at least 1)"
     )
-    chat_template: Literal["auto", "always", "never"] = "auto"
 
     @property
     def origin(self) -> str:
@@ -94,7 +119,7 @@ class VLLMEngine(Strict):
     )
 
 
-class VLLMExpert(ExpertBase):
+class VLLMExpert(ExpertBase, LocalPrompting):
     """A model served by vLLM's async engine inside the expert's actor: continuous batching over every window's
     requests, token streaming from the engine, and on CUDA sleep mode for swaps."""
 
@@ -104,7 +129,6 @@ class VLLMExpert(ExpertBase):
     sleep_level: Literal[1, 2] = Field(
         1, description="CUDA: 1 keeps the weights in host RAM while asleep (fast wake), 2 drops them (reload on wake)"
     )
-    chat_template: Literal["auto", "always", "never"] = "auto"
     max_batch_size: int = Field(256, ge=1, le=4096, description="rows the scheduler sends per call; vLLM batches")
 
     @model_validator(mode="after")

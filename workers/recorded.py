@@ -40,6 +40,8 @@ class Record:
     cost: tuple[float, ...] | None
     output_chars: tuple[float, ...] | None = None
     prompt_chars: int = 0
+    gold: str | None = None
+    """The gold answer, where the line records one (``answer``)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ def _record(line: str, where: str, n: int, prices: tuple[tuple[float, float], ..
         id=str(_first(row, ID_FIELDS, where)), text=text, category=None if category is None else str(category),
         outcome=outcome, pred=None if pred is None else _per_model(pred, n, "pred", where, str, nullable=True),
         cost=cost, output_chars=output, prompt_chars=prompt_chars,
+        gold=None if row.get("answer") is None else str(row["answer"]),
     )
 
 

@@ -30,6 +30,9 @@ class Prompt:
 
     text: str | None = None
     messages: tuple[Message, ...] = ()
+    ref: str | None = None
+    """The caller's id for what is asked (a labelled question's id): a replay expert answers that record; the
+    other backends ignore it."""
 
     def __post_init__(self) -> None:
         if self.text is None and not self.messages:
@@ -86,7 +89,10 @@ class Completion:
     finish_reason: str
     """'stop' (EOS or a stop string), 'length' (max_new_tokens), or 'cancelled' (the client went away)."""
     meta: dict[str, object] = field(default_factory=dict)
-    """Backend-specific facts, e.g. a replayed record's id, score and cost."""
+    """Backend-specific facts, e.g. a replayed record's id and score."""
+    cost_usd: float | None = None
+    """What the call cost, where the backend knows it (a replayed record's recorded cost); None: the expert's
+    configured price per token applies."""
 
 
 @dataclass

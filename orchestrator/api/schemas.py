@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from routers.vocabulary import Aggregation, Mode, Policy
+from routers.vocabulary import Aggregation, AnswerKind, Mode, Policy
 
 DEFAULT_MODEL = "concilium"
 """The chat model that routes with the service's default router; ``concilium/<router>`` picks a router."""
@@ -34,6 +34,10 @@ class RouteBody(_Request):
     budget: float | None = Field(None, ge=0.0, description="most estimated USD to spend on the query")
     cost_lambda: float | None = Field(None, ge=0.0, alias="lambda", description="accuracy − λ·cost routing")
     max_tokens: int | None = Field(None, ge=1)
+    category: str | None = Field(None, max_length=200, description="the query's category, where the caller knows "
+                                 "it: a category router routes by it instead of guessing")
+    answer_kind: AnswerKind | None = Field(None, description="what the experts' answers are compared by when they "
+                                           "vote or agree (letter, number, text); default: read from the query")
 
 
 def _stops(value: str | list[str] | None) -> tuple[str, ...]:

@@ -110,27 +110,29 @@ class Service:
 
     def to_request(self, body: RouteBody, messages: tuple[Message, ...] = ()) -> QueryRequest:
         """A pipeline request within the configured limits; InvalidRequest says what is wrong."""
-        limits, defaults = self.config.server, self.config.routing
+        limits, defaults = self.config.server, self.pipeline.defaults(body.router)
         if not body.query.strip():
             raise InvalidRequest("query: the query is empty or only whitespace")
         if len(body.query) > limits.max_query_chars:
             raise InvalidRequest(
                 f"query: {len(body.query)} characters, above the limit of {limits.max_query_chars}"
             )
-        k = body.k or self.config.default_k(body.router)
+        k = body.k or defaults.k
         if k > limits.max_k:
             raise InvalidRequest(f"k: {k} is above the limit of {limits.max_k}")
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
             raise InvalidRequest(f"max_tokens: {body.max_tokens} is above the limit of {limits.max_tokens}")
         policy = body.policy or (Policy.COST if body.cost_lambda else defaults.policy)
+        cost_lambda = body.cost_lambda if body.cost_lambda is not None else (
+            defaults.cost_lambda if policy == defaults.policy else 0.0)
         sampling = body if isinstance(body, Sampling) else Sampling()
         try:
             request = QueryRequest(
-                query=body.query, options=RouteOptions(k=k, policy=policy, cost_lambda=body.cost_lambda or 0.0),
+                query=body.query, options=RouteOptions(k=k, policy=policy, cost_lambda=cost_lambda),
                 aggregation=body.aggregation or defaults.aggregation, experts=body.experts,
                 max_new_tokens=body.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 seed=sampling.seed, stop=sampling.stop, router=body.router, messages=messages,
-                max_cost_usd=body.budget,
+                max_cost_usd=body.budget, category=body.category, answer_kind=body.answer_kind,
             )
             self.pipeline.validate(request)
         except (RequestError, RoutingError) as exc:

@@ -27,8 +27,8 @@ from workers.types import Prompt
 
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
-    k: Annotated[int | None, typer.Option(help="experts recruited (default: routing.k; latent.k for --router "
-                                            "latent)")] = None,
+    k: Annotated[int | None, typer.Option(help="experts recruited (default: the profile's served configuration, "
+                                            "else routing.k; latent.k for --router latent)")] = None,
     router: Annotated[str | None, typer.Option(help="a router by name: auto (the profile's selected router), any "
                                                     "candidate it holds (cluster, logistic, irt, skill, knn, "
                                                     "per_category, best_single), all, or latent (needs "
@@ -49,21 +49,21 @@ def ask(
 
     cfg = configure(config, store)
     Prompt.of(question)
-    request = QueryRequest(
-        query=question,
-        options=RouteOptions(k=k or cfg.default_k(router), policy=policy or cfg.routing.policy),
-        aggregation=aggregation or cfg.routing.aggregation,
-        experts=names(experts),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        router=router,
-    )
     if router == LATENT_ROUTER:
-        _check_latent(cfg, request.options.k)
+        _check_latent(cfg, k or cfg.latent.k)
 
     async def main():  # noqa: ANN202
         pipeline = await Pipeline.start(cfg)
         try:
+            served = pipeline.defaults(router)
+            request = QueryRequest(
+                query=question,
+                options=RouteOptions(k=k or served.k, policy=policy or served.policy,
+                                     cost_lambda=served.cost_lambda if policy in (None, served.policy) else 0.0),
+                aggregation=aggregation or served.aggregation, experts=names(experts),
+                max_new_tokens=max_new_tokens, temperature=temperature, router=router,
+            )
+            pipeline.validate(request)
             with err.status("routing, solving, aggregating"):
                 return await pipeline.ask(request)
         finally:

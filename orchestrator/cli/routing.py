@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
+from orchestrator.cli import live as live_cli
 from orchestrator.cli.common import (
     ConfigOpt,
     EncoderOpt,
@@ -23,24 +22,27 @@ from orchestrator.cli.common import (
     names,
     offline_embedder,
     out,
-    with_pool,
 )
-from orchestrator.config import ConciliumConfig
 from routers.base import RouteOptions
 from routers.learned import PLANNED
 from routers.registry import ROUTERS
 from routers.vocabulary import AUTO_ROUTER, OFFLINE_AGGREGATIONS, POLICIES, Aggregation, Encoder, Policy
 
+if TYPE_CHECKING:
+    from orchestrator.offline.evaluation import EvalSettings
+
 
 def eval_(
-    train: Annotated[Path, typer.Option(help="bench-data folder (models.json + data.jsonl) to profile on")],
-    router: Annotated[str, typer.Option(help=f"{AUTO_ROUTER} (select by nested CV), " + ", ".join(ROUTERS))]
-    = AUTO_ROUTER,
+    train: Annotated[Path | None, typer.Option(help="bench-data folder (models.json + data.jsonl); with --live, "
+                                                    "also a labelled JSONL or task file")] = None,
+    router: Annotated[str, typer.Option(help=f"{AUTO_ROUTER} (select by nested CV; with --live, a set of "
+                                             "configurations), " + ", ".join(ROUTERS))] = AUTO_ROUTER,
     test: Annotated[Path | None, typer.Option(help="measure here instead of cross-validating on --train")] = None,
     pool: Annotated[str | None, typer.Option(help="a named pool, e.g. open-small")] = None,
     models: Annotated[str | None, typer.Option(help="comma-separated model names from the data")] = None,
     k: Annotated[int, typer.Option(help="experts recruited per query")] = 3,
-    aggregation: Annotated[str, typer.Option(help=" or ".join(OFFLINE_AGGREGATIONS))] = Aggregation.VOTE,
+    aggregation: Annotated[str, typer.Option(help=" or ".join(OFFLINE_AGGREGATIONS) + "; live also "
+                                                  "synthesize")] = Aggregation.VOTE,
     policy: Annotated[str, typer.Option(help=", ".join(POLICIES))] = Policy.TOPK,
     cost_lambda: Annotated[float, typer.Option("--lambda", help="cost weight for --policy cost")] = 0.0,
     budget_share: Annotated[
@@ -53,21 +55,56 @@ def eval_(
     folds: Annotated[int, typer.Option(help="cross-validation folds")] = 5,
     seed: Annotated[int, typer.Option(help="seed for folds and sampling")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the result as JSON")] = None,
-    plots: Annotated[Path | None, typer.Option(help="write PNG plots here: accuracy vs k, cost frontier")] = None,
+    plots: Annotated[Path | None, typer.Option(help="write PNG plots here (live: live.png, accuracy against "
+                                                    "latency and cost)")] = None,
+    live: Annotated[bool, typer.Option(help="ask the questions through the served pipeline (the configured "
+                                            "experts), each expert alone and each configuration")] = False,
+    starter: Annotated[bool, typer.Option(help="live: the starter questions that ship with Concilium")] = False,
+    half: Annotated[str, typer.Option(help="live: all, profile or report (the half profile does not use)")] = "all",
+    limit: Annotated[int | None, typer.Option(min=1, help="live: the first N questions")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="live: requests in flight")] = 8,
+    candidates: Annotated[str, typer.Option(help="live, --router auto: default, grid, parity (the "
+                                                  "configurations checked against offline picks) or none "
+                                                  "(the experts alone, and with --served the default)")] = "default",
+    served: Annotated[bool, typer.Option(help="live: the newest profile's routers and served default, no CV")] = False,
+    max_new_tokens: MaxTokOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
-    """Evaluate a router offline on recorded outcomes, with its baselines on the same folds."""
-    from orchestrator.offline.evaluation import EvalSettings, evaluate
+    """Evaluate routing: offline on recorded outcomes with its baselines on the same folds, or with --live the
+    answers the service returns, graded, beside each expert alone."""
+    from orchestrator.offline.evaluation import EvalSettings
     from routers.scoring.crossval import CostTarget
 
-    if not train.is_dir():
-        raise UsageError(f"--train {train} is not a folder")
     if budget_share is not None and max_experts is not None:
         raise UsageError("give --budget-share or --max-experts, not both")
     if budget_share is not None and policy not in PLANNED:
         policy = Policy.COST
-    options = RouteOptions(k=k, policy=policy, cost_lambda=cost_lambda, seed=seed)
-    budget = None if budget_share is None and max_experts is None else CostTarget(budget_share, max_experts)
-    settings = EvalSettings(train, router, options, aggregation, folds, test, pool, names(models), budget, seed, plots)
+    target = None if budget_share is None and max_experts is None else CostTarget(budget_share, max_experts)
+    if live:
+        from orchestrator.evals.candidates import Candidate
+        from orchestrator.evals.runs import LiveSettings
+
+        cfg = configure(config)
+        given = None if router == AUTO_ROUTER else Candidate(router, k, Aggregation(aggregation), Policy(policy),
+                                                             cost_lambda, target, seed=seed)
+        data = live_cli.STARTER if starter else train
+        if data is None:
+            raise UsageError("give --train FILE or --starter")
+        chosen = live_cli.candidates(candidates, len(cfg.experts), given, target)
+        settings = LiveSettings(data, chosen, folds, seed, half, limit, concurrency, max_new_tokens, served)
+        live_cli.live_eval(cfg, settings, offline_embedder(cfg, embedder), json_out, plots and plots / "live.png")
+        return
+    if train is None or not train.is_dir():
+        raise UsageError(f"--train {train} is not a folder")
+    _offline(EvalSettings(train, router, RouteOptions(k=k, policy=policy, cost_lambda=cost_lambda, seed=seed),
+                          aggregation, folds, test, pool, names(models), target, seed, plots), embedder, json_out)
+
+
+def _offline(settings: EvalSettings, embedder: str, json_out: Path | None) -> None:
+    """The offline evaluation's table and notes."""
+    from orchestrator.offline.evaluation import evaluate
+
+    router, policy, k, aggregation = settings.router, settings.options.policy, settings.options.k, settings.aggregation
     with err.status("evaluating") as status:
         result = evaluate(settings, offline_embedder(configure(None), embedder),
                           on_fold=lambda i: status.update(f"fold {i + 1} done"))
@@ -110,9 +147,12 @@ def profile(
     data: Annotated[Path | None, typer.Option(help="imported: a bench-data folder of recorded outcomes")] = None,
     pool: Annotated[str | None, typer.Option(help="imported: a named pool, e.g. open-small")] = None,
     models: Annotated[str | None, typer.Option(help="imported: comma-separated model names")] = None,
-    tasks: Annotated[Path | None, typer.Option(help="live: a task file with gold answers (*_train.json)")] = None,
-    starter: Annotated[bool, typer.Option(help="live: the 32 starter questions that ship with Concilium (what "
-                                          "`make serve` profiles the bundled experts on)")] = False,
+    tasks: Annotated[Path | None, typer.Option(help="live: labelled questions (JSONL, a task file, or a "
+                                               "bench-data folder with gold answers)")] = None,
+    starter: Annotated[bool, typer.Option(help="live: the starter questions that ship with Concilium, their "
+                                          "profile half (what `make serve` profiles the bundled experts on)")] = False,
+    half: Annotated[str | None, typer.Option(help="live: all, profile or report (default: profile with --starter, "
+                                             "else all)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="live: use only the first N questions")] = None,
     annotator: Annotated[
         str | None, typer.Option(help="live: a configured expert that names each question's skills (5 samples)")
@@ -120,63 +160,52 @@ def profile(
     select_aggregator: Annotated[
         bool, typer.Option(help="live: rank aggregators by the synthesis test (one right, two wrong answers)")
     ] = True,
+    budget_share: Annotated[float | None, typer.Option(help="hold every configuration's mean cost <= F x the best "
+                                                       "single expert's (a budgeted deployment)")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="cross-validation folds")] = 5,
+    concurrency: Annotated[int, typer.Option(min=1, help="live: requests in flight")] = 8,
     embedder: EncoderOpt = Encoder.STATIC,
     max_new_tokens: MaxTokOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Fit every candidate router on recorded outcomes (--data) or a live run (--tasks), pick the best by
-    cross-validation, and save them all as a profile version; `auto`, the service's default router, is the pick."""
+    """Choose the served configuration (router, k, aggregation, policy, cost weight) by cross-validation, on live
+    answers (--tasks, --starter) or recorded outcomes (--data), against the best single expert alone; fit every
+    candidate router on all the questions, and save them as a profile version that `auto` serves."""
     from orchestrator import artifacts
+    from orchestrator.evals.runs import LiveSettings, choose_recorded, served_settings
     from orchestrator.offline.data import load_eval_data
+    from routers.scoring.crossval import CostTarget
 
-    if starter:
-        if tasks is not None:
-            raise UsageError("give --starter or --tasks, not both")
-        tasks = STARTER_TASKS
+    if starter and tasks is not None:
+        raise UsageError("give --starter or --tasks, not both")
+    tasks = live_cli.STARTER if starter else tasks
     if (data is None) == (tasks is None):
         raise UsageError("give exactly one source: --data DIR (imported), --tasks FILE or --starter (live)")
     if annotator is not None and tasks is None:
         raise UsageError("--annotator needs a live run (--tasks): recorded outcomes carry no expert to ask")
-    from routers.scoring.crossval import scored_as
-
     cfg = configure(config, store)
     encoder = offline_embedder(cfg, embedder)
+    target = None if budget_share is None else CostTarget(share=budget_share)
     keywords, agg_accuracy = None, None
     if data is not None:
-        with err.status("embedding the questions"):
-            outcomes = load_eval_data(data, encoder, pool, names(models))
+        with err.status("embedding the questions, then selecting the served configuration"):
+            fit = load_eval_data(data, encoder, pool, names(models))
+            choice = choose_recorded(fit, encoder, folds, target=target)
         source: dict[str, object] = {"kind": "imported", "data": str(data), "pool": pool}
     else:
-        outcomes, keywords, agg_accuracy = _live(cfg, tasks, limit, max_new_tokens, annotator, select_aggregator)
-        source = {"kind": "live", "tasks": str(tasks), "limit": limit, "annotator": annotator or "embedding"}
-    r = cfg.routing
-    with err.status("fitting and selecting routers, building the skill index"):
-        folder, summary = artifacts.save(outcomes, encoder, embedder, out_dir or r.profiles, source, _options(cfg),
-                                        scored_as(r.aggregation, r.k), keywords, agg_accuracy)
+        if annotator is not None:
+            cfg.expert(annotator)
+        settings = LiveSettings(tasks, None, folds, 0, half or ("profile" if starter else "all"), limit,
+                                concurrency, max_new_tokens)
+        fit, choice, keywords, agg_accuracy = live_cli.live_profile(cfg, settings, encoder, annotator,
+                                                                    select_aggregator, target)
+        source = {"kind": "live", "tasks": str(tasks), "half": settings.half, "limit": limit,
+                  "annotator": annotator or "embedding"}
+    with err.status("fitting every router on all the questions, building the skill index"):
+        folder, summary = artifacts.save(fit, encoder, embedder, out_dir or cfg.routing.profiles, source,
+                                        served_settings(choice, fit, encoder), keywords, agg_accuracy)
     _print_profile(folder, summary)
-
-
-def _options(cfg: ConciliumConfig) -> RouteOptions:
-    """The deployment's routing settings, under which the candidates compete."""
-    return RouteOptions(k=cfg.routing.k, policy=cfg.routing.policy)
-
-
-def _live(cfg: ConciliumConfig, tasks: Path, limit: int | None, max_new_tokens: int | None, annotator: str | None,
-          select_aggregator: bool) -> tuple:
-    """The configured experts answer the task file: their outcomes, an annotator's keywords, aggregator scores."""
-    from orchestrator.offline.profiling import load_tasks, profile_live
-
-    if annotator is not None:
-        cfg.expert(annotator)
-    loaded = load_tasks(tasks, limit)
-    with Progress(console=err) as bar:
-        task = bar.add_task("experts answering", total=len(cfg.experts))
-        live = asyncio.run(with_pool(cfg, lambda p: profile_live(
-            p, loaded, max_new_tokens, annotator, select_aggregator,
-            on_expert=lambda _e: bar.advance(task), on_stage=lambda s: bar.update(task, description=s),
-        )))
-    return live.data, live.keywords, live.aggregator_accuracy
 
 
 def _print_profile(folder: Path, summary: dict) -> None:
@@ -186,13 +215,10 @@ def _print_profile(folder: Path, summary: dict) -> None:
     for name, e in summary["experts"].items():
         table.add_row(name, f"{e['accuracy']:.1%}", f"{e['global_strength']:.3f}", ", ".join(e["best_skills"]))
     out.print(table)
-    selection = summary["selection"]
-    scores = ", ".join(f"{n} {s:.2%}" for n, s in selection.get("scores", {}).items())
-    out.print(f"router selected: {selection['chosen']} ({scores or selection['rule']})", highlight=False)
-
-
-STARTER_TASKS = Path(__file__).resolve().parents[1] / "data" / "starter_tasks.json"
-"""Plain questions with gold answers, written for the bundled experts: enough to profile them in a minute."""
+    served = summary["served"]
+    best = served["best_single"]
+    out.print(f"served: {served['name']} (CV accuracy {served['cv_accuracy']:.2%} on {served['n_questions']} "
+              f"questions; best single expert alone, {best['expert']}: {best['cv_accuracy']:.2%})", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,7 +23,7 @@ def record_answers(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcom
             live[i].degraded.extend(outcome.notes)
         for i, c in zip(work.rows, outcome.completions):
             live[i].answered(ExpertAnswer(work.expert, c.text, c.prompt_tokens, c.completion_tokens,
-                                          outcome.finished_at, outcome.generate_s))
+                                          outcome.finished_at, outcome.generate_s, c.cost_usd))
 
 
 def record_latent(outcomes: list[tuple[LatentWork, Outcome]]) -> None:
@@ -46,7 +46,8 @@ def record_syntheses(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outc
         if isinstance(outcome, str):
             for i in work.rows:
                 live[i].degraded.append(f"aggregator {work.expert} failed ({outcome}); returned the best answer")
-                results[i] = aggregate_without_call(Aggregation.BEST, live[i].answers, live[i].decision)
+                results[i] = aggregate_without_call(Aggregation.BEST, live[i].answers, live[i].decision,
+                                                    live[i].request.kind)
             continue
         for i, c in zip(work.rows, outcome.completions):
             results[i] = Aggregated(c.text, work.expert, None, {work.expert: (c.prompt_tokens, c.completion_tokens)})
@@ -66,19 +67,20 @@ def finish(live: list[InFlight], results: dict[int, Aggregated], costs: dict[str
 
 
 def _answer(p: InFlight, agg: Aggregated, costs: dict[str, float]) -> Answer:
+    """Usage per expert, and cost: a call's reported cost where its backend knew it (a replayed record), else the
+    expert's price per 1k tokens times the call's tokens."""
     usage: dict[str, dict[str, int]] = defaultdict(lambda: {"prompt_tokens": 0, "completion_tokens": 0})
-    for a in p.spent:
-        usage[a.expert]["prompt_tokens"] += a.prompt_tokens
-        usage[a.expert]["completion_tokens"] += a.completion_tokens
-    for expert, (pt, ct) in agg.usage.items():
+    cost_by_expert: dict[str, float] = defaultdict(float)
+    calls = [(a.expert, a.prompt_tokens, a.completion_tokens, a.cost_usd) for a in p.spent]
+    calls += [(expert, pt, ct, None) for expert, (pt, ct) in agg.usage.items()]
+    for expert, pt, ct, reported in calls:
         usage[expert]["prompt_tokens"] += pt
         usage[expert]["completion_tokens"] += ct
-    cost_by_expert = {e: (u["prompt_tokens"] + u["completion_tokens"]) / 1000 * costs.get(e, 0.0)
-                      for e, u in usage.items()}
+        cost_by_expert[expert] += reported if reported is not None else (pt + ct) / 1000 * costs.get(expert, 0.0)
     aggregation = Mode.LATENT.value if p.decision.latent else p.request.aggregation
     return Answer(
         text=agg.text, answers=p.answers, aggregation=aggregation, aggregator=agg.aggregator,
         aggregation_skipped=agg.skipped, decision=p.decision, usage=dict(usage), cost_usd=sum(cost_by_expert.values()),
-        cost_by_expert=cost_by_expert,
-        timings=p.timings, degraded=p.degraded,
+        cost_by_expert=dict(cost_by_expert), timings=p.timings, degraded=p.degraded, answered_by=agg.source,
+        asked=[a.expert for a in p.spent if a.finished_at],  # a latent peer's read is no call
     )

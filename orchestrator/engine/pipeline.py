@@ -18,7 +18,7 @@ from orchestrator.engine.runtime import start_pool
 from orchestrator.engine.scheduler import Scheduler
 from orchestrator.engine.settings import TOP_SCORED, SchedulerSettings
 from routers.base import Decision, OnlineRouter, Router
-from routers.vocabulary import LATENT_ROUTER
+from routers.vocabulary import LATENT_ROUTER, Aggregation, Policy
 from workers.errors import UserError
 from workers.pool import ExpertPool
 from workers.types import GenerationResult, TokenDelta, WorkerInfo
@@ -34,10 +34,33 @@ def check_artifacts(config: ConciliumConfig) -> None:
         check_latent(config)
 
 
-def load_routers(config: ConciliumConfig, experts: list[str]) -> tuple[dict[str, Router], SchedulerSettings]:
+@dataclass(frozen=True)
+class Defaults:
+    """What a request that sets none of them is served with."""
+
+    k: int
+    aggregation: Aggregation
+    policy: Policy
+    cost_lambda: float = 0.0
+
+
+def request_defaults(config: ConciliumConfig, served: dict[str, object] | None) -> Defaults:
+    """The defaults of ``auto``: the configuration the profile's selection chose on served answers, unless
+    ``routing`` writes k, aggregation or policy itself. Then the written settings apply, with the built-in
+    defaults for the rest, and none of the profile's: a mix of the two would serve a configuration nobody
+    measured."""
+    r = config.routing
+    if served is None or r.model_fields_set & {"k", "aggregation", "policy"}:
+        return Defaults(r.k, r.aggregation, r.policy)
+    return Defaults(int(served["k"]), Aggregation(served["aggregation"]), Policy(served["policy"]),
+                    float(served.get("cost_lambda") or 0.0))
+
+
+def load_routers(config: ConciliumConfig, experts: list[str]
+                 ) -> tuple[dict[str, Router], SchedulerSettings, artifacts.ServedProfile]:
     """Routers by name, the default first (``artifacts.served``), with ``latent`` added when a checkpoint is
-    configured (never the default: it needs a trained checkpoint and its own actor); and the scheduler's
-    settings, whose aggregator preference comes from the same profile."""
+    configured (never the default: it needs a trained checkpoint and its own actor); the scheduler's settings,
+    whose aggregator preference comes from the same profile; and the profile itself."""
     profile = artifacts.served(config, experts)
     routers = profile.routers
     if config.latent.checkpoint is not None:
@@ -48,7 +71,7 @@ def load_routers(config: ConciliumConfig, experts: list[str]) -> tuple[dict[str,
     settings = SchedulerSettings(r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers,
                                  r.self_moa_temperature, profile.aggregators,
                                  profile.aggregator_source or TOP_SCORED, r.max_pending)
-    return routers, settings
+    return routers, settings, profile
 
 
 def expert_costs(config: ConciliumConfig) -> dict[str, float]:
@@ -77,16 +100,22 @@ class ExpertState:
 
 class Pipeline:
     def __init__(self, config: ConciliumConfig, pool: ExpertPool, scheduler: Scheduler,
-                 latent: LatentExecutor | None = None) -> None:
+                 profile: artifacts.ServedProfile, latent: LatentExecutor | None = None) -> None:
         self.config = config
         self._pool = pool
         self._scheduler = scheduler
         self._latent = latent
+        self._use(profile)
+
+    def _use(self, profile: artifacts.ServedProfile) -> None:
+        self.served: dict[str, object] | None = profile.served
+        """The configuration the profile's selection chose for ``auto``; None without one."""
+        self._defaults = request_defaults(self.config, profile.served)
 
     @classmethod
     async def start(cls, config: ConciliumConfig, detached: bool = False) -> Pipeline:
         """``detached``: share the experts as named actors that outlive this pipeline (Ray Serve replicas)."""
-        routers, settings = load_routers(config, [e.name for e in config.experts])
+        routers, settings, profile = load_routers(config, [e.name for e in config.experts])
         pool = await start_pool(config, detached)
         latent = None
         if config.latent.checkpoint is not None:
@@ -99,7 +128,7 @@ class Pipeline:
                 raise
         scheduler = Scheduler(routers, pool, settings, expert_costs(config), latent)
         scheduler.start()
-        return cls(config, pool, scheduler, latent)
+        return cls(config, pool, scheduler, profile, latent)
 
     # -- what it offers ----------------------------------------------------------------------------------
 
@@ -110,6 +139,16 @@ class Pipeline:
     async def explain(self, request: QueryRequest) -> Decision:
         """The decision a request would get, at once and outside any window; nothing is generated."""
         return await self._scheduler.explain(request)
+
+    def defaults(self, router: str | None) -> Defaults:
+        """k, aggregation, policy and λ for a request that sets none: ``auto``'s are the profile's served
+        configuration (unless ``routing`` names them); the latent router has its own k."""
+        r = self.config.routing
+        if router == LATENT_ROUTER:
+            return Defaults(self.config.latent.k, r.aggregation, r.policy)
+        if router in (None, self._scheduler.default_router):
+            return self._defaults
+        return Defaults(r.k, r.aggregation, r.policy)
 
     def catalog(self) -> Catalog:
         return Catalog(tuple(self._scheduler.routers), tuple(self._pool.names))
@@ -147,6 +186,18 @@ class Pipeline:
             return False
         return any([online.learn(decision, expert, value) for expert in experts])
 
+    async def generate(self, expert: str, prompts: list[str], max_new_tokens: int | None = None,
+                       temperature: float | None = None) -> GenerationResult:
+        """One batched call of one expert outside any window, with its generation defaults and these overrides:
+        for profiling tools (the LLM annotator, the aggregator test), never for a request."""
+        params = self._pool.config_of(expert).generation.sampling(max_new_tokens, temperature)
+        return await self._pool.generate(expert, prompts, params)
+
+    def use_router(self, name: str, router: Router) -> None:
+        """Serve a router fitted in this process under ``name`` (beside the profile's), as a live evaluation does
+        with each fold's router; a router of that name is replaced."""
+        self._scheduler.routers[name] = router
+
     def expert_stream(self, request: QueryRequest, expert: str, call: str
                       ) -> AsyncIterator[list[TokenDelta] | GenerationResult]:
         """One expert's stream for a request, straight from the pool with the settings the planner would give
@@ -168,9 +219,10 @@ class Pipeline:
             await self._pool.remove(name)
         for name in changed + added:
             await self._pool.add(new[name])
-        routers, settings = load_routers(config, self._pool.names)
+        routers, settings, profile = load_routers(config, self._pool.names)
         self._scheduler.reconfigure(routers, settings, expert_costs(config))
         self.config = config
+        self._use(profile)
         return {"added": added, "removed": removed, "changed": changed, "routers": list(routers)}
 
     async def close(self) -> None:

@@ -176,7 +176,7 @@ class Planner:
             if d.latent or not d.escalate:
                 continue
             first = list(d.experts)
-            if agree([extract(a.text) for a in p.answers]):
+            if agree([extract(a.text, p.request.kind) for a in p.answers]):
                 d.trace["rounds"] = [first]
                 d.trace["stopped"] = "the first round's answers agree"
             else:
@@ -213,7 +213,8 @@ class Planner:
             if p.decision.latent:
                 done[i] = Aggregated(p.answers[0].text, p.answers[0].expert, LATENT_SKIPPED)
                 continue
-            result = aggregate_without_call(p.request.aggregation, p.answers, p.decision)
+            p.answers.sort(key=_rank(p.decision))
+            result = aggregate_without_call(p.request.aggregation, p.answers, p.decision, p.request.kind)
             if result is not None:
                 done[i] = result
             else:
@@ -223,6 +224,15 @@ class Planner:
                 for (aggregator, params), items in calls.items()]
         _attach(live, work, lambda p, _w: p.streams_from == AGGREGATOR)
         return done, work
+
+
+def _rank(decision: Decision) -> Callable[[object], int]:
+    """An answer's place in the decision's order (its experts, then a cascade's escalation): answers arrive in the
+    order their calls finish, and a vote's tie must go the same way every time, live as offline."""
+    order = {}
+    for position, expert in enumerate(decision.experts + decision.escalate):
+        order.setdefault(expert, position)
+    return lambda answer: order.get(answer.expert, len(order))
 
 
 def _attach(live: list[InFlight], work: list[ExpertWork], writes: Callable[[InFlight, ExpertWork], bool]) -> None:

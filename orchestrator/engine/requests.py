@@ -11,8 +11,9 @@ import asyncio
 from dataclasses import dataclass, field
 
 from orchestrator.engine.token_stream import TokenStream
+from routers.answers import kind_of
 from routers.base import Decision, RouteOptions
-from routers.vocabulary import Aggregation
+from routers.vocabulary import Aggregation, AnswerKind
 from workers.errors import UserError
 from workers.types import Message, Prompt
 
@@ -56,10 +57,22 @@ class QueryRequest:
     """More sampling overrides (OpenAI's ``top_p``, ``seed``, ``stop``), applied where the backend can."""
     stream: TokenStream | None = None
     """Where the answer's tokens go as they are written; None: the answer arrives whole."""
+    category: str | None = None
+    """The query's category where the caller knows it (a labelled set's); a category router routes by it."""
+    answer_kind: AnswerKind | None = None
+    """What the answers are compared by (a letter, a number, text); None: read from the query (``kind_of``)."""
+    ref: str | None = None
+    """The caller's id for the query (a labelled question's), passed to the experts with the prompt."""
 
     @property
-    def prompt(self) -> str | Prompt:
-        return Prompt(messages=self.messages) if self.messages else self.query
+    def kind(self) -> AnswerKind:
+        return self.answer_kind or kind_of(self.query)
+
+    @property
+    def prompt(self) -> Prompt:
+        if self.messages:
+            return Prompt(messages=self.messages, ref=self.ref)
+        return Prompt(text=self.query, ref=self.ref)
 
 
 @dataclass
@@ -72,6 +85,8 @@ class ExpertAnswer:
     """Unix time at which the expert's generation call returned (0: no call, a peer's latent read)."""
     seconds: float = 0.0
     """The generation call's own time, shared by the rows of its batch."""
+    cost_usd: float | None = None
+    """The call's cost where the backend reported it; None: the expert's price per token applies."""
 
 
 @dataclass
@@ -88,6 +103,11 @@ class Answer:
     degraded: list[str] = field(default_factory=list)
     cost_by_expert: dict[str, float] = field(default_factory=dict)
     """Estimated USD per expert that took part (the aggregator included); they sum to ``cost_usd``."""
+    answered_by: str | None = None
+    """The expert whose own answer is the text (best, a vote, a consensus, a single answer); None when an
+    aggregator wrote it."""
+    asked: list[str] = field(default_factory=list)
+    """The experts that answered, every solve round and moa layer included, the aggregator not."""
 
 
 @dataclass

@@ -230,7 +230,9 @@ class Scheduler:
         # Routing embeds text: CPU work that must not stall the event loop.
         # A reload may have dropped the router since the request was validated: the default stands in.
         chosen = self.routers.get(router) or self.routers[self.default_router]
-        decisions = await asyncio.to_thread(chosen.route, texts, options)
+        known = [p.request.category for p in members]
+        categories = known if any(c is not None for c in known) else None
+        decisions = await asyncio.to_thread(chosen.route, texts, options, None, categories)
         elapsed = (time.perf_counter() - t0) / len(members)
         for p, d in zip(members, decisions):
             d.trace["router"] = router

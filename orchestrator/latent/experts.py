@@ -21,8 +21,9 @@ from workers.model_store import ModelStore
 def group_backends(configs: list[TransformersExpert], store_root: Path, threads: int | None = None
                    ) -> dict[str, TransformersBackend]:
     """One backend per expert, all on one device, prompts as plain text: the mixture is trained on the
-    tokenizer's plain encoding, so the primary must not see a chat template it never trained with."""
-    update: dict[str, object] = {"chat_template": "never"}
+    tokenizer's plain encoding, so the primary must see neither a chat template nor a plain-prompt frame that it
+    never trained with (its stop strings still end its answers)."""
+    update: dict[str, object] = {"chat_template": "never", "plain_prompt": "{prompt}"}
     if threads is not None:
         update["threads"] = threads
     backends = {c.name: TransformersBackend(c.model_copy(update=update), store_root) for c in configs}

@@ -79,8 +79,6 @@ def evaluate(s: EvalSettings, embedder: TextEncoder, on_fold: Callable[[int], No
     data, splits, protocol = _data(s, embedder)
     if s.budget is not None and s.budget.share is not None and data.cost is None:
         raise RoutingError("a budget needs cost data, and this file records none")
-    if s.budget is not None and s.router == AUTO_ROUTER:
-        raise RoutingError("a budget holds one router to it: name the router with --router")
     result: dict[str, object] = {
         "router": s.router, "policy": str(s.options.policy), "k": s.options.k, "aggregation": str(s.aggregation),
         "protocol": protocol, "experts": data.experts,
@@ -88,9 +86,11 @@ def evaluate(s: EvalSettings, embedder: TextEncoder, on_fold: Callable[[int], No
     }
     if s.router == AUTO_ROUTER:
         picked = nested(data, candidate_factory(embedder), s.options, s.aggregation, splits, seed=s.seed,
-                        on_fold=on_fold)
+                        on_fold=on_fold, target=s.budget)
         result.update(accuracy=picked.accuracy, mean_cost=picked.mean_cost, n_queries=len(data.texts),
                       chosen_per_fold=picked.chosen, inner_scores=picked.inner_scores)
+        if s.budget is not None:
+            result["budget"] = _held(s.budget, data, splits, picked.mean_cost, picked.mean_experts)
         return result
     make = lambda: make_router(s.router, embedder=embedder)  # noqa: E731
     outcome = run_router(make, data, s.options, s.aggregation, splits, on_fold, s.budget)

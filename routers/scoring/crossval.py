@@ -22,7 +22,7 @@ will be, so that the budget holds on the test folds too.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -76,6 +76,16 @@ class Outcome:
     """Expert calls per query, escalations included."""
     calibration_error: float | None = None
     """ECE of the scores as probabilities of a right answer, over every (query, expert)."""
+    picks: list[Pick] | None = None
+    """Per query (in the data's order): who was asked and whose answer counted, to compare with a live run."""
+
+
+@dataclass(frozen=True)
+class Pick:
+    asked: tuple[str, ...]
+    """Every expert asked, escalations included, in the decision's order."""
+    answered_by: str
+    correct: float
 
 
 @dataclass
@@ -84,6 +94,8 @@ class FoldScore:
     cost: np.ndarray | None
     consensus: np.ndarray
     calls: np.ndarray
+    picks: list[tuple[list[int], int]] = field(default_factory=list)
+    """Per query: the experts asked and the one whose outcome counted (column indices)."""
 
 
 def scored_as(aggregation: str, k: int) -> Aggregation:
@@ -109,6 +121,7 @@ def score(decisions: list[Decision], data: TrainingSet, aggregation: str) -> Fol
     consensus = np.zeros(len(decisions), dtype=bool)
     calls = np.zeros(len(decisions))
     cost = None if data.cost is None else np.zeros(len(decisions))
+    picks: list[tuple[list[int], int]] = []
     for q, d in enumerate(decisions):
         chosen = asked(d, data, q)
         calls[q] = len(chosen)
@@ -122,7 +135,8 @@ def score(decisions: list[Decision], data: TrainingSet, aggregation: str) -> Fol
                                    [d.scores.get(data.experts[j], 0.0) for j in chosen])
             top = top if winner is None else chosen[winner]
         correct[q] = data.correct[q, top]
-    return FoldScore(correct, cost, consensus, calls)
+        picks.append((chosen, top))
+    return FoldScore(correct, cost, consensus, calls, picks)
 
 
 def calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
@@ -137,7 +151,7 @@ def calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int
     return float(total)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CostTarget:
     """What λ must hold on the test folds: a share of the best single expert's cost, or mean expert calls."""
 
@@ -202,12 +216,15 @@ class _Tally:
         self.correct, self.consensus, self.calls = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n)
         self.cost = None if data.cost is None else np.zeros(n)
         self.probabilities = np.zeros(data.correct.shape)
+        self.picks: list[Pick | None] = [None] * n
 
     def add(self, idx: np.ndarray, decisions: list[Decision], fold: FoldScore, experts: list[str]) -> None:
         self.correct[idx], self.consensus[idx], self.calls[idx] = fold.correct, fold.consensus, fold.calls
         self.probabilities[idx] = [[d.scores.get(e, 0.0) for e in experts] for d in decisions]
         if self.cost is not None:
             self.cost[idx] = fold.cost
+        for q, (asked_cols, top), right in zip(idx, fold.picks, fold.correct):
+            self.picks[q] = Pick(tuple(experts[j] for j in asked_cols), experts[top], float(right))
 
     def outcome(self, idx: np.ndarray, data: EvalData) -> Outcome:
         return Outcome(
@@ -218,6 +235,7 @@ class _Tally:
                             if data.answers is not None and self.calls[idx].max() > 1 else None),
             mean_experts=float(self.calls[idx].mean()),
             calibration_error=calibration_error(np.clip(self.probabilities[idx], 0, 1), data.correct[idx]),
+            picks=self.picks,
         )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from routers.base import RouteOptions, Router
 from routers.registry import make_router
-from routers.scoring.crossval import EvalData, cross_validation_splits, run_router
+from routers.scoring.crossval import CostTarget, EvalData, cross_validation_splits, run_router
 from routers.selected import CANDIDATES, options_for
 
 
@@ -46,14 +46,16 @@ SMALL_SET_REPEATS = 5
 
 def select(data: EvalData, make: Callable[[str], Router], options: RouteOptions, aggregation: str,
            folds: int = 3, seed: int = 0, candidates: tuple[str, ...] = CANDIDATES,
-           on_candidate: Callable[[str], None] = lambda _c: None) -> Selection:
-    """Each candidate's accuracy by k-fold CV, repeated with other seeds on a small set, and the best one."""
+           on_candidate: Callable[[str], None] = lambda _c: None, target: CostTarget | None = None) -> Selection:
+    """Each candidate's accuracy by k-fold CV, repeated with other seeds on a small set, and the best one. With a
+    cost target, each candidate is held to it (its λ solved on every training part), as a budgeted deployment
+    will be."""
     repeats = SMALL_SET_REPEATS if len(data.texts) < SMALL_SET else 1
     splits = [cross_validation_splits(len(data.texts), folds, seed + r) for r in range(repeats)]
     scores = {}
     for name in candidates:
         scores[name] = float(np.mean([run_router(lambda n=name: make(n), data, options_for(name, options),
-                                                 aggregation, s).accuracy for s in splits]))
+                                                 aggregation, s, budget=target).accuracy for s in splits]))
         on_candidate(name)
     chosen = max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
     return Selection(chosen, scores, folds, {"k": options.k, "policy": str(options.policy),
@@ -67,26 +69,29 @@ class NestedOutcome:
     """The candidate each outer fold's selection chose."""
     inner_scores: list[dict[str, float]]
     mean_cost: float | None = None
+    mean_experts: float = 1.0
 
 
 def nested(data: EvalData, make: Callable[[str], Router], options: RouteOptions, aggregation: str,
            splits: list[tuple[np.ndarray, np.ndarray]], inner_folds: int = 3, seed: int = 0,
-           on_fold: Callable[[int], None] = lambda _i: None) -> NestedOutcome:
-    right, spent, chosen, inner = np.zeros(len(data.texts)), np.zeros(len(data.texts)), [], []
+           on_fold: Callable[[int], None] = lambda _i: None, target: CostTarget | None = None) -> NestedOutcome:
+    right, spent, calls = np.zeros(len(data.texts)), np.zeros(len(data.texts)), np.zeros(len(data.texts))
+    chosen, inner = [], []
     for i, (train_idx, test_idx) in enumerate(splits):
-        pick = select(data.subset(train_idx), make, options, aggregation, inner_folds, seed)
+        pick = select(data.subset(train_idx), make, options, aggregation, inner_folds, seed, target=target)
         chosen.append(pick.chosen)
         inner.append(pick.scores)
         outcome_split = [(np.arange(len(train_idx)), np.arange(len(train_idx), len(train_idx) + len(test_idx)))]
         joined = data.subset(train_idx).join(data.subset(test_idx))
         fold = run_router(lambda n=pick.chosen: make(n), joined, options_for(pick.chosen, options), aggregation,
-                          outcome_split)
+                          outcome_split, budget=target)
         right[test_idx] = fold.accuracy
         spent[test_idx] = fold.mean_cost or 0.0
+        calls[test_idx] = fold.mean_experts
         on_fold(i)
     idx = np.concatenate([t for _, t in splits])
     return NestedOutcome(float(right[idx].mean()), chosen, inner,
-                         None if data.cost is None else float(spent[idx].mean()))
+                         None if data.cost is None else float(spent[idx].mean()), float(calls[idx].mean()))
 
 
 def candidate_factory(embedder: object) -> Callable[[str], Router]:

@@ -1,8 +1,8 @@
 """An expert that answers with a real model's recorded answers.
 
 It lets routers, the scheduler and the API run on real recorded outcomes
-without loading any model. A prompt that matches a recorded query (by its text,
-or ``id:<record id>``) gets that record's answer; any other prompt gets a
+without loading any model. A prompt that names a record (its ``ref``, or a text
+``id:<record id>``) or matches a recorded query by its text gets that record's answer, with the record's cost; any other prompt gets a
 record chosen by a stable hash of the prompt, so load tests see deterministic,
 realistic answers, and ``meta['matched']`` says which case it was.
 """
@@ -50,6 +50,8 @@ class ReplayBackend:
         return 0
 
     def _lookup(self, prompt: Prompt) -> tuple[Record, bool]:
+        if prompt.ref is not None and prompt.ref in self.by_id:
+            return self.by_id[prompt.ref], True
         text = prompt.text if prompt.text is not None else prompt.messages[-1].content
         key = _key(text)
         if key.startswith("id:") and key[3:].strip() in self.by_id:
@@ -80,12 +82,8 @@ class ReplayBackend:
                     prompt_tokens=len(_key(prompt.as_plain_text()).split()),
                     completion_tokens=len(text.split()),
                     finish_reason="stop",
-                    meta={
-                        "record_id": record.id,
-                        "matched": matched,
-                        "score": record.outcome[c],
-                        "cost_usd": record.cost[c] if record.cost else None,
-                    },
+                    meta={"record_id": record.id, "matched": matched, "score": record.outcome[c]},
+                    cost_usd=record.cost[c] if record.cost else None,
                 )
             )
         return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from workers.backends import BackendUnsupported
+from workers.config import LocalPrompting
 from workers.types import Prompt
 
 TemplateMode = Literal["auto", "always", "never"]
@@ -39,19 +40,27 @@ def adds_bos(tokenizer: object) -> bool:
 
 
 class ChatFormat:
-    def __init__(self, tokenizer: object, mode: TemplateMode, expert: str) -> None:
+    def __init__(self, tokenizer: object, mode: TemplateMode, expert: str, plain: str = "{prompt}") -> None:
+        """``plain``: how a query is written for a model without a chat template, ``{prompt}`` standing for it."""
         has = bool(getattr(tokenizer, "chat_template", None))
         if mode == "always" and not has:
             raise BackendUnsupported(f"{expert}: chat_template=always but the tokenizer has none")
         self.tokenizer = tokenizer
         self.uses_template = mode == "always" or (mode == "auto" and has)
+        self.plain = plain
         self.bos: int | None = tokenizer.bos_token_id if adds_bos(tokenizer) else None
         """The BOS every input starts with, for a model whose tokenizer adds one; None for the others."""
+
+    @classmethod
+    def of(cls, tokenizer: object, config: LocalPrompting, expert: str) -> ChatFormat:
+        return cls(tokenizer, config.chat_template, expert, config.plain_prompt)
 
     def render(self, prompt: Prompt) -> str:
         if self.uses_template:
             return self.tokenizer.apply_chat_template(prompt.as_messages(), add_generation_prompt=True,
                                                       tokenize=False)
+        if prompt.text is not None:
+            return self.plain.replace("{prompt}", prompt.text)
         return prompt.as_plain_text()
 
     def token_ids(self, prompt: Prompt) -> list[int]:

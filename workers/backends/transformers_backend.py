@@ -53,7 +53,7 @@ class TransformersBackend:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         model.to(self.device).eval()
         self.tokenizer, self.model = tokenizer, model
-        self.format = ChatFormat(tokenizer, self.config.chat_template, self.config.name)
+        self.format = ChatFormat.of(tokenizer, self.config, self.config.name)
 
     def unload(self) -> None:
         self.model = None

@@ -83,7 +83,7 @@ class VLLMBackend:
             return AsyncLLM.from_engine_args(args)
 
         self.engine = self._run(start())
-        self.format = ChatFormat(load_tokenizer(self._folder()), self.config.chat_template, self.config.name)
+        self.format = ChatFormat.of(load_tokenizer(self._folder()), self.config, self.config.name)
 
     async def _close(self) -> None:
         """Stop the engine (its core process too), then end its background tasks on their own loop."""
