@@ -58,8 +58,9 @@ redis:
 browser:
 	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-# The embedded default routes from the first query: the bundled experts answer the 32 starter questions once
-# (about a minute), and `concilium profile` fits and selects a router on their outcomes. Kept until removed.
+# The embedded default routes from the first query: the bundled experts answer the profile half of the starter
+# questions through the pipeline once (about 5 minutes), and `concilium profile` chooses the served configuration
+# on those answers. Kept until removed.
 $(PROFILES)/LATEST: | models
 	$(BIN)/concilium profile --starter --no-select-aggregator -n 24 --concurrency 32 --out $(PROFILES)
 
