@@ -71,7 +71,7 @@ serve: models $(PROFILES)/LATEST
 
 # Two workers, each with its own local Ray, a test file at a time (module fixtures stay on one worker): most of the
 # suite's time is spent waiting on Ray, servers and subprocesses, so two workers pay even on two cores.
-PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder
 
 test: models vllm redis browser
 	$(PYTEST)

@@ -76,8 +76,13 @@ IMPLIED = {"ray_cluster": "ray", "store": "models", "embedder": "models", "mixtu
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test by what it needs, so that `make test-fast` can leave out what needs a model or Ray. Tests
-    that start Ray or load a model in a subprocess carry the marker themselves."""
+    that start Ray or load a model in a subprocess carry the marker themselves.
+
+    Then the files marked ``long`` (minutes each) go first: `make test` hands whole files to two workers in this
+    order (``--dist loadfile --no-loadscope-reorder``), and a long file started last keeps one worker busy while
+    the other idles."""
     for item in items:
         for fixture, marker in IMPLIED.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

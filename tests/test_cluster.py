@@ -35,6 +35,8 @@ from orchestrator.config import parse_config
 from tests.conftest import BENCH_DATA
 from tests.live import HOST, free_port, write_config
 
+pytestmark = pytest.mark.long
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 # A node that joins a cluster needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and with it Ray replaces the address

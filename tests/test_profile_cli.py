@@ -9,6 +9,8 @@ import pytest
 
 from tests.test_eval_cli import concilium, mmlu_slice  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.long
+
 
 @pytest.mark.models
 def test_imported_profiles_load_into_a_working_router(mmlu_slice, tmp_path):  # noqa: F811

@@ -29,7 +29,7 @@ from workers.placement import ACTOR_PREFIX
 from workers.pool import ExpertPool
 from workers.types import GenerationResult, SamplingParams
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[1]
 
