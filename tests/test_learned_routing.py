@@ -127,3 +127,23 @@ def test_auto_never_picks_a_candidate_that_scored_worse(mmlu, static):
     outer = nested(small, make, RouteOptions(k=3), "vote", cross_validation_splits(600, 2, 0), inner_folds=2)
     for chosen, inner in zip(outer.chosen, outer.inner_scores):
         assert inner[chosen] == max(inner.values())
+
+
+def test_auto_keeps_automatic_selection_under_a_cost_target(routerbench, static):
+    """`concilium eval --router auto --budget-share F`: every candidate is held to the target on each inner
+    training part, and the chosen one routes the outer test part with its λ. λ is solved on training parts and
+    does not always transfer (on small slices the held-out share overshoots the target: docs/benchmarks.md gives
+    the measured shares), so what must hold everywhere is that selection runs under the target, picks its best
+    candidate, and spends less than the best single expert alone."""
+    make = lambda n: make_router(n, embedder=static)  # noqa: E731
+    small = routerbench.subset(np.arange(0, len(routerbench.texts), 21))
+    splits = cross_validation_splits(len(small.texts), 2, 0)
+    outer = nested(small, make, RouteOptions(k=1, policy=Policy.COST), "best", splits, inner_folds=2,
+                   target=CostTarget(share=0.5))
+    assert set(outer.chosen) <= set(CANDIDATES) and len(outer.chosen) == 2
+    for chosen, inner in zip(outer.chosen, outer.inner_scores):
+        assert inner[chosen] == max(inner.values())
+    idx = np.concatenate([t for _, t in splits])
+    best = int(np.argmax(small.correct[idx].mean(axis=0)))
+    assert outer.mean_cost < small.cost[idx, best].mean()
+    assert outer.accuracy > small.correct[idx].mean(axis=0).min()
