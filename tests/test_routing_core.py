@@ -197,9 +197,9 @@ def test_embedding_cache_round_trip(embedder, tmp_path):
     ],
 )
 def test_grading_rules(text, gold, right):
-    from routers.scoring.grading import is_correct
+    from routers.scoring.grading import grade
 
-    assert is_correct(text, gold) is right
+    assert grade(text, gold) is right
 
 
 def test_frontier_and_aiq_by_hand():
@@ -226,14 +226,14 @@ def test_synthesis_prompt_quotes_candidates_as_data_and_strips_reasoning():
 
 def test_selection_items_have_one_right_and_two_wrong():
     from routers.scoring.aggregator_test import selection_items
-    from routers.scoring.grading import is_correct
+    from routers.scoring.grading import grade
 
     answers = {"a": ["The answer is (A).", "x"], "b": ["The answer is (C).", "\\boxed{5}"]}
     correct = {"a": [True, False], "b": [False, False]}
     items = selection_items(["q0", "q1"], ["A", "7"], answers, correct, seed=3)
     for it in items:
         assert len(it.candidates) == 3
-        assert sum(is_correct(c, it.gold) for c in it.candidates) == 1
+        assert sum(grade(c, it.gold) for c in it.candidates) == 1
     assert "\\boxed{7}" in items[1].candidates  # no expert was right: the gold answer is stated
 
 

@@ -176,7 +176,8 @@ class Planner:
             if d.latent or not d.escalate:
                 continue
             first = list(d.experts)
-            if agree([extract(a.text, p.request.kind) for a in p.answers]):
+            kind = p.request.kind
+            if agree([extract(a.text, kind) for a in p.answers]):
                 d.trace["rounds"] = [first]
                 d.trace["stopped"] = "the first round's answers agree"
             else:

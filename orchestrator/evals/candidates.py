@@ -53,13 +53,8 @@ class Candidate:
         """Whether an aggregator writes the answer: then only a live run can score it."""
         return self.alone is None and self.aggregation in SYNTHESISING and self.k > 1
 
-    def options(self, cost_lambda: float | None = None, per_call: bool = False) -> RouteOptions:
-        lam = self.cost_lambda if cost_lambda is None else cost_lambda
-        return RouteOptions(k=self.k, policy=self.policy, cost_lambda=lam, seed=self.seed, per_call=per_call)
-
-
-def best_single(expert: str) -> Candidate:
-    return Candidate(alone=expert)
+    def options(self) -> RouteOptions:
+        return RouteOptions(k=self.k, policy=self.policy, cost_lambda=self.cost_lambda, seed=self.seed)
 
 
 def grid(n_experts: int, routers: tuple[str, ...] = CANDIDATES, synthesis_router: str = "cluster",

@@ -5,8 +5,8 @@ Every candidate is scored by cross-validation on the same questions: the ones wh
 evaluation (the same vote, the same agreement rule); the ones that synthesise by their synthesised answers,
 asked live. The best single expert alone is the incumbent. A candidate replaces it only when it is right more
 often on the same questions by a margin a coin would rarely give: an exact one-sided sign test on the questions
-where exactly one of the two is right (p < 0.05; three wins and no loss is p = 0.125, not enough). So a fleet is not served in a configuration whose gain
-over its best expert is noise of the profiling set. Among the candidates that pass, the most accurate wins, and a
+where exactly one of the two is right (p < 0.05; three wins and no loss is p = 0.125, not enough). So a fleet is
+not served in a configuration whose gain over its best expert is noise of the profiling set. Among the candidates that pass, the most accurate wins, and a
 tie goes to the cheaper one, then to the one with fewer expert calls, then to the simpler one (the grid's order).
 """
 

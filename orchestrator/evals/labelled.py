@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 from routers.scoring.grading import infer_grader
@@ -43,7 +44,7 @@ class LabelledSet:
     def __len__(self) -> int:
         return len(self.questions)
 
-    @property
+    @cached_property
     def kinds(self) -> list[AnswerKind]:
         """The kind of answer each question asks for, as its grader reads answers."""
         return [KIND_OF_GRADER[g] for g in self.graders]

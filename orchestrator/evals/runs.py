@@ -110,9 +110,13 @@ class Flow:
         return outcomes.from_answers(self.data, alone, prices, self.encoder)
 
     def offline(self, candidate: Candidate, fit: EvalData) -> Outcome:
-        """The candidate scored on the outcomes by offline evaluation's own function, on the same folds."""
-        return run_router(lambda: self.make(candidate.router), fit, candidate.options(),
-                          scored_as(candidate.aggregation, candidate.k), self.splits, budget=candidate.target)
+        return offline(candidate, fit, self.splits, self.make)
+
+
+def offline(candidate: Candidate, fit: EvalData, splits: list, make: Callable[[str], object]) -> Outcome:
+    """The candidate scored on the outcomes by offline evaluation's own function, on the given folds."""
+    return run_router(lambda: make(candidate.router), fit, candidate.options(),
+                      scored_as(candidate.aggregation, candidate.k), splits, budget=candidate.target)
 
 
 def parity(row: Row, offline: Outcome) -> dict[str, object]:
@@ -180,8 +184,7 @@ def incumbent(fit: EvalData) -> Scored:
 
 
 def scored_offline(candidate: Candidate, fit: EvalData, splits: list, make: Callable[[str], object]) -> Scored:
-    o = run_router(lambda: make(candidate.router), fit, candidate.options(),
-                   scored_as(candidate.aggregation, candidate.k), splits, budget=candidate.target)
+    o = offline(candidate, fit, splits, make)
     return Scored(candidate, np.array([p.correct for p in o.picks]), o.mean_cost or 0.0, o.mean_experts)
 
 

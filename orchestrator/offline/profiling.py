@@ -14,7 +14,7 @@ import numpy as np
 from routers.aggregation import synthesis_prompt
 from routers.annotators import LLMAnnotator
 from routers.scoring.aggregator_test import selection_items
-from routers.scoring.grading import is_correct
+from routers.scoring.grading import grade
 from workers.types import GenerationResult
 
 ANNOTATION_TOKENS = 32
@@ -41,6 +41,6 @@ async def rank_aggregators(generate: Generate, experts: list[str], questions: li
     scores = {}
     for expert in experts:
         result = await generate(expert, prompts, None, None)
-        right = [is_correct(c.text, it.gold) for c, it in zip(result.completions, items)]
+        right = [grade(c.text, it.gold) for c, it in zip(result.completions, items)]
         scores[expert] = sum(right) / len(right)
     return scores

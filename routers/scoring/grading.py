@@ -44,8 +44,3 @@ def grade(answer: str, gold: str, grader: Grader | None = None) -> bool:
     if grader == Grader.EXACT:
         return any(said == w or said.startswith(w + " ") for w in wanted if w)
     return any(f" {w} " in f" {said} " for w in wanted if w)
-
-
-def is_correct(answer: str, gold: str) -> bool:
-    """The grader inferred from the gold (the Symbolic-MoE task rules: a letter, or a number)."""
-    return grade(answer, gold)
