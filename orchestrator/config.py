@@ -81,8 +81,13 @@ class QuotaConfig(Strict):
         "which replace the default for that key; GET /v1/usage shows the limits in force",
     )
     over_budget: Literal["refuse", "fit"] = Field(
-        "refuse", description="refuse: 429 budget_exceeded once a limit is reached; fit: also shrink each "
-        "request's budget to the USD that remains, so the router drops costly recruits",
+        "refuse", description="refuse: a request reserves all its plan can spend, and gets 429 budget_exceeded "
+        "when that does not fit what is left; fit: its budget shrinks to the USD left (costly recruits dropped), it "
+        "reserves its first round, and a later call (a synthesis, an escalation) runs only if the budget allows",
+    )
+    wait_s: float = Field(
+        30.0, ge=0.0, description="how long a request that fits once the requests running now settle waits for "
+        "them before its 429",
     )
     store_down: Literal["open", "closed"] = Field(
         "open", description="when the store cannot be read: open admits (and counts nothing), closed answers 503",

@@ -24,12 +24,16 @@ from selenium.webdriver.support.ui import WebDriverWait
 from orchestrator.api.security import KeyRing, digest, key_id
 from tests.live import RedisServer, ThreadServer, free_port, headless_chrome, write_config
 
-USER, OTHER, ADMIN, LIMITED, SPENDER = (f"{kind}-{uuid.uuid4().hex[:10]}"
-                                        for kind in ("user", "other", "admin", "limited", "spender"))
+USER, OTHER, ADMIN, LIMITED, SPENDER, CROWD, PLANNER = (
+    f"{kind}-{uuid.uuid4().hex[:10]}" for kind in ("user", "other", "admin", "limited", "spender", "crowd", "planner"))
 RATE = 40
 """Requests per key per minute in ``secured``; the rate-limit test sends one more than this."""
 SPENDER_TOKENS = 40
-
+WAVE_TOKENS = 3 + 16
+"""What one request of ``_wave`` spends: a simulated prompt token is a word ("Count to ten."), and a simulated
+expert writes every token it may (16)."""
+CROWD_TOKENS = 10 * WAVE_TOKENS
+"""CROWD's budget: ten requests of ``_wave``."""
 
 def _sim(name: str, step_s: float, usd_per_1k: float = 0.0) -> dict:
     return {"name": name, "backend": "simulated", "memory_gb": 0.1, "load_s": 0.0, "step_s": step_s,
@@ -62,7 +66,8 @@ def secured(ray_cluster, tmp_path_factory):
         return write_config(tmp / f"{replica}.yaml", {
             "ray": {"namespace": f"sec-{replica}-{uuid.uuid4().hex[:6]}"},
             "routing": {"aggregation": "best", "max_wait_ms": 5},
-            "server": {"redis_url": redis.url, "api_key_sha256": [digest(k) for k in (USER, OTHER, LIMITED, SPENDER)],
+            "server": {"redis_url": redis.url,
+                       "api_key_sha256": [digest(k) for k in (USER, OTHER, LIMITED, SPENDER)],
                        "admin_key_sha256": [digest(ADMIN)], "rate_limit_per_minute": RATE,
                        "cors_origins": ["https://app.example"], "request_timeout_s": 1,
                        "budgets": {"keys": {key_id(SPENDER): {"tokens_per_day": SPENDER_TOKENS}}}},
@@ -214,22 +219,114 @@ def test_usage_adds_up_across_two_replicas_sharing_redis(secured):
 
 
 async def _wave(urls: list[str], key: str) -> list[httpx.Response]:
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=len(urls))) as http:
         return await asyncio.gather(*(
             http.post(f"{url}/v1/query", json={"query": "Count to ten.", "max_tokens": 16, "experts": ["sim-fast"]},
                       headers=_bearer(key)) for url in urls))
 
 
+@pytest.fixture(scope="module")
+def crowded(ray_cluster, tmp_path_factory):
+    """Two replicas sharing one redis, no rate limit (``over_budget: refuse``, the default): CROWD's budget of ten
+    requests, and PLANNER's, which fits two experts' answers but not a synthesis of them."""
+    tmp = tmp_path_factory.mktemp("crowded")
+    redis = RedisServer(tmp)
+    servers: list[ThreadServer] = []
+    try:
+        for replica in ("a", "b"):
+            servers.append(ThreadServer(write_config(tmp / f"{replica}.yaml", {
+                "ray": {"namespace": f"crowd-{replica}-{uuid.uuid4().hex[:6]}"},
+                "routing": {"aggregation": "best", "max_wait_ms": 5},
+                "server": {"redis_url": redis.url, "api_key_sha256": [digest(CROWD), digest(PLANNER)],
+                           "admin_key_sha256": [digest(ADMIN)],
+                           "budgets": {"keys": {key_id(CROWD): {"tokens_per_day": CROWD_TOKENS},
+                                                key_id(PLANNER): {"tokens_per_day": 60}}}},
+                "experts": [_sim("sim-fast", 0.001, 0.002), _sim("sim-b", 0.001)],
+            })))
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+        redis.stop()
+
+
+def test_64_concurrent_requests_on_two_replicas_never_spend_past_a_budget_that_fits_10(crowded):
+    """The issue's case: every request reserves its most before it runs, in one redis script shared by both
+    replicas, so the key's spending never passes its limit; requests that would fit once others settle wait for
+    them, and the rest get 429 budget_exceeded. Nothing is lost: each answer is counted once."""
+    a, b = crowded
+    responses = asyncio.run(_wave([a.url, b.url] * 32, CROWD))
+    served = [r.json() for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert all(r.status_code == 429 and r.json()["error"]["type"] == "budget_exceeded" for r in refused)
+    used = _usage(a.url, ADMIN, of=key_id(CROWD))
+    spent = used["prompt_tokens"] + used["completion_tokens"]
+    assert spent <= CROWD_TOKENS  # no overshoot
+    assert len(served) >= 9 and used["requests"] == len(served)  # none lost, none counted twice
+    assert spent == sum(x["total_usage"]["total_tokens"] for x in served)
+    assert used["reserved_tokens"] == 0 and used["remaining_tokens"] == CROWD_TOKENS - spent  # every hold settled
+
+
+def test_refuse_reserves_all_a_plan_can_spend_so_an_admitted_request_is_served_as_asked(crowded):
+    """Two simulated answers cost 2 x (3 + 8) tokens; a synthesis of them could cost over a hundred more, though
+    the experts' agreement may skip it. With ``refuse`` the whole plan is reserved: the synthesising request is
+    refused at once (it spends nothing), and the voting one fits."""
+    a, _ = crowded
+    body = {"query": "Pick a letter.", "max_tokens": 8}
+    synthesis = httpx.post(f"{a.url}/v1/query", json={**body, "aggregation": "synthesize"}, headers=_bearer(PLANNER),
+                           timeout=60)
+    assert synthesis.status_code == 429 and "does not fit what is left" in synthesis.json()["error"]["message"]
+    assert _usage(a.url, PLANNER)["requests"] == 0
+    vote = httpx.post(f"{a.url}/v1/query", json={**body, "aggregation": "vote"}, headers=_bearer(PLANNER), timeout=60)
+    assert vote.status_code == 200 and not vote.json()["degraded"], vote.text
+    used = _usage(a.url, PLANNER)
+    assert used["prompt_tokens"] + used["completion_tokens"] == vote.json()["total_usage"]["total_tokens"] == 22
+
+
+@pytest.fixture(scope="module")
+def fitted(ray_cluster, tmp_path_factory):
+    """One server, no keys, ``over_budget: fit`` and a budget of 200 tokens; two simulated experts that disagree
+    on "Pick a letter." and on "Choose one." (their letters are hashes of their names and the prompt)."""
+    tmp = tmp_path_factory.mktemp("fitted")
+    server = ThreadServer(write_config(tmp / "fit.yaml", {
+        "ray": {"namespace": f"fitted-{uuid.uuid4().hex[:6]}"},
+        "routing": {"aggregation": "synthesize", "max_wait_ms": 5},
+        "server": {"budgets": {"default": {"tokens_per_day": 200}, "over_budget": "fit"}},
+        "experts": [_sim("sim-a", 0.001), _sim("sim-b", 0.001)],
+    }))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_fit_reserves_the_first_round_and_runs_a_synthesis_only_while_the_budget_allows(fitted):
+    """The first request's synthesis grows its hold (22 + 116 tokens of 200) and runs; the second's first round
+    fits what is left, its synthesis does not, so the vote answers and the answer says why."""
+    ask = {"max_tokens": 8}
+    first = httpx.post(f"{fitted.url}/v1/query", json={**ask, "query": "Pick a letter."}, timeout=60).json()
+    assert first["aggregator"] is not None and not first["degraded"], first
+    second = httpx.post(f"{fitted.url}/v1/query", json={**ask, "query": "Choose one."}, timeout=60).json()
+    assert second["aggregator"] is None and second["aggregation_skipped"].startswith("vote")
+    assert any("was not asked" in note and "budget allows" in note for note in second["degraded"]), second
+    used = httpx.get(f"{fitted.url}/v1/usage", timeout=30).json()
+    spent = used["prompt_tokens"] + used["completion_tokens"]
+    assert spent == first["total_usage"]["total_tokens"] + second["total_usage"]["total_tokens"] <= 200
+    assert used["reserved_tokens"] == 0
+
+
 def test_a_spent_budget_refuses_the_next_requests_and_loses_none_admitted(secured):
     a, b = secured
-    first = asyncio.run(_wave([a.url, b.url, a.url], SPENDER))  # admitted together: usage is still 0
+    first = asyncio.run(_wave([a.url, b.url, a.url], SPENDER))  # two fit, the third never can
     answered = [r.json() for r in first if r.status_code == 200]
-    assert answered and all(r.json()["error"]["type"] == "budget_exceeded" for r in first if r.status_code != 200)
+    assert len(answered) == SPENDER_TOKENS // WAVE_TOKENS
+    assert all(r.json()["error"]["type"] == "budget_exceeded" for r in first if r.status_code != 200)
     assert all(x["answer"] for x in answered)  # every admitted request was served in full
     used = _usage(b.url, ADMIN, of=key_id(SPENDER))
     assert used["requests"] == len(answered)  # and counted once: nothing lost, nothing twice
-    assert used["prompt_tokens"] + used["completion_tokens"] == sum(x["total_usage"]["total_tokens"] for x in answered)
-    assert used["tokens_per_day"] == SPENDER_TOKENS and used["remaining_tokens"] == 0
+    spent = used["prompt_tokens"] + used["completion_tokens"]
+    assert spent == sum(x["total_usage"]["total_tokens"] for x in answered) <= SPENDER_TOKENS
+    assert used["tokens_per_day"] == SPENDER_TOKENS and used["remaining_tokens"] == SPENDER_TOKENS - spent
 
     refused = asyncio.run(_wave([b.url, a.url], SPENDER))
     streamed = httpx.post(f"{a.url}/v1/query", json={"query": "Again?", "stream": True}, headers=_bearer(SPENDER),
@@ -238,8 +335,10 @@ def test_a_spent_budget_refuses_the_next_requests_and_loses_none_admitted(secure
     for r in [*refused, streamed, job]:
         assert r.status_code == 429 and r.headers["content-type"] == "application/json", r.text
         error = r.json()["error"]
-        assert error["type"] == "budget_exceeded" and error["remaining"] == {"tokens": 0, "usd": None}
-        assert f"of {SPENDER_TOKENS} tokens today" in error["message"] and "renews in" in error["message"]
+        assert error["type"] == "budget_exceeded" and error["remaining"] == {"tokens": SPENDER_TOKENS - spent,
+                                                                             "usd": None}
+        assert f"{spent} of {SPENDER_TOKENS} tokens today" in error["message"] and "renews in" in error["message"]
+        assert "does not fit what is left" in error["message"]
         assert 0 < int(r.headers["retry-after"]) <= 86_400
         assert abs(int(r.headers["retry-after"]) - (86_400 - int(time.time()) % 86_400)) <= 5  # UTC midnight
     assert _usage(a.url, ADMIN, of=key_id(SPENDER))["requests"] == len(answered)  # refusals cost nothing
@@ -276,20 +375,20 @@ def lonely(ray_cluster, tmp_path_factory):
         redis.stop()
 
 
-def test_fit_drops_costly_recruits_where_refuse_spends_then_refuses(lonely):
+def test_fit_drops_costly_recruits_where_refuse_refuses_what_cannot_fit(lonely):
     fit, refuse, _, _ = lonely
     body = {"query": "Name a colour.", "k": 2, "max_tokens": 8}
     fitted = httpx.post(f"{fit.url}/v1/query", json=body, timeout=60).json()
     budget = fitted["routing"]["trace"]["budget"]
     assert budget["dropped"] == ["sim-dear"] and budget["usd"] == pytest.approx(0.005)
     assert [x["expert"] for x in fitted["answers"]] == ["sim-cheap"]
-    whole = httpx.post(f"{refuse.url}/v1/query", json=body, timeout=60).json()
-    assert sorted(x["expert"] for x in whole["answers"]) == ["sim-cheap", "sim-dear"]
-    assert whole["cost_usd"] > 0.005  # admitted before the limit was reached, so served in full
-    again = httpx.post(f"{refuse.url}/v1/query", json=body, timeout=60)
-    assert again.status_code == 429 and again.json()["error"]["remaining"] == {"tokens": None, "usd": 0.0}
+    whole = httpx.post(f"{refuse.url}/v1/query", json=body, timeout=60)  # its most does not fit: refused at once
+    assert whole.status_code == 429 and whole.json()["error"]["remaining"] == {"tokens": None, "usd": 0.005}
+    cheap = httpx.post(f"{refuse.url}/v1/query", json={**body, "experts": ["sim-cheap"]}, timeout=60).json()
     usage = httpx.get(f"{refuse.url}/v1/usage", timeout=30).json()
-    assert usage["key_id"] == "anonymous" and usage["cost_usd"] == pytest.approx(whole["cost_usd"])
+    assert usage["key_id"] == "anonymous" and usage["cost_usd"] == pytest.approx(cheap["cost_usd"])
+    assert usage["cost_usd"] <= 0.005
+    assert usage["requests"] == 1 and usage["reserved_usd"] == 0.0
 
 
 def test_metrics_on_their_own_loopback_port_leave_the_api_port(lonely):

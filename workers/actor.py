@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from workers.backends import OnDelta, can_sleep, make_backend, runs_concurrently
+from workers.backends import OnDelta, can_sleep, count_tokens, make_backend, runs_concurrently
 from workers.call_stream import Cancels, stream
 from workers.config import ExpertConfig
 from workers.types import GenerationResult, Prompt, SamplingParams, TokenDelta, WorkerInfo
@@ -125,6 +125,11 @@ class ExpertWorker:
             batch_size=len(parsed),
             finished_at=time.time(),
         )
+
+    def count_tokens(self, prompts: list[str | Prompt]) -> list[int]:
+        """The prompt tokens each prompt would be charged (``workers.backends.count_tokens``), without generating."""
+        self._require_loaded()
+        return count_tokens(self.backend, [Prompt.of(p) for p in prompts])
 
     def generate_stream(self, prompts: list[str | Prompt], params: SamplingParams, call: str
                         ) -> Iterator[list[TokenDelta] | GenerationResult]:

@@ -338,6 +338,10 @@ class ExpertPool:
                 self._slot(name).resident = False
                 raise ExpertUnavailableError(f"expert {name}'s actor died while streaming: {reason(exc)}") from None
 
+    async def count_tokens(self, name: str, prompts: list[str | Prompt]) -> list[int]:
+        """The prompt tokens each prompt would be charged on this expert: what a budget reservation is made of."""
+        return await self._call(name, "count_tokens", prompts)
+
     def cancel(self, name: str, call: str, row: int) -> None:
         """End one row of a streaming call whose client went away (fire and forget)."""
         if name in self.slots:

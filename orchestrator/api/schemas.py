@@ -321,9 +321,11 @@ class KeyUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float = Field(description="estimated from the experts' configured prices")
+    reserved_tokens: int = Field(0, description="held by requests running now: the most they can still spend")
+    reserved_usd: float = 0.0
     tokens_per_day: int | None = Field(description="the limit in force; None: unlimited")
     usd_per_day: float | None
-    remaining_tokens: int | None
+    remaining_tokens: int | None = Field(description="the limit less what is spent and what is reserved")
     remaining_usd: float | None
     resets_in_s: int = Field(description="seconds until the window ends (UTC midnight)")
 

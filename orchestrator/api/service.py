@@ -40,7 +40,7 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.api.security import ANONYMOUS, Caller
 from orchestrator.api.store import Store, StoreUnavailable, open_store
-from orchestrator.api.tenants import Ledger
+from orchestrator.api.tenants import Ledger, Reservation
 from orchestrator.config import ConciliumConfig, ConfigError, load_config
 from orchestrator.engine.pipeline import Pipeline, ReloadError
 from orchestrator.engine.requests import AllExpertsFailed, QueryRequest, RequestError
@@ -74,7 +74,7 @@ class Service:
         self.store_up = True
         self.config_version = self._version(config)
         self.metrics = Metrics(self._live_figures)
-        self.ledger = Ledger(store, config.server.budgets)
+        self.ledger = Ledger(store, config.server.budgets, config.server.request_timeout_s)
         self.jobs = JobRunner(store, lambda body, owner: self.query(body, caller=Caller(owner, admin=False)),
                               config.server.job_ttl_s)
 
@@ -197,31 +197,36 @@ class Service:
         return key, QueryResponse.model_validate_json(raw).model_copy(update={"cached": True})
 
     async def _admit(self, body: QueryBody, messages: tuple[Message, ...],
-                     caller: Caller) -> tuple[QueryRequest, str | None, QueryResponse | None]:
-        """Validate, apply the caller's budget (429 or fitted), then look in the cache: a hit is counted here."""
-        request = await self.ledger.admit(caller, self.to_request(body, messages))
-        key, hit = await self._lookup(body, messages, request, caller)
+                     caller: Caller) -> tuple[QueryRequest, Reservation | None, str | None, QueryResponse | None]:
+        """Validate, reserve the request's most on the caller's budget (429, or fitted), then look in the cache:
+        a hit is counted, and its reservation settled, here."""
+        request, reservation = await self.ledger.admit(caller, self.to_request(body, messages), self.pipeline.most)
+        try:
+            key, hit = await self._lookup(body, messages, request, caller)
+        except BaseException:
+            await self._store_call("usage", self.ledger.release(reservation))
+            raise
         if hit is not None:
-            await self._store_call("usage", self.ledger.record(caller, hit))
-        return request, key, hit
+            await self._store_call("usage", self.ledger.record(caller, hit, reservation))
+        return request, reservation, key, hit
 
     async def query(self, body: QueryBody, messages: tuple[Message, ...] = (),
                     caller: Caller = ANONYMOUS) -> QueryResponse:
-        request, key, hit = await self._admit(body, messages, caller)
-        return hit or await self._answer(request, key, new_answer_id(), caller)
+        request, reservation, key, hit = await self._admit(body, messages, caller)
+        return hit or await self._within_limit(self._answer(request, key, new_answer_id(), caller, reservation))
 
     async def open_stream(self, body: QueryBody, messages: tuple[Message, ...] = (),
                           caller: Caller = ANONYMOUS) -> Live:
         """Start a request whose tokens go out as they are written. Bad input and a spent budget raise here,
         before any byte is sent; a failure later ends the task with the error, and the stream with it."""
-        request, key, hit = await self._admit(body, messages, caller)
+        request, reservation, key, hit = await self._admit(body, messages, caller)
         if hit is not None:
             done: asyncio.Future[QueryResponse] = asyncio.get_running_loop().create_future()
             done.set_result(hit)
             return Live(hit.id, done, None)
         stream, answer_id = TokenStream(), new_answer_id()
         task = asyncio.ensure_future(self._within_limit(self._answer(dataclasses.replace(request, stream=stream),
-                                                                     key, answer_id, caller)))
+                                                                     key, answer_id, caller, reservation)))
         task.add_done_callback(lambda _: stream.close())
         return Live(answer_id, task, stream)
 
@@ -233,18 +238,23 @@ class Service:
             self.metrics.timeouts.inc()
             raise ServiceError(f"no answer within {limit:g} s (server.request_timeout_s)", 504, "timeout") from None
 
-    async def _answer(self, request: QueryRequest, key: str | None, answer_id: str, caller: Caller) -> QueryResponse:
-        """Ask the pipeline, then count its usage, record the answer for its owner, and cache it."""
+    async def _answer(self, request: QueryRequest, key: str | None, answer_id: str, caller: Caller,
+                      reservation: Reservation | None = None) -> QueryResponse:
+        """Ask the pipeline, then count its usage (settling its reservation), record the answer for its owner,
+        and cache it. A request that ends without an answer (failed, timed out, cancelled) releases its hold."""
         try:
             answer = await self.pipeline.ask(request)
-        except AllExpertsFailed as exc:
-            raise Unavailable(str(exc)) from None
+        except BaseException as exc:
+            await asyncio.shield(self._store_call("usage", self.ledger.release(reservation)))
+            if isinstance(exc, AllExpertsFailed):
+                raise Unavailable(str(exc)) from None
+            raise
         response = to_response(answer, answer_id)
         for expert in answer.decision.experts:
             self.metrics.routed.labels(expert).inc()
         if is_consensus(answer.aggregation_skipped):
             self.metrics.consensus.inc()
-        await self._store_call("usage", self.ledger.record(caller, response))
+        await asyncio.shield(self._store_call("usage", self.ledger.record(caller, response, reservation)))
         record = {"owner": caller.key_id, "response": response.model_dump(mode="json")}
         ttl = self.config.server.job_ttl_s
         await self._store_call("answers", self.store.set(f"answer:{response.id}", json.dumps(record, default=str), ttl))
@@ -276,7 +286,7 @@ class Service:
     async def submit_job(self, body: QueryBody, caller: Caller = ANONYMOUS) -> JobOut:
         if body.stream:
             raise InvalidRequest("stream: a job has no stream; poll GET /v1/jobs/{id}")
-        await self.ledger.admit(caller, self.to_request(body))  # refuse bad input and a spent budget now
+        await self.ledger.check(caller, self.to_request(body), self.pipeline.most)  # refuse now what cannot run
         try:
             return await self._store("jobs", self.jobs.submit(body, caller.key_id))
         except StoreUnavailable as exc:
@@ -337,7 +347,7 @@ class Service:
         except (ConfigError, ReloadError, PlacementError) as exc:
             raise InvalidRequest(str(exc)) from None
         self.config, self.config_version = config, self._version(config)
-        self.ledger.quotas = config.server.budgets
+        self.ledger.quotas, self.ledger.timeout_s = config.server.budgets, config.server.request_timeout_s
         return ReloadOut(**changes)
 
     async def ready(self) -> dict[str, object]:

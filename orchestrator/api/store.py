@@ -7,8 +7,9 @@
   gone with it.
 
 The interface holds only the primitives the service needs (strings with a
-TTL, counters, hashes, sets), so both backends implement it fully and the
-callers (cache, jobs, feedback, rate limits) never branch on the backend.
+TTL, counters, hashes, sets, and the budget holds of ``budget_hold``), so
+both backends implement it fully and the callers (cache, jobs, feedback,
+rate limits, budgets) never branch on the backend.
 A backend that cannot be reached raises ``StoreUnavailable``; callers decide
 whether that degrades a feature (the cache) or fails a request (jobs).
 """
@@ -16,14 +17,69 @@ whether that degrades a feature (the cache) or fails a request (jobs).
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from orchestrator.engine.requests import USD_SLACK
+
 
 class StoreUnavailable(RuntimeError):
     """The store could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A budget reservation: its member in the key's set of holds, and the tokens and USD it holds."""
+
+    member: str
+    tokens: float
+    usd: float
+
+    @classmethod
+    def of(cls, hold_id: str, tokens: float, usd: float) -> Hold:
+        return cls(f"{hold_id}|{tokens!r}|{usd!r}", tokens, usd)
+
+    @staticmethod
+    def amounts(member: str) -> tuple[float, float]:
+        _, tokens, usd = member.split("|")
+        return float(tokens), float(usd)
+
+
+Verdict = Literal["held", "wait", "never"]
+
+
+@dataclass(frozen=True)
+class HoldAnswer:
+    """What ``hold`` decided, with the figures it decided on: spent (usage) and held (live holds) tokens and USD.
+
+    - held: the hold is made;
+    - wait: it fits once holds now live are settled or released;
+    - never: it does not fit even with no hold live."""
+
+    verdict: Verdict
+    spent_tokens: float
+    spent_usd: float
+    held_tokens: float
+    held_usd: float
+
+
+USAGE_TOKENS = ("prompt_tokens", "completion_tokens")
+USAGE_USD = "cost_usd"
+
+
+def verdict_of(spent: tuple[float, float], held: tuple[float, float], want: tuple[float, float],
+             limits: tuple[float | None, float | None]) -> Verdict:
+    """The one rule both backends apply (the redis script is its transcription)."""
+    def over(base: tuple[float, float]) -> bool:
+        tokens_over = limits[0] is not None and base[0] + want[0] > limits[0]
+        return tokens_over or (limits[1] is not None and base[1] + want[1] > limits[1] * (1 + USD_SLACK))
+
+    if over(spent):
+        return "never"
+    return "wait" if over((spent[0] + held[0], spent[1] + held[1])) else "held"
 
 
 class Store(Protocol):
@@ -49,6 +105,22 @@ class Store(Protocol):
 
     async def hgetall(self, key: str) -> dict[str, float]: ...
 
+    async def hold(self, usage_key: str, holds_key: str, hold: Hold, limits: tuple[float | None, float | None],
+                   ttl_s: float, keep_s: float, replaces: str | None = None) -> HoldAnswer:
+        """Atomically: forget expired holds, then add ``hold`` (in place of the hold ``replaces``, which a grown
+        hold takes over) if the usage hash's spending plus every other live hold plus this one stays within
+        ``limits`` (tokens, USD; None: no limit). A hold expires ``ttl_s`` after it was made or grown."""
+        ...
+
+    async def settle(self, usage_key: str, holds_key: str, member: str | None, fields: dict[str, float],
+                     keep_s: float) -> None:
+        """Atomically: add ``fields`` to the usage hash and drop the hold (if any; gone if it expired)."""
+        ...
+
+    async def held(self, holds_key: str) -> tuple[float, float]:
+        """The tokens and USD of the live holds."""
+        ...
+
     async def sadd(self, key: str, member: str) -> None: ...
 
     async def srem(self, key: str, member: str) -> None: ...
@@ -67,9 +139,38 @@ class MemoryStore:
         self._values: dict[str, tuple[str, float | None]] = {}
         self._hashes: dict[str, tuple[dict[str, float], float | None]] = {}
         self._sets: dict[str, set[str]] = {}
+        self._holds: dict[str, dict[str, float]] = {}
 
     async def ping(self) -> None:
         return None
+
+    def _live_holds(self, key: str) -> dict[str, float]:
+        now = time.monotonic()
+        holds = {m: expires for m, expires in self._holds.get(key, {}).items() if expires > now}
+        self._holds[key] = holds
+        return holds
+
+    async def held(self, holds_key: str, but: str | None = None) -> tuple[float, float]:
+        amounts = [Hold.amounts(m) for m in self._live_holds(holds_key) if m != but]
+        return sum(a[0] for a in amounts), sum(a[1] for a in amounts)
+
+    async def hold(self, usage_key: str, holds_key: str, hold: Hold, limits: tuple[float | None, float | None],
+                   ttl_s: float, keep_s: float, replaces: str | None = None) -> HoldAnswer:
+        used = self._hash(usage_key)
+        spent = (sum(used.get(f, 0.0) for f in USAGE_TOKENS), used.get(USAGE_USD, 0.0))
+        held = await self.held(holds_key, but=replaces)
+        verdict = verdict_of(spent, held, (hold.tokens, hold.usd), limits)
+        if verdict == "held":
+            holds = self._live_holds(holds_key)
+            holds.pop(replaces or "", None)
+            holds[hold.member] = time.monotonic() + ttl_s
+        return HoldAnswer(verdict, *spent, *held)
+
+    async def settle(self, usage_key: str, holds_key: str, member: str | None, fields: dict[str, float],
+                     keep_s: float) -> None:
+        await self.hincr(usage_key, fields, keep_s)
+        if member is not None:
+            self._live_holds(holds_key).pop(member, None)
 
     def _live(self, key: str) -> str | None:
         item = self._values.get(key)
@@ -132,6 +233,42 @@ class MemoryStore:
         return None
 
 
+_HOLD_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held_t, held_u = 0, 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if m ~= ARGV[9] then
+    local _, _, tok, usd = string.find(m, '^[^|]*|([^|]*)|(.*)$')
+    held_t = held_t + tonumber(tok)
+    held_u = held_u + tonumber(usd)
+  end
+end
+local u = redis.call('HMGET', KEYS[1], 'prompt_tokens', 'completion_tokens', 'cost_usd')
+local spent_t = (tonumber(u[1]) or 0) + (tonumber(u[2]) or 0)
+local spent_u = tonumber(u[3]) or 0
+local want_t, want_u = tonumber(ARGV[2]), tonumber(ARGV[3])
+local lim_t, lim_u, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[8])
+local function over(base_t, base_u)
+  return (lim_t >= 0 and base_t + want_t > lim_t) or (lim_u >= 0 and base_u + want_u > lim_u * (1 + slack))
+end
+local verdict = 'held'
+if over(spent_t, spent_u) then
+  verdict = 'never'
+elseif over(spent_t + held_t, spent_u + held_u) then
+  verdict = 'wait'
+else
+  if ARGV[9] ~= '' then redis.call('ZREM', KEYS[2], ARGV[9]) end
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+return {verdict, tostring(spent_t), tostring(spent_u), tostring(held_t), tostring(held_u)}
+"""
+"""``Store.hold`` as one script, so that the check and the hold are one step for every replica (``verdict_of`` is
+the same rule in Python). Time is redis's own, so replicas with skewed clocks expire holds alike."""
+
+
 class RedisStore:
     """redis-py's asyncio client. Every call is bounded by a socket timeout so a dead redis fails fast."""
 
@@ -143,6 +280,7 @@ class RedisStore:
         self._r = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
+        self._hold = self._r.register_script(_HOLD_SCRIPT)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -189,6 +327,32 @@ class RedisStore:
 
     async def hgetall(self, key: str) -> dict[str, float]:
         return {f: float(v) for f, v in (await self._do(self._r.hgetall(self._k(key)))).items()}
+
+    async def hold(self, usage_key: str, holds_key: str, hold: Hold, limits: tuple[float | None, float | None],
+                   ttl_s: float, keep_s: float, replaces: str | None = None) -> HoldAnswer:
+        args = [hold.member, repr(hold.tokens), repr(hold.usd), *(-1 if x is None else x for x in limits),
+                int(ttl_s * 1000), int(keep_s * 1000), USD_SLACK, replaces or ""]
+        verdict, *figures = await self._do(self._hold(keys=[self._k(usage_key), self._k(holds_key)], args=args))
+        return HoldAnswer(verdict, *(float(x) for x in figures))
+
+    async def settle(self, usage_key: str, holds_key: str, member: str | None, fields: dict[str, float],
+                     keep_s: float) -> None:
+        async def run() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                for f, amount in fields.items():
+                    pipe.hincrbyfloat(self._k(usage_key), f, amount)
+                pipe.pexpire(self._k(usage_key), int(keep_s * 1000))
+                if member is not None:
+                    pipe.zrem(self._k(holds_key), member)
+                await pipe.execute()
+
+        await self._do(run())
+
+    async def held(self, holds_key: str) -> tuple[float, float]:
+        seconds, micros = await self._do(self._r.time())  # redis's clock, as the script's
+        now_ms = seconds * 1000 + micros // 1000
+        amounts = [Hold.amounts(m) for m in await self._do(self._r.zrangebyscore(self._k(holds_key), now_ms, "+inf"))]
+        return sum(a[0] for a in amounts), sum(a[1] for a in amounts)
 
     async def sadd(self, key: str, member: str) -> None:
         await self._do(self._r.sadd(self._k(key), member))

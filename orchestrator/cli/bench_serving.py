@@ -1,5 +1,5 @@
-"""``concilium bench scheduler``, ``bench calibrate``, ``bench api`` and ``bench load``: what serving costs, side
-by side with the naive ways of doing it."""
+"""``concilium bench scheduler``, ``bench calibrate``, ``bench api``, ``bench load`` and ``bench budget``: what
+serving costs, side by side with the naive ways of doing it, and what it holds under concurrent load."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.table import Table
 from orchestrator import env
 from orchestrator.cli.common import MMLU_PRO, ConfigOpt, configure, err, friendly, int_list, out
 from orchestrator.config import ConciliumConfig
+from workers.errors import UserError
 
 
 def bench_scheduler(
@@ -223,8 +224,65 @@ def bench_load(
         raise typer.Exit(1)
 
 
+def bench_budget(
+    requests: Annotated[int, typer.Option(min=1, max=1024, help="concurrent requests of the limited key")] = 64,
+    fits: Annotated[int, typer.Option(min=1, help="the budget fits this many requests like the probe")] = 10,
+    usd: Annotated[bool, typer.Option("--usd", help="a USD budget instead of a token budget")] = False,
+    over_budget: Annotated[str, typer.Option(help="refuse (reserve all a plan can spend) or fit (the first round)")]
+    = "refuse",
+    query: Annotated[str, typer.Option(help="what every request asks")] = "What is the capital of France?",
+    max_tokens: Annotated[int, typer.Option(min=1, help="each request's max_tokens")] = 32,
+    expert: Annotated[list[str] | None, typer.Option(help="only these experts (repeat the option); default: as "
+                                                    "the server routes")] = None,
+    timeout_s: Annotated[float, typer.Option(min=1, help="client timeout per request")] = 600,
+    repeats: Annotated[int, typer.Option(min=1, help="lone requests per key for the reservation's latency")] = 10,
+    config: ConfigOpt = None,
+) -> None:
+    """Concurrent requests of one key against a daily budget that fits --fits of them: nothing may overshoot.
+
+    Starts `concilium serve` with the config's experts (the cache off), learns one request's usage from a probe,
+    times lone requests with and without a budget (--repeats each, alternated), sets the budget to --fits times
+    the probe, then sends --requests at once. Exits 1 on any overshoot, a reservation
+    left held, or an outcome other than 200 or 429 budget_exceeded.
+    """
+    from orchestrator.bench.budget import BudgetBench, run_budget
+
+    if over_budget not in ("refuse", "fit"):
+        raise UserError(f"--over-budget: {over_budget!r} is neither refuse nor fit")
+    body: dict[str, object] = {"query": query, "max_tokens": max_tokens, **({"experts": expert} if expert else {})}
+    with err.status("starting a server"):
+        bench = BudgetBench(configure(config).model_dump(mode="json"))
+    try:
+        with err.status(f"{requests} concurrent requests against a budget that fits {fits}"):
+            report = asyncio.run(run_budget(bench, body, requests, fits, "usd" if usd else "tokens", over_budget,
+                                            timeout_s, repeats))
+    finally:
+        bench.stop()
+    table = Table(title=f"{requests} concurrent requests, a {report.unit} budget that fits {fits}, "
+                        f"over_budget {over_budget}, {report.wall_s:.1f} s")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    fmt = (lambda v: f"{v:g}") if report.unit == "tokens" else (lambda v: f"${v:.8f}")
+    for name, value in [("sent", report.sent), ("served (200)", report.served),
+                        ("refused (429 budget_exceeded)", report.refused), ("other", len(report.other)),
+                        ("served with a degraded note", report.degraded),
+                        ("one request (probe)", fmt(report.probe)), ("budget", fmt(report.budget)),
+                        ("spent", fmt(report.spent)), ("served answers' own usage", fmt(report.served_spent)),
+                        ("overshoot", fmt(report.overshoot)), ("still reserved", fmt(report.reserved)),
+                        ("lone request p50, no budget (ms)", f"{report.free_ms:.1f}"),
+                        ("lone request p50, with a budget (ms)", f"{report.metered_ms:.1f}"),
+                        ("with / without", f"{report.metered_ms / report.free_ms:.3f}x")]:
+        table.add_row(name, str(value))
+    out.print(table)
+    for line in report.other[:5]:
+        out.print(f"  other: {line}", highlight=False)
+    out.print("no overshoot, every request accounted for" if report.ok else "FAILED: see the table")
+    raise typer.Exit(0 if report.ok else 1)
+
+
 def register(bench_app: typer.Typer) -> None:
     bench_app.command("scheduler")(friendly(bench_scheduler))
     bench_app.command("calibrate")(friendly(bench_calibrate))
     bench_app.command("api")(friendly(bench_api))
     bench_app.command("load")(friendly(bench_load))
+    bench_app.command("budget")(friendly(bench_budget))

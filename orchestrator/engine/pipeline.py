@@ -1,7 +1,7 @@
 """The routed pipeline: query → route → solve → aggregate → answer, behind one door.
 
 ``Pipeline`` is the only object the API, the CLI and the benchmarks hold, as vLLM's ``AsyncLLM`` is the only
-door into its engine: it validates, explains, lists what it offers, learns from feedback, answers, and
+door into its engine: it validates, explains, bounds what a request can spend, lists what it offers, learns from feedback, answers, and
 reloads. The scheduler, the pool and the latent group stay behind it.
 """
 
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from orchestrator import artifacts
 from orchestrator.config import ConciliumConfig
+from orchestrator.engine.ceiling import first_round_most, plan_most
 from orchestrator.engine.executor import LatentExecutor
-from orchestrator.engine.requests import Answer, QueryRequest
+from orchestrator.engine.requests import Answer, QueryRequest, Spend
 from orchestrator.engine.runtime import start_pool
 from orchestrator.engine.scheduler import Scheduler
 from orchestrator.engine.settings import TOP_SCORED, SchedulerSettings
@@ -139,6 +140,15 @@ class Pipeline:
     async def explain(self, request: QueryRequest) -> Decision:
         """The decision a request would get, at once and outside any window; nothing is generated."""
         return await self._scheduler.explain(request)
+
+    async def most(self, request: QueryRequest, first_round: bool = False) -> Spend:
+        """The most ``request`` can spend as it would be routed now, every call its plan can make, or its first
+        round's only (``engine.ceiling``): what a budget reserves. Every prompt is counted by the expert that
+        would read it, so each is loaded."""
+        s, decision = self._scheduler, await self.explain(request)
+        if first_round:
+            return await first_round_most(self._pool, s.planner.params, s.planner.costs, request, decision)
+        return await plan_most(self._pool, s.planner.params, s.planner.costs, request, decision, s.settings.moa_layers)
 
     def defaults(self, router: str | None) -> Defaults:
         """k, aggregation, policy and λ for a request that sets none: ``auto``'s are the profile's served

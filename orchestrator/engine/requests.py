@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from orchestrator.engine.token_stream import TokenStream
 from routers.answers import kind_of
@@ -32,6 +33,32 @@ class Overloaded(RuntimeError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+USD_SLACK = 1e-9
+"""A relative slack on USD comparisons with a limit: a sum of float prices that fits exactly still fits."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Tokens (prompt plus completion) and estimated USD."""
+
+    tokens: float = 0.0
+    usd: float = 0.0
+
+    def __add__(self, other: Spend) -> Spend:
+        return Spend(self.tokens + other.tokens, self.usd + other.usd)
+
+    def within(self, limit: Spend) -> bool:
+        return self.tokens <= limit.tokens and self.usd <= limit.usd * (1 + USD_SLACK)
+
+
+class Allowance(Protocol):
+    """What a request may spend, drawn on call by call (``engine.ceiling``). ``take`` says whether a call that
+    can cost up to ``most`` may run; once it says yes, that much is counted as committed. The API's budgets
+    implement it with a reservation in the store (``api.tenants``); the engine knows nothing of that."""
+
+    async def take(self, most: Spend) -> bool: ...
 
 
 @dataclass
@@ -63,6 +90,8 @@ class QueryRequest:
     """What the answers are compared by (a letter, a number, text); None: read from the query (``kind_of``)."""
     ref: str | None = None
     """The caller's id for the query (a labelled question's), passed to the experts with the prompt."""
+    allowance: Allowance | None = None
+    """What the request may spend, every call checked against it first (``engine.ceiling``); None: no limit."""
 
     @property
     def kind(self) -> AnswerKind:

@@ -38,14 +38,16 @@ import time
 from collections import defaultdict
 
 from orchestrator.engine import assembly
-from orchestrator.engine.executor import Executor, LatentExecutor
+from orchestrator.engine.ceiling import hold_to_allowances
+from orchestrator.engine.executor import Executor, LatentExecutor, Outcome
+from orchestrator.engine.plan import ExpertWork
 from orchestrator.engine.planner import Planner
 from orchestrator.engine.requests import Answer, InFlight, Overloaded, QueryRequest, RequestError
 from orchestrator.engine.settings import SchedulerSettings
 from orchestrator.engine.stats import SchedulerStats
-from routers.aggregation import Aggregated
+from routers.aggregation import Aggregated, aggregate_without_call
 from routers.base import BoundedRouter, Decision, RouteOptions, Router
-from routers.vocabulary import AGGREGATIONS
+from routers.vocabulary import AGGREGATIONS, Aggregation
 from workers.pool import ExpertPool
 
 log = logging.getLogger(__name__)
@@ -245,16 +247,21 @@ class Scheduler:
         further moa layers."""
         if self.executor.latent is not None:
             assembly.record_latent(await self.executor.run_latent(self.planner.latent(live)))
-        assembly.record_answers(live, await self.executor.run(self.planner.first_layer(live)))
+        assembly.record_answers(live, await self._run(live, self.planner.first_layer(live)))
         retry = self.planner.reroutes(live)
         if retry:
-            assembly.record_answers(live, await self.executor.run(retry))
+            assembly.record_answers(live, await self._run(live, retry))
         escalate = self.planner.escalations(live)
         if escalate:
-            assembly.record_answers(live, await self.executor.run(escalate))
+            assembly.record_answers(live, await self._run(live, escalate))
         for layer in range(2, self.settings.moa_layers + 1):
             if not await self._moa_layer(live, layer):
                 return
+
+    async def _run(self, live: list[InFlight], works: list[ExpertWork]) -> list[tuple[ExpertWork, Outcome]]:
+        """A phase's calls, each first allowed by its request's budget (``engine.ceiling``)."""
+        works, _ = await hold_to_allowances(self.pool, self.planner.costs, live, works)
+        return await self.executor.run(works)
 
     async def _moa_layer(self, live: list[InFlight], layer: int) -> bool:
         """One further moa proposer layer; False when no request needs it."""
@@ -264,7 +271,7 @@ class Scheduler:
         previous = {i: live[i].answers for i in proposers}
         for i in proposers:
             live[i].answers = []
-        assembly.record_answers(live, await self.executor.run(work))
+        assembly.record_answers(live, await self._run(live, work))
         for i in proposers:
             p = live[i]
             layers = p.decision.trace.setdefault("moa_layers", [proposers[i]])
@@ -278,6 +285,10 @@ class Scheduler:
         """Every request's aggregated answer, and the wall time of the synthesis calls."""
         results, work = self.planner.aggregation(live)
         t0 = time.perf_counter()
+        work, over = await hold_to_allowances(self.pool, self.planner.costs, live, work)
+        for i in over:  # a synthesis the budget does not allow: the vote stands in
+            p = live[i]
+            results[i] = aggregate_without_call(Aggregation.VOTE, p.answers, p.decision, p.request.kind)
         if work:
             assembly.record_syntheses(live, await self.executor.run(work), results)
         return results, time.perf_counter() - t0

@@ -62,6 +62,28 @@ class Sleeper(Protocol):
     def wake(self) -> None: ...
 
 
+@runtime_checkable
+class Counter(Protocol):
+    """A backend that knows exactly how many prompt tokens a call will be charged: the ids its tokenizer makes,
+    or the count its records report."""
+
+    def count_tokens(self, prompts: list[Prompt]) -> list[int]: ...
+
+
+MESSAGE_OVERHEAD_TOKENS = 8
+"""A bound on the tokens a chat template adds around one message (role markers, separators)."""
+
+
+def count_tokens(backend: Backend, prompts: list[Prompt]) -> list[int]:
+    """The prompt tokens each prompt will be charged, or at least that many: a backend that cannot count (a remote
+    server's tokenizer is unknown here) gets a bound, the UTF-8 bytes of the text plus a template allowance per
+    message, which no byte-level or byte-fallback tokenizer exceeds. Budget reservations rest on it."""
+    if isinstance(backend, Counter):
+        return backend.count_tokens(prompts)
+    return [sum(len(m["content"].encode()) + MESSAGE_OVERHEAD_TOKENS for m in p.as_messages())
+            + MESSAGE_OVERHEAD_TOKENS for p in prompts]
+
+
 def can_sleep(backend: Backend) -> bool:
     return isinstance(backend, Sleeper) and backend.sleeps
 

@@ -79,7 +79,7 @@ class ReplayBackend:
             out.append(
                 Completion(
                     text=text,
-                    prompt_tokens=len(_key(prompt.as_plain_text()).split()),
+                    prompt_tokens=self.count_tokens([prompt])[0],
                     completion_tokens=len(text.split()),
                     finish_reason="stop",
                     meta={"record_id": record.id, "matched": matched, "score": record.outcome[c]},
@@ -87,6 +87,11 @@ class ReplayBackend:
                 )
             )
         return out
+
+    @staticmethod
+    def count_tokens(prompts: list[Prompt]) -> list[int]:
+        """A replayed call is charged its prompt's words: the records hold no tokenizer."""
+        return [len(_key(p.as_plain_text()).split()) for p in prompts]
 
     def describe(self) -> dict[str, object]:
         return {"path": str(self.config.path), "model": self.config.model}

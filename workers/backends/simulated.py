@@ -52,6 +52,11 @@ class SimulatedBackend:
     def memory_bytes(self) -> int:
         return self.estimate_memory_bytes() if self.loaded else 0
 
+    @staticmethod
+    def count_tokens(prompts: list[Prompt]) -> list[int]:
+        """A simulated prompt token is a word."""
+        return [len(p.as_plain_text().split()) for p in prompts]
+
     def call_seconds(self, prompt_tokens: int, rows: int, new_tokens: int) -> float:
         """The modelled wall time of one call, before time scaling; rows past max_batch_size run as further chunks,
         as the transformers backend runs them."""
@@ -67,7 +72,7 @@ class SimulatedBackend:
         (the first after the prefill), and a cancelled row stops there."""
         if not self.loaded:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
-        counts = [len(p.as_plain_text().split()) for p in prompts]
+        counts = self.count_tokens(prompts)
         texts = [self._answer(p, row, params) for row, p in enumerate(prompts)]
         total = self.call_seconds(sum(counts), len(prompts), params.max_new_tokens) * self.config.time_scale
         if on_delta is None and cancelled is None:

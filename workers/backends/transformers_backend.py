@@ -78,6 +78,10 @@ class TransformersBackend:
         enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def count_tokens(self, prompts: list[Prompt]) -> list[int]:
+        self._require_loaded()
+        return [len(self.format.token_ids(p)) for p in prompts]
+
     def _require_loaded(self) -> None:
         if self.model is None:
             raise RuntimeError(f"expert {self.config.name} is not loaded")

@@ -121,6 +121,11 @@ class VLLMBackend:
     def memory_bytes(self) -> int:
         return self.estimate_memory_bytes() if self.engine is not None else 0
 
+    def count_tokens(self, prompts: list[Prompt]) -> list[int]:
+        if self.format is None:
+            raise RuntimeError(f"expert {self.config.name} is not loaded")
+        return [len(self.format.token_ids(p)) for p in prompts]
+
     def generate(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
                  cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
         if self.engine is None:
