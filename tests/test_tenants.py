@@ -429,3 +429,28 @@ def test_docs_render_with_no_network(lonely):
         assert [e for e in chrome.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         chrome.quit()
+
+
+def test_a_lost_replicas_holds_expire_and_free_the_budget(tmp_path):
+    """A replica that dies holding a reservation never settles it: the hold expires (redis's own clock, in the
+    same script that checks the next hold), and the budget it held is free again."""
+    from orchestrator.api.store import Hold, RedisStore
+
+    redis = RedisServer(tmp_path)
+    store = RedisStore(redis.url)
+
+    async def run() -> list:
+        limits = (100, None)
+        first = await store.hold("usage:k:d", "holds:k:d", Hold.of("lost", 80, 0.0), limits, ttl_s=0.5, keep_s=60)
+        blocked = await store.hold("usage:k:d", "holds:k:d", Hold.of("next", 30, 0.0), limits, ttl_s=60, keep_s=60)
+        held = await store.held("holds:k:d")
+        await asyncio.sleep(0.8)
+        after = await store.hold("usage:k:d", "holds:k:d", Hold.of("next", 30, 0.0), limits, ttl_s=60, keep_s=60)
+        outcome = [first.verdict, blocked.verdict, held, after.verdict, await store.held("holds:k:d")]
+        await store.close()
+        return outcome
+
+    try:
+        assert asyncio.run(run()) == ["held", "wait", (80.0, 0.0), "held", (30.0, 0.0)]
+    finally:
+        redis.stop()
