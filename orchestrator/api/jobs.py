@@ -33,6 +33,8 @@ from orchestrator.engine.requests import Overloaded
 log = logging.getLogger(__name__)
 
 PENDING = "jobs:pending"
+FINISH_RETRY_S = 300.0
+"""How long a finished job's outcome is tried again while the store is down, before the job is left to rerun."""
 
 
 class JobRunner:
@@ -107,6 +109,20 @@ class JobRunner:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.set(f"job:{job_id}:claim", self.owner, self.claim_s)
 
+    async def _finish(self, job: JobOut, body: QueryBody, owner: str) -> None:
+        """Save a job's outcome, trying again while the store is down (its claim is renewed meanwhile): the job
+        has run, and if it were left for another process to run again, it would be spent and counted twice."""
+        deadline = time.monotonic() + FINISH_RETRY_S
+        while True:
+            try:
+                await self._save(job, body, owner)
+                await self.store.srem(PENDING, job.id)
+                return
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
+
     async def _execute(self, job_id: str) -> None:
         renew = asyncio.create_task(self._renew(job_id))
         try:
@@ -132,8 +148,7 @@ class JobRunner:
             except Exception as exc:  # the job's outcome, recorded for the client
                 job.error, job.status = str(exc) or type(exc).__name__, "failed"
             job.finished = time.time()
-            await self._save(job, body, owner)
-            await self.store.srem(PENDING, job_id)
+            await self._finish(job, body, owner)
         except StoreUnavailable as exc:
             log.warning("job %s paused, the store is unavailable: %s", job_id, exc)
         finally:

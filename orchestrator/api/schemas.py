@@ -277,6 +277,8 @@ class ExpertOut(BaseModel):
     in_flight: int = 0
     """Calls holding the expert right now: its current load."""
     node_id: str | None = None
+    pid: int | None = None
+    """The actor's process id on its node, for an operator's tools (``concilium bench chaos`` stalls one)."""
     load_s: float | None = None
     """Seconds its last model load took."""
     error: str | None = None

@@ -277,7 +277,8 @@ class Service:
         return [
             ExpertOut(name=e.info.name, backend=e.info.backend, source=e.info.source, state=e.info.state,
                       device=e.info.device, memory_bytes=e.info.memory_bytes, in_flight=e.in_flight,
-                      node_id=e.info.node_id or None, load_s=e.info.load_s, error=e.info.error)
+                      node_id=e.info.node_id or None, pid=e.info.pid or None, load_s=e.info.load_s,
+                      error=e.info.error)
             for e in await self.pipeline.experts()
         ]
 

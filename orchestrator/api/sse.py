@@ -211,7 +211,7 @@ def _ending(result: QueryResponse, sent: str, events: Events) -> Iterator[str]:
         rest = remainder(sent, result.answer)
     except ValueError:
         yield error_event("stream_interrupted", "the expert that was streaming failed and another one answered; "
-                                                "ask again without stream for the whole answer")
+                                                f"the whole answer is at GET /v1/answers/{result.id}")
         return
     for piece in chunks(rest) if rest else ():
         yield sse(events.delta(piece))

@@ -34,6 +34,7 @@ If the store cannot be read, ``store_down`` decides: ``open`` admits and counts 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -51,6 +52,8 @@ KEEP_S = 2 * DAY_S
 """How long a day's usage stays in the store: past its own day, for the admin who reads yesterday's."""
 HOLD_MARGIN_S = 60.0
 """A hold outlives its request's time limit by this much before it expires: the margin for the settle itself."""
+RETRY_S = 300.0
+"""How long a usage write the store refused is tried again (every ``POLL_S[1]``): a redis restart loses no count."""
 POLL_S = (0.02, 0.25)
 """A waiting request looks again after the first, doubling up to the second (holds settle in any replica)."""
 
@@ -120,6 +123,8 @@ class Ledger:
     quotas: QuotaConfig
     timeout_s: float = 600.0
     """The service's ``request_timeout_s``: a hold expires this plus ``HOLD_MARGIN_S`` after it was made."""
+    retrying: set[asyncio.Task] = dataclasses.field(default_factory=set)
+    """Usage writes the store refused, being tried again."""
 
     def limits(self, key_id: str) -> KeyLimits:
         return self.quotas.keys.get(key_id, self.quotas.default)
@@ -235,13 +240,35 @@ class Ledger:
                           completion_tokens=float(response.total_usage.completion_tokens),
                           cost_usd=response.cost_usd)
         if reservation is None:
-            await self.store.hincr(f"usage:{caller.key_id}:{utc_day(time.time())}", fields, KEEP_S)
+            key = f"usage:{caller.key_id}:{utc_day(time.time())}"
+            await self._until_written(lambda: self.store.hincr(key, fields, KEEP_S))
         else:
-            await self.store.settle(reservation.usage_key, reservation.holds_key, reservation.hold.member, fields,
-                                    KEEP_S)
+            await self._until_written(lambda: self.store.settle(
+                reservation.usage_key, reservation.holds_key, reservation.hold.member, fields, KEEP_S))
 
     async def release(self, reservation: Reservation | None) -> None:
         """Drop the hold of a request that ended without an answer: it spent nothing that is counted."""
         if reservation is not None:
-            await self.store.settle(reservation.usage_key, reservation.holds_key, reservation.hold.member, {}, KEEP_S)
+            await self._until_written(lambda: self.store.settle(
+                reservation.usage_key, reservation.holds_key, reservation.hold.member, {}, KEEP_S))
+
+    async def _until_written(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Write now; if the store refuses, raise (the caller reports the store down) and keep trying in the
+        background for ``RETRY_S``, so that an answer served while redis restarts is still counted once. A
+        settle is one transaction, so a retry never counts twice."""
+        try:
+            await write()
+        except StoreUnavailable:
+            task = asyncio.ensure_future(self._retry(write))
+            self.retrying.add(task)
+            task.add_done_callback(self.retrying.discard)
+            raise
+
+    async def _retry(self, write: Callable[[], Awaitable[None]]) -> None:
+        deadline = time.monotonic() + RETRY_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S[1])
+            with contextlib.suppress(StoreUnavailable):
+                await write()
+                return
 

@@ -1,10 +1,12 @@
-"""``concilium bench scheduler``, ``bench calibrate``, ``bench api``, ``bench load`` and ``bench budget``: what
-serving costs, side by side with the naive ways of doing it, and what it holds under concurrent load."""
+"""``concilium bench scheduler``, ``bench calibrate``, ``bench api``, ``bench load``, ``bench budget`` and
+``bench chaos``: what serving costs, side by side with the naive ways of doing it, and what it holds under
+concurrent load and faults."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -280,9 +282,47 @@ def bench_budget(
     raise typer.Exit(0 if report.ok else 1)
 
 
+def bench_chaos(
+    runs: Annotated[int, typer.Option(min=1, max=20, help="how many times to run the whole scenario")] = 3,
+    duration_s: Annotated[float, typer.Option(min=10, help="load per run, with the faults in its first 4/5")] = 40,
+    streams: Annotated[int, typer.Option(min=1, max=256, help="streaming clients (the openai package)")] = 32,
+    queries: Annotated[int, typer.Option(min=0, max=64, help="plain /v1/query clients")] = 4,
+    jobs: Annotated[int, typer.Option(min=0, max=64, help="job-submitting clients")] = 4,
+) -> None:
+    """Streaming load on two API processes sharing redis, while an expert actor is killed mid-stream, another
+    stalls, redis-server restarts and an API process is killed (docs/reliability.md, "Chaos").
+
+    Exits 1 if any run had a client that hung, a connection cut anywhere but on the killed process, a lost
+    job, or usage that differs from the costs of the answers served by a cent or more.
+    """
+    from orchestrator.bench.chaos import ChaosSettings, run_chaos
+
+    settings = ChaosSettings(duration_s=duration_s, streams=streams, queries=queries, jobs=jobs)
+    reports = []
+    for run in range(1, runs + 1):
+        with err.status(f"chaos run {run} of {runs}") as status:
+            reports.append(asyncio.run(run_chaos(settings, status.update)))
+        report = reports[-1]
+        table = Table(title=f"chaos run {run} of {runs}: outcomes by client kind")
+        for column in ("client", "outcome", "requests", "e.g."):
+            table.add_column(column)
+        for (kind, result), n in sorted(report.counts().items()):
+            example = next((o.detail for o in report.outcomes if (o.kind, o.result) == (kind, result) and o.detail), "")
+            table.add_row(kind, result, str(n), example[:90])
+        out.print(table)
+        for at, what in report.faults:
+            out.print(f"  t={at:>5.1f} s  {what}", highlight=False)
+        states = Counter(report.jobs.values())
+        out.print(f"  jobs: {dict(states)}; usage ${report.usage_usd:.6f} against the answers' ${report.served_usd:.6f} "
+                  f"(difference ${report.usage_usd - report.served_usd:+.6f}); hung {report.hung}, cuts off the killed "
+                  f"process {report.stray_cuts}: " + ("ok" if report.ok else "FAILED"), highlight=False)
+    raise typer.Exit(0 if all(r.ok for r in reports) else 1)
+
+
 def register(bench_app: typer.Typer) -> None:
     bench_app.command("scheduler")(friendly(bench_scheduler))
     bench_app.command("calibrate")(friendly(bench_calibrate))
     bench_app.command("api")(friendly(bench_api))
     bench_app.command("load")(friendly(bench_load))
     bench_app.command("budget")(friendly(bench_budget))
+    bench_app.command("chaos")(friendly(bench_chaos))
