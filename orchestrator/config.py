@@ -57,6 +57,10 @@ class RoutingConfig(Strict):
         "at once (requests that arrive while a window runs join the next window anyway)",
     )
     expert_timeout_s: float = Field(300.0, gt=0)
+    stall_timeout_s: float | None = Field(
+        30.0, gt=0, description="a streaming expert call that writes no token for this long fails (and is "
+        "re-routed; server.stream_fallback says what its client sees); None: only expert_timeout_s applies",
+    )
     max_pending: int = Field(
         1024, ge=1, description="requests admitted and not yet answered (queued or in a window); past it, new "
         "ones are refused (HTTP 429 with Retry-After) instead of queueing without bound",
@@ -128,6 +132,11 @@ class ServerConfig(Strict):
         "reload and feedback need one of these",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="a request still unanswered after this gets 504")
+    stream_fallback: Literal["error", "restart"] = Field(
+        "error", description="when the expert streaming an answer fails after its first token (cut, or stalled "
+        "past routing.stall_timeout_s) and another one answers: error ends the stream with an error event holding "
+        "the text sent so far; restart sends a restart event, then the new answer from its start",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     cors_origins: list[str] = Field(
         default_factory=list, description="origins allowed by CORS; empty (the default) sends no CORS headers"

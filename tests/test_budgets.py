@@ -40,7 +40,8 @@ def crowded(ray_cluster, tmp_path_factory):
                            "admin_key_sha256": [digest(ADMIN)],
                            "budgets": {"keys": {key_id(CROWD): {"tokens_per_day": CROWD_TOKENS},
                                                 key_id(PLANNER): {"tokens_per_day": 60}}}},
-                "experts": [_sim("sim-fast", 0.001, 0.002), _sim("sim-b", 0.001)],
+                "experts": [_sim("sim-fast", 0.001, 0.002), _sim("sim-b", 0.001),
+                            {**_sim("sim-priced", 0.001), "prices": {"input": 2000.0, "output": 4000.0}}],
             })))
         yield servers
     finally:
@@ -71,7 +72,7 @@ def test_refuse_reserves_all_a_plan_can_spend_so_an_admitted_request_is_served_a
     the experts' agreement may skip it. With ``refuse`` the whole plan is reserved: the synthesising request is
     refused at once (it spends nothing), and the voting one fits."""
     a, _ = crowded
-    body = {"query": "Pick a letter.", "max_tokens": 8}
+    body = {"query": "Pick a letter.", "max_tokens": 8, "experts": ["sim-fast", "sim-b"]}
     synthesis = httpx.post(f"{a.url}/v1/query", json={**body, "aggregation": "synthesize"}, headers=_bearer(PLANNER),
                            timeout=60)
     assert synthesis.status_code == 429 and "does not fit what is left" in synthesis.json()["error"]["message"]
@@ -80,6 +81,17 @@ def test_refuse_reserves_all_a_plan_can_spend_so_an_admitted_request_is_served_a
     assert vote.status_code == 200 and not vote.json()["degraded"], vote.text
     used = _usage(a.url, PLANNER)
     assert used["prompt_tokens"] + used["completion_tokens"] == vote.json()["total_usage"]["total_tokens"] == 22
+
+
+def test_prices_per_1m_input_and_output_tokens_make_the_cost(crowded):
+    """An expert priced as prices.json writes it (USD per 1M input and output tokens): the answer's cost and the
+    key's usage both price prompt and output tokens apart."""
+    a, _ = crowded
+    r = httpx.post(f"{a.url}/v1/query", json={"query": "Pick a letter.", "max_tokens": 8, "experts": ["sim-priced"]},
+                   headers=_bearer(PLANNER), timeout=60).json()
+    usage = r["total_usage"]
+    assert r["cost_usd"] == pytest.approx(usage["prompt_tokens"] * 0.002 + usage["completion_tokens"] * 0.004)
+    assert _usage(a.url, PLANNER)["cost_usd"] >= r["cost_usd"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -136,3 +136,14 @@ def test_aggregator_preference_from_config_or_profile_ranking(tmp_path):
     assert ranking == ("gemma3", "smollm2") and "aggregator ranking" in source  # unconfigured names dropped
     fixed = parse_config({"routing": {"profiles": str(tmp_path), "aggregator": "smollm2"}})
     assert preference(fixed) == (("smollm2",), "fixed in config (routing.aggregator)")
+
+
+def test_an_expert_priced_per_1m_input_and_output_tokens():
+    sim = {"name": "s", "backend": "simulated", "memory_gb": 0.1, "load_s": 0, "step_s": 0.01}
+    priced = parse_config({"experts": [{**sim, "prices": {"input": 3.0, "output": 15.0}}]}).experts[0]
+    assert (priced.price.input, priced.price.output) == (3e-6, 15e-6)
+    assert priced.price.cost(1000, 100) == pytest.approx(0.0045)
+    flat = parse_config({"experts": [{**sim, "cost_per_1k_tokens": 0.5}]}).experts[0]
+    assert flat.price.input == flat.price.output == 0.0005
+    with pytest.raises(ConfigError, match="set prices .* or cost_per_1k_tokens, not both"):
+        parse_config({"experts": [{**sim, "cost_per_1k_tokens": 0.5, "prices": {"input": 1, "output": 1}}]})

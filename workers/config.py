@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from workers.types import SamplingParams
+from workers.types import Price, SamplingParams
 
 
 class Strict(BaseModel):
@@ -48,11 +48,20 @@ class GenerationDefaults(Strict):
         )
 
 
+class TokenPrices(Strict):
+    """USD per 1M tokens, the unit of bench-data's prices.json and of providers' price sheets."""
+
+    input: float = Field(ge=0.0, description="USD per 1M prompt tokens")
+    output: float = Field(ge=0.0, description="USD per 1M generated tokens")
+
+
 class ExpertBase(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     max_batch_size: int = Field(16, ge=1, le=1024)
     generation: GenerationDefaults = GenerationDefaults()
-    cost_per_1k_tokens: float = Field(0.0, ge=0.0)
+    cost_per_1k_tokens: float = Field(0.0, ge=0.0, description="USD per 1k tokens, prompt and output alike")
+    prices: TokenPrices | None = Field(None, description="USD per 1M input and per 1M output tokens, as a "
+                                       "bench-data prices.json writes them; instead of cost_per_1k_tokens")
     tags: list[str] = []
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
@@ -64,6 +73,19 @@ class ExpertBase(Strict):
         None, gt=0, description="resident size for the memory budget; estimated from the weights when unset"
     )
     max_restarts: int = Field(3, ge=-1)
+
+    @model_validator(mode="after")
+    def _one_price(self) -> ExpertBase:
+        if self.prices is not None and self.cost_per_1k_tokens:
+            raise ValueError("set prices (USD per 1M input and output tokens) or cost_per_1k_tokens, not both")
+        return self
+
+    @property
+    def price(self) -> Price:
+        """USD per input and per output token: the one price every cost of this expert is computed with."""
+        if self.prices is not None:
+            return Price(self.prices.input / 1e6, self.prices.output / 1e6)
+        return Price(self.cost_per_1k_tokens / 1000, self.cost_per_1k_tokens / 1000)
 
     @field_validator("num_gpus")
     @classmethod
@@ -145,12 +167,23 @@ class VLLMExpert(ExpertBase, LocalPrompting):
 
 
 class OpenAIExpert(ExpertBase):
+    """An OpenAI-compatible server elsewhere (``workers.backends.openai_backend``). The actor keeps one pool of
+    HTTP connections to it: at most ``max_concurrency`` open, idle ones closed after ``keepalive_s``."""
+
     backend: Literal["openai"]
     base_url: str = Field(pattern=r"^https?://")
     model: str
     api_key_env: str | None = Field(None, description="environment variable that holds the API key")
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, description="a row's deadline, its retries included")
     num_cpus: float = Field(0.0, ge=0.0)
+    max_concurrency: int = Field(16, ge=1, description="requests in flight to the server at once; the rest wait")
+    requests_per_minute: int | None = Field(None, ge=1, description="the server's request rate limit; None: none")
+    tokens_per_minute: int | None = Field(None, ge=1, description="its token rate limit (prompt plus most output)")
+    retries: int = Field(3, ge=0, description="tries again after a 429, a 5xx or a lost connection before the "
+                         "first token, within timeout_s; never after it")
+    backoff_s: float = Field(0.25, gt=0, description="the first retry's wait, doubled each time (full jitter)")
+    backoff_max_s: float = Field(8.0, gt=0, description="the longest backoff; a longer Retry-After still counts")
+    keepalive_s: float = Field(30.0, gt=0, description="how long an idle connection stays open")
 
     @property
     def origin(self) -> str:

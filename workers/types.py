@@ -60,6 +60,21 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Price:
+    """USD per prompt (input) token and per generated (output) token: what one expert's calls cost."""
+
+    input: float = 0.0
+    output: float = 0.0
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return prompt_tokens * self.input + completion_tokens * self.output
+
+
+FREE = Price()
+"""The price of an expert the config gives none."""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0

@@ -55,7 +55,7 @@ def to_response(answer: Answer, answer_id: str) -> QueryResponse:
         id=answer_id, answer=answer.text,
         answers=[ExpertAnswerOut(expert=a.expert, text=a.text, prompt_tokens=a.prompt_tokens,
                                  completion_tokens=a.completion_tokens, finished_at=a.finished_at,
-                                 seconds=a.seconds)
+                                 seconds=a.seconds, retries=a.retries)
                  for a in answer.answers],
         aggregation=answer.aggregation, aggregator=answer.aggregator, aggregation_skipped=answer.aggregation_skipped,
         routing=to_routing(answer.decision), usage=usage, total_usage=total, cost_usd=answer.cost_usd,

@@ -65,6 +65,8 @@ class Metrics:
         self.consensus = Counter("concilium_consensus_skips", "answers whose experts agreed, so the aggregator "
                                  "call was skipped", registry=r)
         self.timeouts = Counter("concilium_timeouts", "requests past server.request_timeout_s", registry=r)
+        self.retries = Counter("concilium_remote_retries", "remote expert calls tried again before they answered",
+                               ["expert"], registry=r)
         r.register(_Live(live))
 
     def render(self) -> bytes:

@@ -81,6 +81,8 @@ class ExpertAnswerOut(BaseModel):
     """Unix time at which the expert's generation call returned: a streamed answer's first tokens left before."""
     seconds: float = 0.0
     """The generation call's own time, shared by the rows of its batch."""
+    retries: int = 0
+    """How many times a remote expert's call was tried again (a 429, a 5xx, a lost connection) before it answered."""
 
 
 class Usage(BaseModel):

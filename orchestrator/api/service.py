@@ -252,6 +252,9 @@ class Service:
         response = to_response(answer, answer_id)
         for expert in answer.decision.experts:
             self.metrics.routed.labels(expert).inc()
+        for a in answer.answers:
+            if a.retries:
+                self.metrics.retries.labels(a.expert).inc(a.retries)
         if is_consensus(answer.aggregation_skipped):
             self.metrics.consensus.inc()
         await asyncio.shield(self._store_call("usage", self.ledger.record(caller, response, reservation)))

@@ -116,6 +116,10 @@ class Events(Protocol):
 
     def closing(self, result: QueryResponse) -> list[dict[str, object]]: ...
 
+    def restart(self, info: dict[str, object]) -> dict[str, object]:
+        """The event that says the text starts again (``stream_fallback: restart``)."""
+        ...
+
 
 class QueryEvents:
     """``/v1/query``: ``{"id", "plan"}``, then ``{"delta"}`` events, then the full response."""
@@ -128,6 +132,9 @@ class QueryEvents:
 
     def closing(self, result: QueryResponse) -> list[dict[str, object]]:
         return [result.model_dump(mode="json")]
+
+    def restart(self, info: dict[str, object]) -> dict[str, object]:
+        return {"restart": info}
 
 
 @dataclass
@@ -149,6 +156,9 @@ class OpenAIEvents:
     def delta(self, text: str) -> dict[str, object]:
         return self._chunk(text, None)
 
+    def restart(self, info: dict[str, object]) -> dict[str, object]:
+        return self._chunk("", None, concilium={"restart": info})
+
     def closing(self, result: QueryResponse) -> list[dict[str, object]]:
         last = [self._chunk("", "stop", concilium=result.model_dump(mode="json"))]
         if self.include_usage:
@@ -165,8 +175,8 @@ def completion_choice(text: str | None, finish: str | None) -> dict[str, object]
     return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
 
 
-def error_event(kind: str, message: str) -> str:
-    return sse({"error": {"type": kind, "message": message, "code": None}})
+def error_event(kind: str, message: str, **details: object) -> str:
+    return sse({"error": {"type": kind, "message": message, "code": None, **details}})
 
 
 def remainder(sent: str, answer: str) -> str:
@@ -198,7 +208,7 @@ async def relay(svc: Service, live: Live, plan: dict[str, object], events: Event
             log.exception("a streaming request failed after its first byte")
             yield error_event("internal_error", "internal error; the server log has the details")
         else:
-            for event in _ending(result, "".join(sent), events):
+            for event in _ending(result, "".join(sent), events, svc.config.server.stream_fallback):
                 yield event
         yield DONE
     finally:
@@ -206,13 +216,21 @@ async def relay(svc: Service, live: Live, plan: dict[str, object], events: Event
             svc.metrics.cancelled.inc()
 
 
-def _ending(result: QueryResponse, sent: str, events: Events) -> Iterator[str]:
+def _ending(result: QueryResponse, sent: str, events: Events, fallback: str) -> Iterator[str]:
+    """The rest of the answer and the closing events. When the expert that was streaming failed after its first
+    token and another one answered (``degraded`` says who and why), ``server.stream_fallback`` decides: ``error``
+    ends the stream with an error event holding the text sent so far; ``restart`` sends a restart event, then the
+    new answer from its start."""
     try:
         rest = remainder(sent, result.answer)
     except ValueError:
-        yield error_event("stream_interrupted", "the expert that was streaming failed and another one answered; "
-                                                f"the whole answer is at GET /v1/answers/{result.id}")
-        return
+        why = "; ".join(result.degraded) or "the expert that was streaming failed"
+        if fallback == "error":
+            yield error_event("stream_interrupted", f"{why}; the whole answer is at GET /v1/answers/{result.id}",
+                              partial=sent)
+            return
+        yield sse(events.restart({"reason": why, "discard_chars": len(sent)}))
+        rest = result.answer
     for piece in chunks(rest) if rest else ():
         yield sse(events.delta(piece))
     for event in events.closing(result):

@@ -86,7 +86,8 @@ def simulated_config(config: ConciliumConfig, calibrations: list[Calibration], t
         c = by_name[e.name]
         sim = SimulatedExpert(
             backend="simulated", name=e.name, max_batch_size=e.max_batch_size, generation=e.generation,
-            cost_per_1k_tokens=e.cost_per_1k_tokens, tags=e.tags, memory_gb=round(max(c.memory_gb, 1e-3), 4),
+            cost_per_1k_tokens=e.cost_per_1k_tokens, prices=e.prices, tags=e.tags,
+            memory_gb=round(max(c.memory_gb, 1e-3), 4),
             device=c.device if c.device == "cpu" or c.device.startswith("cuda:") else "cpu",
             load_s=round(c.load_s, 4), step_s=round(c.step_s, 6), step_s_per_row=round(c.step_s_per_row, 6),
             time_scale=time_scale,

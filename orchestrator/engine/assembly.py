@@ -10,6 +10,7 @@ from orchestrator.engine.plan import ExpertWork, LatentWork
 from orchestrator.engine.requests import AllExpertsFailed, Answer, ExpertAnswer, InFlight
 from routers.aggregation import Aggregated, aggregate_without_call
 from routers.vocabulary import Aggregation, Mode
+from workers.types import FREE, Price
 
 
 def record_answers(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcome]]) -> None:
@@ -23,7 +24,8 @@ def record_answers(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcom
             live[i].degraded.extend(outcome.notes)
         for i, c in zip(work.rows, outcome.completions):
             live[i].answered(ExpertAnswer(work.expert, c.text, c.prompt_tokens, c.completion_tokens,
-                                          outcome.finished_at, outcome.generate_s, c.cost_usd))
+                                          outcome.finished_at, outcome.generate_s, c.cost_usd,
+                                          int(c.meta.get("retries", 0))))
 
 
 def record_latent(outcomes: list[tuple[LatentWork, Outcome]]) -> None:
@@ -53,22 +55,22 @@ def record_syntheses(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outc
             results[i] = Aggregated(c.text, work.expert, None, {work.expert: (c.prompt_tokens, c.completion_tokens)})
 
 
-def finish(live: list[InFlight], results: dict[int, Aggregated], costs: dict[str, float]) -> None:
+def finish(live: list[InFlight], results: dict[int, Aggregated], prices: dict[str, Price]) -> None:
     """Resolve every request still waiting: its answer, or AllExpertsFailed with what went wrong."""
     for i, p in enumerate(live):
         if p.future.done():
             continue
         if i in results:
-            p.future.set_result(_answer(p, results[i], costs))
+            p.future.set_result(_answer(p, results[i], prices))
         else:
             p.future.set_exception(AllExpertsFailed(
                 "every recruited expert failed: " + "; ".join(p.degraded or ["no expert was available"])
             ))
 
 
-def _answer(p: InFlight, agg: Aggregated, costs: dict[str, float]) -> Answer:
-    """Usage per expert, and cost: a call's reported cost where its backend knew it (a replayed record), else the
-    expert's price per 1k tokens times the call's tokens."""
+def _answer(p: InFlight, agg: Aggregated, prices: dict[str, Price]) -> Answer:
+    """Usage per expert, and cost: a call's reported cost where its backend knew it (a replayed record), else its
+    prompt and output tokens at the expert's prices."""
     usage: dict[str, dict[str, int]] = defaultdict(lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     cost_by_expert: dict[str, float] = defaultdict(float)
     calls = [(a.expert, a.prompt_tokens, a.completion_tokens, a.cost_usd) for a in p.spent]
@@ -76,7 +78,7 @@ def _answer(p: InFlight, agg: Aggregated, costs: dict[str, float]) -> Answer:
     for expert, pt, ct, reported in calls:
         usage[expert]["prompt_tokens"] += pt
         usage[expert]["completion_tokens"] += ct
-        cost_by_expert[expert] += reported if reported is not None else (pt + ct) / 1000 * costs.get(expert, 0.0)
+        cost_by_expert[expert] += reported if reported is not None else prices.get(expert, FREE).cost(pt, ct)
     aggregation = Mode.LATENT.value if p.decision.latent else p.request.aggregation
     return Answer(
         text=agg.text, answers=p.answers, aggregation=aggregation, aggregator=agg.aggregator,

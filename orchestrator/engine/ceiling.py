@@ -23,30 +23,29 @@ from routers.aggregation import proposer_prompt, synthesis_request
 from routers.base import Decision
 from routers.vocabulary import SYNTHESISING, Aggregation
 from workers.pool import ExpertPool, reason
-from workers.types import Prompt, SamplingParams
+from workers.types import FREE, Price, Prompt, SamplingParams
 
 Params = Callable[[QueryRequest, str], SamplingParams]
 
 
-def call_most(prompt_tokens: int, params: SamplingParams, price_per_1k: float) -> Spend:
-    """The most one call can cost: its prompt and every token it may generate, at the expert's price."""
-    tokens = prompt_tokens + params.max_new_tokens
-    return Spend(tokens, tokens / 1000 * price_per_1k)
+def call_most(prompt_tokens: int, params: SamplingParams, price: Price) -> Spend:
+    """The most one call can cost: its prompt and every token it may generate, at the expert's prices."""
+    return Spend(prompt_tokens + params.max_new_tokens, price.cost(prompt_tokens, params.max_new_tokens))
 
 
-async def first_round_most(pool: ExpertPool, params: Params, costs: dict[str, float], request: QueryRequest,
+async def first_round_most(pool: ExpertPool, params: Params, prices: dict[str, Price], request: QueryRequest,
                            decision: Decision) -> Spend:
     """The most the first round of a request routed to ``decision`` can spend (a latent request: its primary's
     one call; its peers' reads are not charged)."""
     experts = decision.experts[:1] if decision.latent else decision.experts
-    return await _most(pool, params, costs, request, [(e, request.prompt) for e in experts])
+    return await _most(pool, params, prices, request, [(e, request.prompt) for e in experts])
 
 
-async def plan_most(pool: ExpertPool, params: Params, costs: dict[str, float], request: QueryRequest,
+async def plan_most(pool: ExpertPool, params: Params, prices: dict[str, Price], request: QueryRequest,
                     decision: Decision, moa_layers: int) -> Spend:
     """The most every call the plan can make can spend, the conditional ones included."""
     if decision.latent:
-        return await first_round_most(pool, params, costs, request, decision)
+        return await first_round_most(pool, params, prices, request, decision)
     asked = decision.experts + decision.escalate
     calls: list[tuple[str, str | Prompt]] = [(e, request.prompt) for e in asked]
     longest = [ExpertAnswer(e, " ".join(["answer"] * params(request, e).max_new_tokens), 0, 0) for e in asked]
@@ -55,20 +54,20 @@ async def plan_most(pool: ExpertPool, params: Params, costs: dict[str, float], r
         calls += [(e, again) for _ in range(moa_layers - 1) for e in decision.experts]
     if request.aggregation in SYNTHESISING and len(asked) > 1:
         calls.append(synthesis_request(request.query, longest, decision, pool.healthy()))
-    return await _most(pool, params, costs, request, calls)
+    return await _most(pool, params, prices, request, calls)
 
 
-async def _most(pool: ExpertPool, params: Params, costs: dict[str, float], request: QueryRequest,
+async def _most(pool: ExpertPool, params: Params, prices: dict[str, Price], request: QueryRequest,
                 calls: list[tuple[str, str | Prompt]]) -> Spend:
     total = Spend()
     for expert in dict.fromkeys(e for e, _ in calls):
         prompts = [prompt for e, prompt in calls if e == expert]
         for n in await pool.count_tokens(expert, prompts):
-            total += call_most(n, params(request, expert), costs.get(expert, 0.0))
+            total += call_most(n, params(request, expert), prices.get(expert, FREE))
     return total
 
 
-async def hold_to_allowances(pool: ExpertPool, costs: dict[str, float], live: list[InFlight],
+async def hold_to_allowances(pool: ExpertPool, prices: dict[str, Price], live: list[InFlight],
                              works: list[ExpertWork]) -> tuple[list[ExpertWork], set[int]]:
     """The works without the rows whose request's allowance refuses the call, and those rows. Requests without
     an allowance are not counted (no extra call)."""
@@ -85,7 +84,7 @@ async def hold_to_allowances(pool: ExpertPool, costs: dict[str, float], live: li
             if prompt_tokens is None:
                 note = f"{work.expert} was not asked: its prompt could not be counted against the budget ({why})"
             else:
-                most = call_most(prompt_tokens, work.params, costs.get(work.expert, 0.0))
+                most = call_most(prompt_tokens, work.params, prices.get(work.expert, FREE))
                 if await p.request.allowance.take(most):
                     continue
                 note = (f"{work.expert} was not asked: its call could cost up to {most.tokens:g} tokens "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,8 +49,8 @@ class LatentExecutor(Protocol):
 
 class Executor:
     def __init__(self, pool: ExpertPool, latent: LatentExecutor | None, stats: SchedulerStats,
-                 timeout_s: float) -> None:
-        self.pool, self.latent, self.stats, self.timeout_s = pool, latent, stats, timeout_s
+                 timeout_s: float, stall_s: float | None = None) -> None:
+        self.pool, self.latent, self.stats, self.timeout_s, self.stall_s = pool, latent, stats, timeout_s, stall_s
 
     async def attempt(self, call: Awaitable[GenerationResult]) -> Outcome:
         """The call's result, counted in the stats, or why it failed: the one place a failure is caught."""
@@ -93,8 +94,10 @@ class Executor:
         if not work.streams:
             return self.pool.generate(expert, work.prompts, work.params)
         call = uuid.uuid4().hex
-        self._hook(work.streams, lambda row, c=call: self.pool.cancel(expert, c, row))
-        return self._forward(self.pool.stream(expert, work.prompts, work.params, call), work.streams)
+        cancel = functools.partial(self.pool.cancel, expert, call)
+        self._hook(work.streams, cancel)
+        return self._forward(self.pool.stream(expert, work.prompts, work.params, call), work.streams, cancel,
+                             len(work.prompts))
 
     async def run_latent(self, works: list[LatentWork]) -> list[tuple[LatentWork, Outcome]]:
         """Every latent-group call, concurrently: the group serialises them on its one device."""
@@ -104,9 +107,10 @@ class Executor:
                 return work, await self.attempt(self.latent.generate(work.primary, work.peers, work.prompts,
                                                                       work.params))
             call = uuid.uuid4().hex
-            self._hook(streams, lambda row, c=call: self.latent.cancel(c, row))
+            cancel = functools.partial(self.latent.cancel, call)
+            self._hook(streams, cancel)
             stream = self.latent.stream(work.primary, work.peers, work.prompts, work.params, call)
-            return work, await self.attempt(self._forward(stream, streams))
+            return work, await self.attempt(self._forward(stream, streams, cancel, len(work.members)))
 
         return list(await asyncio.gather(*(one(w) for w in works)))
 
@@ -116,12 +120,21 @@ class Executor:
         for row, stream in streams.items():
             stream.on_cancel(lambda r=row: cancel(r))
 
-    @staticmethod
-    async def _forward(events: AsyncIterator[list[TokenDelta] | GenerationResult],
-                       streams: dict[int, TokenStream]) -> GenerationResult:
-        """Hand each streamed row's text to its request as it comes; the call's result at the end."""
+    async def _forward(self, events: AsyncIterator[list[TokenDelta] | GenerationResult],
+                       streams: dict[int, TokenStream], cancel: Callable[[int], None], rows: int) -> GenerationResult:
+        """Hand each streamed row's text to its request as it comes; the call's result at the end. A call that
+        writes nothing for ``stall_s`` is a stalled one: its ``rows`` are cancelled in the actor, and it fails."""
         result = None
-        async for event in events:
+        pending = aiter(events)
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(pending), self.stall_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                for row in range(rows):
+                    cancel(row)
+                raise StreamStalled(f"no token within {self.stall_s:g} s (routing.stall_timeout_s)") from None
             if isinstance(event, GenerationResult):
                 result = event
                 continue
@@ -131,3 +144,7 @@ class Executor:
         if result is None:
             raise RuntimeError("the stream ended without a result")
         return result
+
+
+class StreamStalled(RuntimeError):
+    """A streaming call wrote no token for ``routing.stall_timeout_s``."""

@@ -22,7 +22,7 @@ from routers.base import Decision, OnlineRouter, Router
 from routers.vocabulary import LATENT_ROUTER, Aggregation, Policy
 from workers.errors import UserError
 from workers.pool import ExpertPool
-from workers.types import GenerationResult, TokenDelta, WorkerInfo
+from workers.types import GenerationResult, Price, TokenDelta, WorkerInfo
 
 
 def check_artifacts(config: ConciliumConfig) -> None:
@@ -69,14 +69,14 @@ def load_routers(config: ConciliumConfig, experts: list[str]
 
         routers[LATENT_ROUTER] = latent_routing(config)
     r = config.routing
-    settings = SchedulerSettings(r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.moa_layers,
+    settings = SchedulerSettings(r.max_batch, r.max_wait_ms, r.expert_timeout_s, r.stall_timeout_s, r.moa_layers,
                                  r.self_moa_temperature, profile.aggregators,
                                  profile.aggregator_source or TOP_SCORED, r.max_pending)
     return routers, settings, profile
 
 
-def expert_costs(config: ConciliumConfig) -> dict[str, float]:
-    return {e.name: e.cost_per_1k_tokens for e in config.experts}
+def expert_prices(config: ConciliumConfig) -> dict[str, Price]:
+    return {e.name: e.price for e in config.experts}
 
 
 class ReloadError(UserError, ValueError):
@@ -127,7 +127,7 @@ class Pipeline:
             except Exception:
                 pool.shutdown()
                 raise
-        scheduler = Scheduler(routers, pool, settings, expert_costs(config), latent)
+        scheduler = Scheduler(routers, pool, settings, expert_prices(config), latent)
         scheduler.start()
         return cls(config, pool, scheduler, profile, latent)
 
@@ -147,8 +147,8 @@ class Pipeline:
         would read it, so each is loaded."""
         s, decision = self._scheduler, await self.explain(request)
         if first_round:
-            return await first_round_most(self._pool, s.planner.params, s.planner.costs, request, decision)
-        return await plan_most(self._pool, s.planner.params, s.planner.costs, request, decision, s.settings.moa_layers)
+            return await first_round_most(self._pool, s.planner.params, s.planner.prices, request, decision)
+        return await plan_most(self._pool, s.planner.params, s.planner.prices, request, decision, s.settings.moa_layers)
 
     def defaults(self, router: str | None) -> Defaults:
         """k, aggregation, policy and λ for a request that sets none: ``auto``'s are the profile's served
@@ -230,7 +230,7 @@ class Pipeline:
         for name in changed + added:
             await self._pool.add(new[name])
         routers, settings, profile = load_routers(config, self._pool.names)
-        self._scheduler.reconfigure(routers, settings, expert_costs(config))
+        self._scheduler.reconfigure(routers, settings, expert_prices(config))
         self.config = config
         self._use(profile)
         return {"added": added, "removed": removed, "changed": changed, "routers": list(routers)}

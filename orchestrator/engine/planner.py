@@ -23,7 +23,7 @@ from routers.base import Decision, RouteOptions, pick
 from routers.plans import agree
 from routers.vocabulary import SYNTHESISING, Aggregation
 from workers.pool import ExpertPool
-from workers.types import Prompt, SamplingParams
+from workers.types import FREE, Price, Prompt, SamplingParams
 
 AGGREGATOR = "aggregator"
 """``InFlight.streams_from`` for a request whose answer the synthesis call writes."""
@@ -31,8 +31,8 @@ LATENT_SKIPPED = "latent mode: the peers took part inside the primary's forward 
 
 
 class Planner:
-    def __init__(self, pool: ExpertPool, settings: SchedulerSettings, costs: dict[str, float]) -> None:
-        self.pool, self.settings, self.costs = pool, settings, costs
+    def __init__(self, pool: ExpertPool, settings: SchedulerSettings, prices: dict[str, Price]) -> None:
+        self.pool, self.settings, self.prices = pool, settings, prices
 
     def params(self, request: QueryRequest, expert: str) -> SamplingParams:
         """The expert's generation defaults with the request's overrides. self-moa samples: greedy samples
@@ -110,8 +110,8 @@ class Planner:
         """Drop the costliest recruits until the estimated cost fits the request's cost cap (the API's ``budget``);
         one always stays.
 
-        The estimate is the expert's price per 1k tokens times the prompt's words (a token count needs the
-        expert's tokenizer, which lives in the worker) plus the tokens it may generate.
+        The estimate is the prompt's words (a token count needs the expert's tokenizer, which lives in the worker)
+        at the expert's input price, plus the tokens it may generate at its output price.
         """
         r, d = p.request, p.decision
         if r.max_cost_usd is None:
@@ -119,7 +119,7 @@ class Planner:
         words = len(r.query.split())
 
         def cost(e: str) -> float:
-            return self.costs.get(e, 0.0) * (words + self.params(r, e).max_new_tokens) / 1000
+            return self.prices.get(e, FREE).cost(words, self.params(r, e).max_new_tokens)
 
         dropped = []
         if d.escalate and sum(cost(e) for e in d.experts + d.escalate) > r.max_cost_usd:

@@ -116,6 +116,8 @@ class ExpertAnswer:
     """The generation call's own time, shared by the rows of its batch."""
     cost_usd: float | None = None
     """The call's cost where the backend reported it; None: the expert's price per token applies."""
+    retries: int = 0
+    """How many times a remote expert's call was tried again before it answered."""
 
 
 @dataclass

@@ -49,21 +49,22 @@ from routers.aggregation import Aggregated, aggregate_without_call
 from routers.base import BoundedRouter, Decision, RouteOptions, Router
 from routers.vocabulary import AGGREGATIONS, Aggregation
 from workers.pool import ExpertPool
+from workers.types import Price
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
     def __init__(
-        self, routers: dict[str, Router], pool: ExpertPool, settings: SchedulerSettings, costs: dict[str, float],
+        self, routers: dict[str, Router], pool: ExpertPool, settings: SchedulerSettings, prices: dict[str, Price],
         latent: LatentExecutor | None = None,
     ) -> None:
         """``routers`` by name; the first is the default. ``latent`` runs the ``latent`` router's decisions."""
         self.pool = pool
         self.stats = SchedulerStats()
-        self.planner = Planner(pool, settings, costs)
-        self.executor = Executor(pool, latent, self.stats, settings.expert_timeout_s)
-        self.reconfigure(routers, settings, costs)
+        self.planner = Planner(pool, settings, prices)
+        self.executor = Executor(pool, latent, self.stats, settings.expert_timeout_s, settings.stall_timeout_s)
+        self.reconfigure(routers, settings, prices)
         self._queue: asyncio.Queue[InFlight] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._pending = 0
@@ -78,14 +79,14 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def reconfigure(self, routers: dict[str, Router], settings: SchedulerSettings, costs: dict[str, float]) -> None:
+    def reconfigure(self, routers: dict[str, Router], settings: SchedulerSettings, prices: dict[str, Price]) -> None:
         """New routers and settings from a config reload; a window already running keeps what it started with."""
         if not routers:
             raise ValueError("the scheduler needs at least one router")
         self.routers, self.default_router = routers, next(iter(routers))
         self.settings = settings
-        self.planner.settings, self.planner.costs = settings, costs
-        self.executor.timeout_s = settings.expert_timeout_s
+        self.planner.settings, self.planner.prices = settings, prices
+        self.executor.timeout_s, self.executor.stall_s = settings.expert_timeout_s, settings.stall_timeout_s
 
     @property
     def queue_depth(self) -> int:
@@ -199,7 +200,7 @@ class Scheduler:
         finished = time.perf_counter()
         for p in live:
             p.timings.update(solve_s=solved - routed, aggregate_s=finished - solved, total_s=finished - p.enqueued)
-        assembly.finish(live, results, self.planner.costs)
+        assembly.finish(live, results, self.planner.prices)
         # Expert time: the solve phase's wall time (its calls run concurrently) plus the aggregation calls'.
         self._count_window(live, finished - started, (solved - routed) + calls_s, loads_before)
 
@@ -260,7 +261,7 @@ class Scheduler:
 
     async def _run(self, live: list[InFlight], works: list[ExpertWork]) -> list[tuple[ExpertWork, Outcome]]:
         """A phase's calls, each first allowed by its request's budget (``engine.ceiling``)."""
-        works, _ = await hold_to_allowances(self.pool, self.planner.costs, live, works)
+        works, _ = await hold_to_allowances(self.pool, self.planner.prices, live, works)
         return await self.executor.run(works)
 
     async def _moa_layer(self, live: list[InFlight], layer: int) -> bool:
@@ -285,7 +286,7 @@ class Scheduler:
         """Every request's aggregated answer, and the wall time of the synthesis calls."""
         results, work = self.planner.aggregation(live)
         t0 = time.perf_counter()
-        work, over = await hold_to_allowances(self.pool, self.planner.costs, live, work)
+        work, over = await hold_to_allowances(self.pool, self.planner.prices, live, work)
         for i in over:  # a synthesis the budget does not allow: the vote stands in
             p = live[i]
             results[i] = aggregate_without_call(Aggregation.VOTE, p.answers, p.decision, p.request.kind)

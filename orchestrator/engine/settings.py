@@ -20,6 +20,7 @@ class SchedulerSettings:
     max_batch: int = _DEFAULTS.max_batch
     max_wait_ms: float = _DEFAULTS.max_wait_ms
     expert_timeout_s: float = _DEFAULTS.expert_timeout_s
+    stall_timeout_s: float | None = _DEFAULTS.stall_timeout_s
     moa_layers: int = _DEFAULTS.moa_layers
     self_moa_temperature: float = _DEFAULTS.self_moa_temperature
     aggregators: tuple[str, ...] = ()

@@ -17,20 +17,21 @@ from routers.answers import extract
 from routers.base import Prices
 from routers.embedding import TextEncoder
 from routers.scoring.crossval import EvalData
+from workers.types import Price
 
 
-def from_answers(data: LabelledSet, alone: dict[str, Row], prices: dict[str, float],
+def from_answers(data: LabelledSet, alone: dict[str, Row], prices: dict[str, Price],
                  encoder: TextEncoder) -> EvalData:
-    """``alone``: each expert's row of answers to every question; ``prices``: USD per token (input and output)."""
+    """``alone``: each expert's row of answers to every question; ``prices``: each expert's prices."""
     experts = list(alone)
     results = [[alone[e].results[i] for e in experts] for i in range(len(data))]
     kinds = data.kinds
-    price = np.array([prices[e] for e in experts])
+    price_in, price_out = (np.array([getattr(prices[e], side) for e in experts]) for side in ("input", "output"))
     return EvalData(
         texts=list(data.questions), experts=experts, categories=list(data.categories),
         correct=np.array([[float(r.correct) for r in row] for row in results]),
         cost=np.array([[r.cost for r in row] for row in results]),
         answers=np.array([[extract(r.text, kinds[i]) for r in row] for i, row in enumerate(results)], dtype=object),
         output_tokens=np.array([[float(r.completion_tokens) for r in row] for row in results]),
-        prices=Prices(price, price), vectors=encoder.encode(list(data.questions)),
+        prices=Prices(price_in, price_out), vectors=encoder.encode(list(data.questions)),
     )

@@ -106,8 +106,7 @@ class Flow:
         answers."""
         if self.settings.data.is_dir():
             return load_eval_data(self.settings.data, self.encoder, models=self.experts).subset(np.array(rows))
-        prices = {e.name: e.cost_per_1k_tokens / 1000 for e in config.experts}
-        return outcomes.from_answers(self.data, alone, prices, self.encoder)
+        return outcomes.from_answers(self.data, alone, {e.name: e.price for e in config.experts}, self.encoder)
 
     def offline(self, candidate: Candidate, fit: EvalData) -> Outcome:
         return offline(candidate, fit, self.splits, self.make)

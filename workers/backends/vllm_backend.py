@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from workers.backends import BackendUnsupported, OnDelta
+from workers.backends.loop_thread import LoopThread
 from workers.backends.templates import ChatFormat, load_tokenizer
 from workers.config import VLLMExpert
 from workers.model_store import ModelStore, weight_bytes
@@ -46,8 +46,7 @@ class VLLMBackend:
         self.sleeps = self.device == "cuda"
         self.engine: Any = None
         self.format: ChatFormat | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop: LoopThread | None = None
 
     def _folder(self) -> Path:
         folder = self.store.resolve(self.config.source)
@@ -65,7 +64,7 @@ class VLLMBackend:
 
     def _run(self, work: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the engine's loop and wait for it (called from the actor's threads)."""
-        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+        return self._loop.run(work)
 
     def load(self) -> None:
         from vllm import AsyncEngineArgs
@@ -75,9 +74,7 @@ class VLLMBackend:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.engine.kv_cache_gb)
             os.environ["OMP_NUM_THREADS"] = str(max(1, int(self.config.num_cpus)))  # its default is one thread
         args = AsyncEngineArgs(**self.engine_args())
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{self.config.name}", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread(f"vllm-{self.config.name}")
 
         async def start() -> Any:
             return AsyncLLM.from_engine_args(args)
@@ -98,10 +95,8 @@ class VLLMBackend:
             self._run(self._close())
             self.engine = None
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
-            self._loop.close()
-            self._loop = self._thread = None
+            self._loop.stop()
+            self._loop = None
         self.format = None
 
     def sleep(self) -> None:
@@ -132,8 +127,7 @@ class VLLMBackend:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
         sampling = self._sampling(params)
         encoded = [self.format.token_ids(p) for p in prompts]  # here, not on the loop the engine's output runs on
-        rows = [asyncio.run_coroutine_threadsafe(self._row(row, ids, sampling, on_delta, cancelled), self._loop)
-                for row, ids in enumerate(encoded)]
+        rows = [self._loop.submit(self._row(row, ids, sampling, on_delta, cancelled)) for row, ids in enumerate(encoded)]
         return [r.result() for r in rows]
 
     @staticmethod
