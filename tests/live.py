@@ -11,13 +11,11 @@
   the pages the API serves.
 - ``FakeOpenAI``: a small OpenAI-compatible server standing in for a remote
   model endpoint whose answers a test must script (an injected answer).
-- ``FaultProxy``: a reverse proxy in front of a real OpenAI-compatible server
-  (another Concilium) that injects a remote endpoint's faults.
+
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -28,14 +26,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import uvicorn
 import yaml
-from fastapi import FastAPI, Header, HTTPException, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Header, HTTPException
+from fastapi.responses import StreamingResponse
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
@@ -220,74 +217,3 @@ class FakeOpenAI:
         self.server.should_exit = True
         self.thread.join(5)
 
-
-def fault_proxy_app(upstream: str) -> FastAPI:
-    """A reverse proxy for an OpenAI-compatible server, written for the tests, that injects the faults a remote
-    model endpoint shows. ``app.state.plan`` holds the faults for the next chat requests, in order (then they pass):
-    ``("status", code, headers)``, ``("slow_first_byte", s)``, ``("stall_after", k, s)``, ``("cut_after", k)``
-    (the connection drops after k data lines) and ``("malformed", k)`` (a broken line after k). It counts requests,
-    requests in flight (and their most), and streams its client left early."""
-    app = FastAPI()
-    app.state.plan, app.state.requests, app.state.in_flight, app.state.most_in_flight = [], 0, 0, 0
-    app.state.closed_early = 0
-    client = httpx.AsyncClient(base_url=upstream, timeout=120)
-
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        r = await client.get("models")
-        return JSONResponse(r.json(), r.status_code)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        body = await request.json()
-        fault = app.state.plan.pop(0) if app.state.plan else ("pass",)
-        app.state.requests += 1
-        if fault[0] == "status":
-            return JSONResponse({"error": {"type": "injected", "message": "a fault"}}, fault[1],
-                                headers=fault[2] if len(fault) > 2 else None)
-        app.state.in_flight += 1
-        app.state.most_in_flight = max(app.state.most_in_flight, app.state.in_flight)
-        return StreamingResponse(_relay(app, client, body, fault), media_type="text/event-stream")
-
-    return app
-
-
-async def _relay(app: FastAPI, client: httpx.AsyncClient, body: dict, fault: tuple) -> AsyncIterator[str]:
-    finished = False
-    try:
-        if fault[0] == "slow_first_byte":
-            await asyncio.sleep(fault[1])
-        async with client.stream("POST", "chat/completions", json=body) as upstream:
-            lines = 0
-            async for line in upstream.aiter_lines():
-                if line.startswith("data:"):
-                    lines += 1
-                    if fault[0] == "cut_after" and lines > fault[1]:
-                        raise ConnectionAbortedError("an injected cut")  # the connection drops mid-body
-                    if fault[0] == "malformed" and lines == fault[1] + 1:
-                        yield "data: {not json\n\n"
-                    if fault[0] == "stall_after" and lines == fault[1] + 1:
-                        await asyncio.sleep(fault[2])
-                yield line + "\n"
-        finished = True
-    finally:
-        app.state.in_flight -= 1
-        app.state.closed_early += not finished and fault[0] != "cut_after"
-
-
-class FaultProxy:
-    """``fault_proxy_app`` under uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, upstream: str) -> None:
-        self.app = fault_proxy_app(upstream)
-        port = free_port()
-        self.base_url = f"http://{HOST}:{port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=HOST, port=port, log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)

@@ -1,6 +1,6 @@
 """Remote experts (docs/reliability.md, "Remote experts"): the openai backend against a real OpenAI-compatible
 upstream on 127.0.0.1, a second Concilium (its simulated experts stream a word per step), behind
-``tests.live.FaultProxy``, which injects the faults a remote endpoint shows and counts what reaches it.
+``orchestrator.bench.fault_proxy.FaultProxy``, which injects the faults a remote endpoint shows and counts what reaches it.
 
 Everything is real HTTP; the upstream's experts are simulated because the faults, not the text, are under test.
 """
@@ -15,7 +15,8 @@ import uuid
 import openai
 import pytest
 
-from tests.live import FaultProxy, ThreadServer
+from orchestrator.bench.fault_proxy import FaultProxy
+from tests.live import ThreadServer
 from workers.backends.openai_backend import OpenAIBackend, RemoteExpertError
 from workers.backends.remote_limits import TokenBucket
 from workers.backends.retry import retry_after_s

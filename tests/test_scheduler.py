@@ -26,6 +26,7 @@ from routers.base import Decision, RouteOptions
 from tests.conftest import STORE_ROOT, run
 from workers.config import PoolConfig, SimulatedExpert, TransformersExpert
 from workers.pool import ExpertPool
+from workers.types import Price
 
 
 class TableRouter:
@@ -58,7 +59,7 @@ async def _scheduler(table, budget_gb=1.2, experts=EXPERTS, **settings):
     pool = await ExpertPool.start(experts, PoolConfig(memory_budget_gb={"cpu": budget_gb}), STORE_ROOT,
                                   namespace=f"t-{uuid.uuid4().hex[:8]}")
     router = TableRouter(table)
-    sched = Scheduler({"table": router}, pool, SchedulerSettings(**settings), {"smollm2": 0.1, "gemma3": 0.2})
+    sched = Scheduler({"table": router}, pool, SchedulerSettings(**settings), {"smollm2": Price(1e-4, 1e-4), "gemma3": Price(2e-4, 2e-4)})
     sched.start()
     return sched, router, pool
 

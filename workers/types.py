@@ -108,6 +108,8 @@ class Completion:
     cost_usd: float | None = None
     """What the call cost, where the backend knows it (a replayed record's recorded cost); None: the expert's
     configured price per token applies."""
+    error: str | None = None
+    """Why this row failed, where its rows are independent requests (a remote server's): the others stand."""
 
 
 @dataclass

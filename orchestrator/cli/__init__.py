@@ -7,7 +7,7 @@
 | ``routing`` | eval, profile |
 | ``latent`` | train-latent, bench latent |
 | ``bench_compute`` | bench models, bench router, bench kernels |
-| ``bench_serving`` | bench scheduler, bench calibrate, bench api, bench load, bench budget, bench chaos |
+| ``bench_serving`` | bench scheduler, bench calibrate, bench api, bench load, bench budget, bench chaos, bench remote |
 | ``cluster`` | cluster deploy/status/down |
 
 Every error a user can cause ends with a one-line message and exit code 2 (``common.friendly``).

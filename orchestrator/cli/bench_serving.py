@@ -1,5 +1,5 @@
-"""``concilium bench scheduler``, ``bench calibrate``, ``bench api``, ``bench load``, ``bench budget`` and
-``bench chaos``: what serving costs, side by side with the naive ways of doing it, and what it holds under
+"""``concilium bench scheduler``, ``bench calibrate``, ``bench api``, ``bench load``, ``bench budget``,
+``bench chaos`` and ``bench remote``: what serving costs, side by side with the naive ways of doing it, and what it holds under
 concurrent load and faults."""
 
 from __future__ import annotations
@@ -319,6 +319,39 @@ def bench_chaos(
     raise typer.Exit(0 if all(r.ok for r in reports) else 1)
 
 
+def bench_remote(
+    n: Annotated[int, typer.Option(min=1, help="alternated pairs for time to first token and call overhead")] = 50,
+    faulted: Annotated[int, typer.Option(min=0, help="streamed requests while the proxy injects faults")] = 500,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="requests in flight in the faulted part")] = 16,
+    seed: Annotated[int, typer.Option(help="the faults' random draw")] = 0,
+) -> None:
+    """A remote expert: its time to first token and call overhead against the upstream alone, then streamed
+    requests under injected 429s, 503s and cuts (docs/reliability.md, "Remote experts").
+
+    Exits 1 if a faulted request failed, or a client could not tell its final answer from what it received.
+    """
+    from orchestrator.bench.remote import run_remote
+
+    with err.status("remote expert bench") as status:
+        r = run_remote(n, faulted, concurrency, seed, status.update)
+    table = Table(title=f"a remote expert, medians of {n} alternated pairs")
+    for column in ("figure", "upstream alone", "through Concilium", "difference"):
+        table.add_column(column, justify="right")
+    table.add_row("time to first token, streamed (ms)", f"{r.ttft_direct_ms:.1f}", f"{r.ttft_front_ms:.1f}",
+                  f"{r.ttft_front_ms - r.ttft_direct_ms:+.1f}")
+    table.add_row("one streamed call: bare httpx vs the backend (ms)", f"{r.call_bare_ms:.1f}",
+                  f"{r.call_backend_ms:.1f}", f"{r.call_backend_ms - r.call_bare_ms:+.1f}")
+    out.print(table)
+    out.print(f"faulted: {r.sent} streamed requests, {len(r.failed)} failed, {r.restarts} restarts announced, "
+              f"{r.unreadable} clients unable to tell their final answer, {r.retried_answers} answers that needed "
+              f"retries; the proxy: {r.proxy}", highlight=False)
+    for line in r.failed[:5]:
+        out.print(f"  failed: {line}", highlight=False)
+    for reason, count in Counter(r.reasons).most_common(5):
+        out.print(f"  restarted {count}x: {reason}", highlight=False)
+    raise typer.Exit(0 if not r.failed and not r.unreadable else 1)
+
+
 def register(bench_app: typer.Typer) -> None:
     bench_app.command("scheduler")(friendly(bench_scheduler))
     bench_app.command("calibrate")(friendly(bench_calibrate))
@@ -326,3 +359,4 @@ def register(bench_app: typer.Typer) -> None:
     bench_app.command("load")(friendly(bench_load))
     bench_app.command("budget")(friendly(bench_budget))
     bench_app.command("chaos")(friendly(bench_chaos))
+    bench_app.command("remote")(friendly(bench_remote))

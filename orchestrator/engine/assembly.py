@@ -23,6 +23,9 @@ def record_answers(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcom
         for i in work.rows:
             live[i].degraded.extend(outcome.notes)
         for i, c in zip(work.rows, outcome.completions):
+            if c.error is not None:  # this row alone failed (a remote server's independent request)
+                live[i].lost(work.expert, f"{work.expert} failed: {c.error}")
+                continue
             live[i].answered(ExpertAnswer(work.expert, c.text, c.prompt_tokens, c.completion_tokens,
                                           outcome.finished_at, outcome.generate_s, c.cost_usd,
                                           int(c.meta.get("retries", 0))))
@@ -45,14 +48,16 @@ def record_syntheses(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outc
                      results: dict[int, Aggregated]) -> None:
     """Each synthesis to its request; where the aggregator failed, the best answer instead, marked degraded."""
     for work, outcome in outcomes:
-        if isinstance(outcome, str):
-            for i in work.rows:
-                live[i].degraded.append(f"aggregator {work.expert} failed ({outcome}); returned the best answer")
+        completions = [None] * len(work.rows) if isinstance(outcome, str) else outcome.completions
+        for i, c in zip(work.rows, completions):
+            if c is None or c.error is not None:
+                why = outcome if c is None else c.error
+                live[i].degraded.append(f"aggregator {work.expert} failed ({why}); returned the best answer")
                 results[i] = aggregate_without_call(Aggregation.BEST, live[i].answers, live[i].decision,
                                                     live[i].request.kind)
-            continue
-        for i, c in zip(work.rows, outcome.completions):
-            results[i] = Aggregated(c.text, work.expert, None, {work.expert: (c.prompt_tokens, c.completion_tokens)})
+            else:
+                results[i] = Aggregated(c.text, work.expert, None,
+                                        {work.expert: (c.prompt_tokens, c.completion_tokens)})
 
 
 def finish(live: list[InFlight], results: dict[int, Aggregated], prices: dict[str, Price]) -> None:

@@ -112,15 +112,15 @@ class OpenAIBackend:
 
     def generate(self, prompts: list[Prompt], params: SamplingParams, on_delta: OnDelta | None = None,
                  cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
-        """Every row at once; the call fails with the first row that failed for good, once all have ended."""
+        """Every row at once, each its own request: a row that failed for good comes back with its ``error`` and
+        the others stand; the call fails only when every row failed."""
         if self._loop is None:
             raise RuntimeError(f"expert {self.config.name} is not loaded")
         rows = [self._loop.submit(self._row(row, p, params, on_delta, cancelled)) for row, p in enumerate(prompts)]
         errors = [r.exception() for r in rows]
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
-        return [r.result() for r in rows]
+        if all(e is not None for e in errors):
+            raise errors[0]
+        return [r.result() if e is None else Completion("", 0, 0, "error", error=str(e)) for r, e in zip(rows, errors)]
 
     def _body(self, prompt: Prompt, params: SamplingParams) -> dict[str, object]:
         body: dict[str, object] = {"model": self.config.model, "messages": prompt.as_messages(),
