@@ -37,6 +37,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 from orchestrator.api.app import create_app
+from orchestrator.bench.fault_proxy import AppThread
 from orchestrator.client import wait_until_ready
 from orchestrator.config import load_config, parse_config
 from orchestrator.env import LOOPBACK, free_port
@@ -202,18 +203,7 @@ def _sse_words(model: str, text: str, usage: dict) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-class FakeOpenAI:
+class FakeOpenAI(AppThread):
     def __init__(self) -> None:
-        self.app = fake_openai_app()
-        port = free_port()
-        self.base_url = f"http://{HOST}:{port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=HOST, port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
+        super().__init__(fake_openai_app())
 

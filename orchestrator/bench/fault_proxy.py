@@ -79,11 +79,11 @@ async def _relay(app: FastAPI, client: httpx.AsyncClient, body: dict, fault: tup
         app.state.closed_early += not finished and fault[0] != "cut_after"
 
 
-class FaultProxy:
-    """``fault_proxy_app`` under uvicorn in a thread, on a free loopback port."""
+class AppThread:
+    """An OpenAI-style app under uvicorn in a daemon thread, on a free loopback port (``base_url`` ends in /v1)."""
 
-    def __init__(self, upstream: str) -> None:
-        self.app = fault_proxy_app(upstream)
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
         port = free_port()
         self.base_url = f"http://{LOOPBACK}:{port}/v1"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=LOOPBACK, port=port, log_level="critical"))
@@ -95,3 +95,10 @@ class FaultProxy:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(5)
+
+
+class FaultProxy(AppThread):
+    """``fault_proxy_app`` in front of ``upstream``."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(fault_proxy_app(upstream))
