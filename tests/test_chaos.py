@@ -28,4 +28,6 @@ def test_under_faults_no_client_hangs_no_job_is_lost_and_usage_equals_what_was_s
     assert report.stray_cuts == 0  # a connection dropped only where the API process was killed
     assert all(o.result in ("complete", "accepted", "sse_error", "http_error", "cut") for o in report.outcomes)
     assert report.jobs and report.lost_jobs == 0  # every accepted job ended, on the surviving process
-    assert report.usage_usd == pytest.approx(report.served_usd, abs=1e-9)  # counted once each, none lost
+    # Counted once each, none lost: equal, unless the kill landed between an answer's count and its last chunk
+    # (then usage holds that cut answer too, and no more).
+    assert report.usage_usd >= report.served_usd - 1e-9 and report.usage_matches
