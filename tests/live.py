@@ -21,11 +21,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 from orchestrator.api.app import create_app
+from orchestrator.bench.chaos import RedisProcess
 from orchestrator.bench.fault_proxy import AppThread
 from orchestrator.client import wait_until_ready
 from orchestrator.config import load_config, parse_config
@@ -45,32 +44,11 @@ from orchestrator.env import LOOPBACK, free_port
 HOST = LOOPBACK
 
 
-class RedisServer:
-    def __init__(self, tmp: Path, port: int | None = None) -> None:
-        """``port``: a fixed port, to bring a stopped redis back where its clients expect it."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server (make test does)")
-        self.port = port or free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [binary, "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((HOST, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError("redis-server did not start")
+class RedisServer(RedisProcess):
+    """A throwaway redis-server for a test: nothing written to disk."""
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
+        super().__init__(tmp, port, append_only=False)
 
 
 class ThreadServer:

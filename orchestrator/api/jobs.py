@@ -27,14 +27,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from orchestrator.api.schemas import JobOut, QueryBody, QueryResponse
-from orchestrator.api.store import Store, StoreUnavailable
+from orchestrator.api.store import Store, StoreUnavailable, retry_while_down
 from orchestrator.engine.requests import Overloaded
 
 log = logging.getLogger(__name__)
 
 PENDING = "jobs:pending"
-FINISH_RETRY_S = 300.0
-"""How long a finished job's outcome is tried again while the store is down, before the job is left to rerun."""
 
 
 class JobRunner:
@@ -112,16 +110,8 @@ class JobRunner:
     async def _finish(self, job: JobOut, body: QueryBody, owner: str) -> None:
         """Save a job's outcome, trying again while the store is down (its claim is renewed meanwhile): the job
         has run, and if it were left for another process to run again, it would be spent and counted twice."""
-        deadline = time.monotonic() + FINISH_RETRY_S
-        while True:
-            try:
-                await self._save(job, body, owner)
-                await self.store.srem(PENDING, job.id)
-                return
-            except StoreUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.25)
+        await retry_while_down(lambda: self._save(job, body, owner))
+        await retry_while_down(lambda: self.store.srem(PENDING, job.id))
 
     async def _execute(self, job_id: str) -> None:
         renew = asyncio.create_task(self._renew(job_id))

@@ -7,8 +7,8 @@
   gone with it.
 
 The interface holds only the primitives the service needs (strings with a
-TTL, counters, hashes, sets, and the budget holds of ``budget_hold``), so
-both backends implement it fully and the callers (cache, jobs, feedback,
+TTL, counters, hashes, sets, and budget holds: ``hold``, ``settle``,
+``held``), so both backends implement it fully and the callers (cache, jobs, feedback,
 rate limits, budgets) never branch on the backend.
 A backend that cannot be reached raises ``StoreUnavailable``; callers decide
 whether that degrades a feature (the cache) or fails a request (jobs).
@@ -16,7 +16,9 @@ whether that degrades a feature (the cache) or fails a request (jobs).
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -42,10 +44,33 @@ class Hold:
     def of(cls, hold_id: str, tokens: float, usd: float) -> Hold:
         return cls(f"{hold_id}|{tokens!r}|{usd!r}", tokens, usd)
 
-    @staticmethod
-    def amounts(member: str) -> tuple[float, float]:
-        _, tokens, usd = member.split("|")
-        return float(tokens), float(usd)
+    def grown(self, tokens: float, usd: float) -> Hold:
+        """The same hold, holding more: it replaces this one in the store (``Store.hold``'s ``replaces``)."""
+        return Hold.of(self.member.split("|")[0], tokens, usd)
+
+
+def held_total(members: list[str] | dict[str, float]) -> tuple[float, float]:
+    """The tokens and USD that hold members (``id|tokens|usd``) hold together."""
+    amounts = [m.split("|")[1:] for m in members]
+    return sum(float(t) for t, _ in amounts), sum(float(u) for _, u in amounts)
+
+
+STORE_RETRY_S, STORE_RETRY_EVERY_S = 300.0, 0.25
+"""How long, and how often, a write that must not be lost is tried again while the store is unavailable."""
+
+
+async def retry_while_down(write: Callable[[], Awaitable[None]]) -> None:
+    """``write`` until the store takes it, every ``STORE_RETRY_EVERY_S`` for ``STORE_RETRY_S``; then the last
+    StoreUnavailable. For writes that are one transaction each, so a retry never applies twice: a usage settle,
+    a finished job's outcome."""
+    deadline = time.monotonic() + STORE_RETRY_S
+    while True:
+        try:
+            return await write()
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(STORE_RETRY_EVERY_S)
 
 
 Verdict = Literal["held", "wait", "never"]
@@ -151,8 +176,7 @@ class MemoryStore:
         return holds
 
     async def held(self, holds_key: str, but: str | None = None) -> tuple[float, float]:
-        amounts = [Hold.amounts(m) for m in self._live_holds(holds_key) if m != but]
-        return sum(a[0] for a in amounts), sum(a[1] for a in amounts)
+        return held_total([m for m in self._live_holds(holds_key) if m != but])
 
     async def hold(self, usage_key: str, holds_key: str, hold: Hold, limits: tuple[float | None, float | None],
                    ttl_s: float, keep_s: float, replaces: str | None = None) -> HoldAnswer:
@@ -351,8 +375,7 @@ class RedisStore:
     async def held(self, holds_key: str) -> tuple[float, float]:
         seconds, micros = await self._do(self._r.time())  # redis's clock, as the script's
         now_ms = seconds * 1000 + micros // 1000
-        amounts = [Hold.amounts(m) for m in await self._do(self._r.zrangebyscore(self._k(holds_key), now_ms, "+inf"))]
-        return sum(a[0] for a in amounts), sum(a[1] for a in amounts)
+        return held_total(await self._do(self._r.zrangebyscore(self._k(holds_key), now_ms, "+inf")))
 
     async def sadd(self, key: str, member: str) -> None:
         await self._do(self._r.sadd(self._k(key), member))

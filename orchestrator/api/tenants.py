@@ -43,7 +43,15 @@ from collections.abc import Awaitable, Callable
 from orchestrator.api.errors import ServiceError, Unavailable
 from orchestrator.api.schemas import KeyUsage, QueryResponse
 from orchestrator.api.security import Caller, needs_admin
-from orchestrator.api.store import USAGE_USD, Hold, HoldAnswer, Store, StoreUnavailable, verdict_of
+from orchestrator.api.store import (
+    USAGE_USD,
+    Hold,
+    HoldAnswer,
+    Store,
+    StoreUnavailable,
+    retry_while_down,
+    verdict_of,
+)
 from orchestrator.config import KeyLimits, QuotaConfig
 from orchestrator.engine.requests import QueryRequest, Spend
 
@@ -52,8 +60,6 @@ KEEP_S = 2 * DAY_S
 """How long a day's usage stays in the store: past its own day, for the admin who reads yesterday's."""
 HOLD_MARGIN_S = 60.0
 """A hold outlives its request's time limit by this much before it expires: the margin for the settle itself."""
-RETRY_S = 300.0
-"""How long a usage write the store refused is tried again (every ``POLL_S[1]``): a redis restart loses no count."""
 POLL_S = (0.02, 0.25)
 """A waiting request looks again after the first, doubling up to the second (holds settle in any replica)."""
 
@@ -100,7 +106,7 @@ class Reservation:
         need = self.committed + most
         held = Spend(self.hold.tokens, self.hold.usd)
         if not need.within(held):
-            grown = Hold.of(self.hold.member.split("|")[0], max(need.tokens, held.tokens), max(need.usd, held.usd))
+            grown = self.hold.grown(max(need.tokens, held.tokens), max(need.usd, held.usd))
             try:
                 answer = await self.store.hold(self.usage_key, self.holds_key, grown, self.limits, self.ttl_s, KEEP_S,
                                                replaces=self.hold.member)
@@ -158,22 +164,24 @@ class Ledger:
     async def admit(self, caller: Caller, request: QueryRequest, most: Most
                     ) -> tuple[QueryRequest, Reservation | None]:
         """The request as it may run for this key, with its reservation: held now, after a wait for requests
-        running now to settle, or refused (429). A key without limits reserves nothing."""
+        running now to settle, or refused (429). A key without limits reserves nothing. Its most is computed
+        once; with ``fit`` again at each look, since the USD left, and so the plan, changes as others settle."""
         limits = self.limits(caller.key_id)
         if limits.tokens_per_day is None and limits.usd_per_day is None:
             return request, None
-        deadline, pause = time.monotonic() + self.quotas.wait_s, POLL_S[0]
+        deadline, pause, planned = time.monotonic() + self.quotas.wait_s, POLL_S[0], None
         while True:
             try:
-                fitted, spend, answer = await self._try(caller.key_id, limits, request, most)
+                if planned is None or self.quotas.over_budget == "fit":
+                    planned = await self._plan(caller.key_id, limits, request, most)
+                answer = await self._hold(caller.key_id, limits, planned[1])
             except StoreUnavailable as exc:
-                if self.quotas.store_down == "closed":
-                    raise Unavailable(f"budgets cannot be checked, the store is unavailable: {exc}") from None
+                self._unreadable(exc)
                 return request, None
             if isinstance(answer, Reservation):
-                return fitted, answer
+                return dataclasses.replace(planned[0], allowance=answer), answer
             if answer.verdict == "never" or time.monotonic() >= deadline:
-                raise self._refusal(caller.key_id, limits, spend, answer)
+                raise self._refusal(caller.key_id, limits, planned[1], answer)
             await asyncio.sleep(pause)
             pause = min(POLL_S[1], pause * 2)
 
@@ -186,8 +194,7 @@ class Ledger:
         try:
             used = await self.usage(caller.key_id)
         except StoreUnavailable as exc:
-            if self.quotas.store_down == "closed":
-                raise Unavailable(f"budgets cannot be checked, the store is unavailable: {exc}") from None
+            self._unreadable(exc)
             return
         spend = await most(request, self.quotas.over_budget == "fit")
         spent = (float(used.prompt_tokens + used.completion_tokens), used.cost_usd)
@@ -196,24 +203,30 @@ class Ledger:
         if answer.verdict == "never":
             raise self._refusal(caller.key_id, limits, spend, answer)
 
-    async def _try(self, key_id: str, limits: KeyLimits, request: QueryRequest, most: Most
-                   ) -> tuple[QueryRequest, Spend, Reservation | HoldAnswer]:
-        """One attempt: the request (fitted, and with its reservation as its allowance), the most of its first
-        round, and its reservation or why not."""
-        day = utc_day(time.time())
+    def _unreadable(self, exc: StoreUnavailable) -> None:
+        """The store cannot be read: ``store_down: closed`` refuses (503); ``open`` lets the caller admit."""
+        if self.quotas.store_down == "closed":
+            raise Unavailable(f"budgets cannot be checked, the store is unavailable: {exc}") from None
+
+    async def _plan(self, key_id: str, limits: KeyLimits, request: QueryRequest, most: Most
+                    ) -> tuple[QueryRequest, Spend]:
+        """The request as it would run (with ``fit``, its budget shrunk to the USD left), and its most."""
         if self.quotas.over_budget == "fit" and limits.usd_per_day is not None:
             left = (await self.usage(key_id)).remaining_usd
             cap = left if request.max_cost_usd is None else min(request.max_cost_usd, left)
             request = dataclasses.replace(request, max_cost_usd=cap)
-        spend = await most(request, self.quotas.over_budget == "fit")
+        return request, await most(request, self.quotas.over_budget == "fit")
+
+    async def _hold(self, key_id: str, limits: KeyLimits, spend: Spend) -> Reservation | HoldAnswer:
+        """One try at holding ``spend`` on the key's budget: the reservation, or why not."""
+        day = utc_day(time.time())
         usage_key, holds_key = f"usage:{key_id}:{day}", f"holds:{key_id}:{day}"
         hold, bounds = Hold.of(uuid.uuid4().hex, spend.tokens, spend.usd), (limits.tokens_per_day, limits.usd_per_day)
         ttl = self.timeout_s + HOLD_MARGIN_S
         answer = await self.store.hold(usage_key, holds_key, hold, bounds, ttl, KEEP_S)
         if answer.verdict != "held":
-            return request, spend, answer
-        reservation = Reservation(self.store, usage_key, holds_key, hold, bounds, ttl, self.quotas.store_down)
-        return dataclasses.replace(request, allowance=reservation), spend, reservation
+            return answer
+        return Reservation(self.store, usage_key, holds_key, hold, bounds, ttl, self.quotas.store_down)
 
     def _refusal(self, key_id: str, limits: KeyLimits, spend: Spend, answer: HoldAnswer) -> QuotaExceeded:
         now = time.time()
@@ -254,21 +267,18 @@ class Ledger:
 
     async def _until_written(self, write: Callable[[], Awaitable[None]]) -> None:
         """Write now; if the store refuses, raise (the caller reports the store down) and keep trying in the
-        background for ``RETRY_S``, so that an answer served while redis restarts is still counted once. A
-        settle is one transaction, so a retry never counts twice."""
+        background (``store.retry_while_down``), so that an answer served while redis restarts is still counted
+        once."""
         try:
             await write()
         except StoreUnavailable:
-            task = asyncio.ensure_future(self._retry(write))
+            task = asyncio.ensure_future(_quietly(retry_while_down(write)))
             self.retrying.add(task)
             task.add_done_callback(self.retrying.discard)
             raise
 
-    async def _retry(self, write: Callable[[], Awaitable[None]]) -> None:
-        deadline = time.monotonic() + RETRY_S
-        while time.monotonic() < deadline:
-            await asyncio.sleep(POLL_S[1])
-            with contextlib.suppress(StoreUnavailable):
-                await write()
-                return
 
+async def _quietly(work: Awaitable[None]) -> None:
+    """A background retry that gave up has nothing to raise to."""
+    with contextlib.suppress(StoreUnavailable):
+        await work

@@ -107,20 +107,24 @@ class ChaosReport:
 
 
 class RedisProcess:
-    """A redis-server on a loopback port, with its append-only file, killed and restarted by its PID."""
+    """A redis-server on a loopback port (a free one, or ``port`` to come back where its clients expect it),
+    stopped, killed and started again by its PID. ``append_only``: its data survives a restart, as a deployment
+    would run it; without, nothing is written to disk (the tests' throwaway servers)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, port: int | None = None, append_only: bool = True) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            raise LoadError("redis-server is not installed (apt-get install -y redis-server)")
-        self.folder, self.port = folder, env.free_port()
+            raise LoadError("redis-server is not installed: apt-get install -y redis-server (make test does)")
+        self.folder, self.port, self.append_only = folder, port or env.free_port(), append_only
         self.url = f"redis://{env.LOOPBACK}:{self.port}/0"
+        folder.mkdir(parents=True, exist_ok=True)
         self.start()
 
     def start(self) -> None:
+        durable = ["--appendonly", "yes", "--appendfsync", "always"] if self.append_only else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--bind", env.LOOPBACK, "--port", str(self.port), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [self.binary, "--bind", env.LOOPBACK, "--port", str(self.port), "--save", "", *durable,
+             "--dir", str(self.folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
@@ -128,6 +132,10 @@ class RedisProcess:
                 return
             time.sleep(0.05)
         raise LoadError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
     def kill(self) -> None:
         self.proc.kill()

@@ -105,7 +105,7 @@ def overheads(upstream: str, front: str, n: int, report: RemoteReport) -> None:
     backend = OpenAIBackend(OpenAIExpert(name="bench", backend="openai", base_url=f"{upstream}/v1", model="sim-a"))
     backend.load()
     params = SamplingParams(max_new_tokens=MAX_TOKENS)
-    body = backend._body(Prompt("Pick a letter."), params)  # the very request the backend sends
+    body = backend.body(Prompt("Pick a letter."), params)  # the very request the backend sends
     bare, ours = [], []
     try:
         with httpx.Client(base_url=f"{upstream}/v1/", timeout=60) as http:

@@ -122,7 +122,7 @@ class OpenAIBackend:
             raise errors[0]
         return [r.result() if e is None else Completion("", 0, 0, "error", error=str(e)) for r, e in zip(rows, errors)]
 
-    def _body(self, prompt: Prompt, params: SamplingParams) -> dict[str, object]:
+    def body(self, prompt: Prompt, params: SamplingParams) -> dict[str, object]:
         body: dict[str, object] = {"model": self.config.model, "messages": prompt.as_messages(),
                                    "max_tokens": params.max_new_tokens, "temperature": params.temperature,
                                    "top_p": params.top_p, "stream": True, "stream_options": {"include_usage": True}}
@@ -142,7 +142,7 @@ class OpenAIBackend:
             attempt += 1
             try:
                 async with self._limits.admit(bound + params.max_new_tokens) as used:
-                    completion = await stream.run(self._body(prompt, params), deadline)
+                    completion = await stream.run(self.body(prompt, params), deadline)
                     used(completion.prompt_tokens + completion.completion_tokens)
                 completion.meta["retries"] = attempt - 1
                 return completion
