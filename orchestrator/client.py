@@ -45,8 +45,9 @@ FINAL_TYPES = ("budget_exceeded",)
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def wait_until_ready(base_url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Poll ``GET /readyz`` until it answers 200: for scripts that start a server and then use it.
+def wait_until_ready(base_url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True,
+                     path: str = "/readyz") -> None:
+    """Poll ``GET {path}`` until it answers 200: for scripts that start a server and then use it.
 
     ``alive`` says whether the server's process still runs, so that a server that dies while starting fails
     at once instead of after the whole timeout. Raises RuntimeError (it died) or TimeoutError.
@@ -56,7 +57,7 @@ def wait_until_ready(base_url: str, timeout_s: float, alive: Callable[[], bool] 
         if not alive():
             raise RuntimeError(f"the server for {base_url} exited during start-up")
         try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{base_url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

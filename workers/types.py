@@ -19,9 +19,57 @@ class EmptyPromptError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an expert asked for, in OpenAI's terms: ``arguments`` is the JSON text the model wrote."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def as_openai(self) -> dict[str, object]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of the ``index``-th tool call as an expert streams it: its id and name come first, then its
+    arguments in fragments (OpenAI's ``delta.tool_calls`` item)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    def as_openai(self) -> dict[str, object]:
+        function: dict[str, object] = {"arguments": self.arguments}
+        if self.name is not None:
+            function["name"] = self.name
+        piece: dict[str, object] = {"index": self.index, "function": function}
+        if self.id is not None:
+            piece.update(id=self.id, type="function")
+        return piece
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant turn's calls (its content may then be empty)."""
+    tool_call_id: str | None = None
+    """A ``tool`` turn's answer to this call."""
+
+    def as_openai(self) -> dict[str, object]:
+        message: dict[str, object] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_openai() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.content.strip() and not self.tool_calls
 
 
 @dataclass(frozen=True)
@@ -33,22 +81,26 @@ class Prompt:
     ref: str | None = None
     """The caller's id for what is asked (a labelled question's id): a replay expert answers that record; the
     other backends ignore it."""
+    tools: tuple[dict, ...] = ()
+    """OpenAI function tools the expert may call; only an expert that declares ``supports_tools`` is sent any."""
+    tool_choice: str | dict | None = None
+    """OpenAI's ``tool_choice`` ("auto", "required", "none" or one function), passed as it is."""
 
     def __post_init__(self) -> None:
         if self.text is None and not self.messages:
             raise EmptyPromptError("a prompt needs text or messages")
         if self.text is not None and not self.text.strip():
             raise EmptyPromptError("the prompt is empty")
-        if self.messages and not any(m.content.strip() for m in self.messages):
+        if self.messages and all(m.is_empty for m in self.messages):
             raise EmptyPromptError("every message in the conversation is empty")
 
     @classmethod
     def of(cls, value: str | Prompt) -> Prompt:
         return value if isinstance(value, Prompt) else cls(text=value)
 
-    def as_messages(self) -> list[dict[str, str]]:
+    def as_messages(self) -> list[dict[str, object]]:
         if self.messages:
-            return [{"role": m.role, "content": m.content} for m in self.messages]
+            return [m.as_openai() for m in self.messages]
         return [{"role": "user", "content": self.text or ""}]
 
     def as_plain_text(self) -> str:
@@ -88,12 +140,16 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+Piece = str | ToolCallDelta
+"""What a streamed generation writes for a row: a piece of text, or a piece of a tool call."""
+
+
 @dataclass(frozen=True)
 class TokenDelta:
-    """A piece of one row's text, as a streamed generation writes it."""
+    """A piece of one row's answer, as a streamed generation writes it."""
 
     row: int
-    text: str
+    text: Piece
 
 
 @dataclass
@@ -110,6 +166,8 @@ class Completion:
     configured price per token applies."""
     error: str | None = None
     """Why this row failed, where its rows are independent requests (a remote server's): the others stand."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The functions the expert asked to call (``finish_reason`` 'tool_calls')."""
 
 
 @dataclass

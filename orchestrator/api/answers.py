@@ -7,6 +7,7 @@ import dataclasses
 import uuid
 
 from orchestrator.api.schemas import ExpertAnswerOut, QueryResponse, Routing, Usage
+from orchestrator.api.tools import ToolCallOut
 from orchestrator.engine.requests import Answer
 from orchestrator.engine.token_stream import TokenStream
 from routers.base import Decision
@@ -61,4 +62,5 @@ def to_response(answer: Answer, answer_id: str) -> QueryResponse:
         routing=to_routing(answer.decision), usage=usage, total_usage=total, cost_usd=answer.cost_usd,
         cost_by_expert=answer.cost_by_expert,
         timings=answer.timings, degraded=answer.degraded,
+        tool_calls=[ToolCallOut.model_validate(c.as_openai()) for c in answer.tool_calls],
     )

@@ -12,6 +12,7 @@ from orchestrator.api.errors import InvalidRequest, NotFound
 from orchestrator.api.schemas import (
     DEFAULT_MODEL,
     ChatBody,
+    ChatMessage,
     CompletionBody,
     ModelCard,
     ModelList,
@@ -19,8 +20,9 @@ from orchestrator.api.schemas import (
     QueryBody,
     Sampling,
 )
+from orchestrator.api.tools import ToolUse
 from routers.vocabulary import Aggregation
-from workers.types import Message
+from workers.types import Message, ToolCall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Catalog:
         if not user_turns or not user_turns[-1].strip():
             raise InvalidRequest("messages: the last user message is missing or empty")
         query = self.query(body, user_turns[-1], body.max_completion_tokens or body.max_tokens)
-        return query, tuple(Message(m.role, m.content) for m in body.messages)
+        return query, tuple(_message(m) for m in body.messages)
 
     def completion_query(self, body: CompletionBody) -> QueryBody:
         """A completions request routes its prompt, and the experts see the prompt alone."""
@@ -59,5 +61,11 @@ class Catalog:
         elif body.model != DEFAULT_MODEL:
             raise NotFound(f"model {body.model!r} does not exist; available: "
                            + ", ".join(m.id for m in self.models().data))
+        fields = set(Sampling.model_fields) | (set(ToolUse.model_fields) if isinstance(body, ToolUse) else set())
         return QueryBody(query=text, router=router, k=k, aggregation=aggregation, experts=allow, max_tokens=max_tokens,
-                         **body.model_dump(include=set(Sampling.model_fields)))
+                         **body.model_dump(include=fields))
+
+
+def _message(m: ChatMessage) -> Message:
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
+    return Message(m.role, m.content or "", calls, m.tool_call_id)

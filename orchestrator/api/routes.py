@@ -102,9 +102,11 @@ async def chat(body: ChatBody, svc: Svc, request: Request, caller: User) -> Resp
         events = openai_events(body, "chat.completion.chunk", "chatcmpl-", sse.chat_choice)
         return await answer_stream(request, svc, query_body, events, caller, messages)
     result = await sse.until_disconnect(request, svc, svc.query(query_body, messages, caller))
+    calls = result.tool_calls or None
+    message = ChatChoiceMessage(content=result.answer or (None if calls else ""), tool_calls=calls)
     reply = ChatResponse(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=body.model,
                          usage=result.total_usage, concilium=result,
-                         choices=[ChatChoice(message=ChatChoiceMessage(content=result.answer))])
+                         choices=[ChatChoice(message=message, finish_reason="tool_calls" if calls else "stop")])
     return JSONResponse(reply.model_dump(mode="json"), headers=sse.headers(result))
 
 

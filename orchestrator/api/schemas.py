@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestrator.api.tools import ToolCallOut, ToolUse
 from routers.vocabulary import Aggregation, AnswerKind, Mode, Policy
 
 DEFAULT_MODEL = "concilium"
@@ -68,7 +69,7 @@ class Sampling(_Request):
         return _stops(value)
 
 
-class QueryBody(RouteBody, Sampling):
+class QueryBody(RouteBody, Sampling, ToolUse):
     """``/v1/query``: route, answer, and the whole trace."""
 
 
@@ -119,6 +120,8 @@ class QueryResponse(BaseModel):
     timings: dict[str, float]
     degraded: list[str] = []
     cached: bool = False
+    tool_calls: list[ToolCallOut] = []
+    """The functions the answering expert asked to call (a request with ``tools``)."""
 
 
 class RouteResponse(BaseModel):
@@ -131,8 +134,24 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    """Required, except in an assistant turn that made tool calls."""
+    tool_calls: list[ToolCallOut] | None = None
+    tool_call_id: str | None = None
+    """A ``tool`` turn's: the call it answers."""
+    name: str | None = None
+    """Accepted, as OpenAI accepts it; the experts do not see it."""
+
+    @model_validator(mode="after")
+    def _turn(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs its content")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id belongs to a tool message, and a tool message needs one")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message makes tool calls")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -164,8 +183,6 @@ class OpenAIBody(Sampling):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     response_format: Any = None
     k: int | None = Field(None, ge=1)
     aggregation: Aggregation | None = None
@@ -177,13 +194,6 @@ class OpenAIBody(Sampling):
             raise ValueError("log-probabilities are not supported yet")
         return value
 
-    @field_validator("tools", "tool_choice")
-    @classmethod
-    def _tools(cls, value: object) -> object:
-        if value not in (None, [], "none"):
-            raise ValueError("tool calling is not supported yet")
-        return value
-
     @field_validator("response_format")
     @classmethod
     def _format(cls, value: object) -> object:
@@ -192,7 +202,7 @@ class OpenAIBody(Sampling):
         return value
 
 
-class ChatBody(OpenAIBody):
+class ChatBody(OpenAIBody, ToolUse):
     """The OpenAI chat-completions request, with the fields Concilium honours and its own routing knobs."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -205,6 +215,14 @@ class CompletionBody(OpenAIBody):
     prompt: str | list[str]
     echo: Literal[False] = False
     suffix: None = None
+    tools: Any = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: object) -> object:
+        if value not in (None, []):
+            raise ValueError("tools need the chat endpoint, /v1/chat/completions")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -220,13 +238,14 @@ class CompletionBody(OpenAIBody):
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
-    finish_reason: Literal["stop", "length"] = "stop"
+    finish_reason: Literal["stop", "length", "tool_calls"] = "stop"
 
 
 class ChatResponse(BaseModel):

@@ -41,6 +41,7 @@ from orchestrator.api.schemas import (
 from orchestrator.api.security import ANONYMOUS, Caller
 from orchestrator.api.store import Store, StoreUnavailable, open_store
 from orchestrator.api.tenants import Ledger, Reservation
+from orchestrator.api.tools import ToolUse
 from orchestrator.config import ConciliumConfig, ConfigError, load_config
 from orchestrator.engine.pipeline import Pipeline, ReloadError
 from orchestrator.engine.requests import AllExpertsFailed, QueryRequest, RequestError
@@ -117,7 +118,10 @@ class Service:
             raise InvalidRequest(
                 f"query: {len(body.query)} characters, above the limit of {limits.max_query_chars}"
             )
-        k = body.k or defaults.k
+        experts, k, aggregation = body.experts, body.k or defaults.k, body.aggregation or defaults.aggregation
+        tools, tool_choice = body.tool_payload() if isinstance(body, ToolUse) else ((), None)
+        if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+            experts, k, aggregation = self._tool_experts(body), 1, Aggregation.BEST
         if k > limits.max_k:
             raise InvalidRequest(f"k: {k} is above the limit of {limits.max_k}")
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
@@ -129,7 +133,7 @@ class Service:
         try:
             request = QueryRequest(
                 query=body.query, options=RouteOptions(k=k, policy=policy, cost_lambda=cost_lambda),
-                aggregation=body.aggregation or defaults.aggregation, experts=body.experts,
+                aggregation=aggregation, experts=experts, tools=tools, tool_choice=tool_choice,
                 max_new_tokens=body.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 seed=sampling.seed, stop=sampling.stop, router=body.router, messages=messages,
                 max_cost_usd=body.budget, category=body.category, answer_kind=body.answer_kind,
@@ -139,9 +143,24 @@ class Service:
             raise InvalidRequest(str(exc)) from None
         return request
 
+    def _tool_experts(self, body: RouteBody) -> list[str]:
+        """A request with tools (or tool turns) goes to one expert that supports tools, with no aggregation."""
+        capable = self.config.tool_experts
+        if not capable:
+            raise InvalidRequest("tools: no expert of this service supports tools (an openai expert declares "
+                                 "`supports_tools: true` when its model calls functions)")
+        if body.k not in (None, 1) or body.aggregation not in (None, Aggregation.BEST):
+            raise InvalidRequest("tools: a request with tools is answered by one expert; leave k and aggregation "
+                                 "unset (or 1 and best)")
+        allowed = [e for e in body.experts or capable if e in capable]
+        if not allowed:
+            raise InvalidRequest(f"tools: none of the experts asked for supports tools; these do: "
+                                 f"{', '.join(capable)}")
+        return allowed
+
     def _cacheable(self, request: QueryRequest) -> bool:
         """Only deterministic answers are cached: greedy decoding, and no self-moa sampling."""
-        if self.config.server.cache_ttl_s <= 0 or request.aggregation == Aggregation.SELF_MOA:
+        if self.config.server.cache_ttl_s <= 0 or request.aggregation == Aggregation.SELF_MOA or request.tools:
             return False
         if request.temperature is not None:
             return request.temperature == 0

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from fastapi import Request
@@ -26,7 +26,9 @@ from orchestrator.api.answers import Live
 from orchestrator.api.errors import ServiceError
 from orchestrator.api.schemas import QueryResponse
 from orchestrator.api.service import Service
+from orchestrator.api.tools import ToolCallOut
 from orchestrator.engine.token_stream import DELTA
+from workers.types import ToolCallDelta
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,10 @@ class Events(Protocol):
 
     def delta(self, text: str) -> dict[str, object]: ...
 
+    def tool(self, piece: ToolCallDelta) -> dict[str, object]:
+        """A piece of a tool call (a request with tools)."""
+        ...
+
     def closing(self, result: QueryResponse) -> list[dict[str, object]]: ...
 
     def restart(self, info: dict[str, object]) -> dict[str, object]:
@@ -129,6 +135,9 @@ class QueryEvents:
 
     def delta(self, text: str) -> dict[str, object]:
         return {"delta": text}
+
+    def tool(self, piece: ToolCallDelta) -> dict[str, object]:
+        return {"tool_call": piece.as_openai()}
 
     def closing(self, result: QueryResponse) -> list[dict[str, object]]:
         return [result.model_dump(mode="json")]
@@ -156,11 +165,17 @@ class OpenAIEvents:
     def delta(self, text: str) -> dict[str, object]:
         return self._chunk(text, None)
 
+    def tool(self, piece: ToolCallDelta) -> dict[str, object]:
+        """OpenAI's ``delta.tool_calls`` chunk (chat only: completions take no tools)."""
+        return {**self.base, "choices": [{"index": 0, "delta": {"tool_calls": [piece.as_openai()]},
+                                          "finish_reason": None}]}
+
     def restart(self, info: dict[str, object]) -> dict[str, object]:
         return self._chunk("", None, concilium={"restart": info})
 
     def closing(self, result: QueryResponse) -> list[dict[str, object]]:
-        last = [self._chunk("", "stop", concilium=result.model_dump(mode="json"))]
+        finish = "tool_calls" if result.tool_calls else "stop"
+        last = [self._chunk("", finish, concilium=result.model_dump(mode="json"))]
         if self.include_usage:
             last.append({**self.base, "choices": [], "usage": result.total_usage.model_dump()})
         return last
@@ -189,17 +204,39 @@ def remainder(sent: str, answer: str) -> str:
     raise ValueError("the streamed text is not the answer")
 
 
+@dataclass
+class Sent:
+    """What a stream has sent of its answer: text, and the tool calls (name and arguments by index)."""
+
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def add(self, piece: object) -> None:
+        if isinstance(piece, ToolCallDelta):
+            name, arguments = self.calls.get(piece.index, ("", ""))
+            self.calls[piece.index] = (piece.name or name, arguments + piece.arguments)
+        else:
+            self.text.append(str(piece))
+
+    def rest(self, result: QueryResponse) -> tuple[str, list[ToolCallOut]]:
+        """The text and the calls still to send; ValueError if what was sent is not the answer."""
+        calls = [(c.function.name, c.function.arguments) for c in result.tool_calls]
+        if self.calls and [self.calls[i] for i in sorted(self.calls)] != calls:
+            raise ValueError("the streamed tool calls are not the answer's")
+        return remainder("".join(self.text), result.answer), [] if self.calls else result.tool_calls
+
+
 async def relay(svc: Service, live: Live, plan: dict[str, object], events: Events) -> AsyncIterator[str]:
     """The stream's body: the plan, each delta as it is written, whatever of the answer was not streamed, the
     closing events and ``[DONE]``. Leaving early (the client went away) cancels the request."""
-    sent: list[str] = []
+    sent = Sent()
     try:
         yield sse(events.opening(live.id, plan))
         if live.stream is not None:
-            async for kind, text in live.stream.events():
+            async for kind, piece in live.stream.events():
                 if kind == DELTA:
-                    sent.append(str(text))
-                    yield sse(events.delta(str(text)))
+                    sent.add(piece)
+                    yield sse(events.tool(piece) if isinstance(piece, ToolCallDelta) else events.delta(str(piece)))
         try:
             result = await live.task
         except ServiceError as exc:
@@ -208,7 +245,7 @@ async def relay(svc: Service, live: Live, plan: dict[str, object], events: Event
             log.exception("a streaming request failed after its first byte")
             yield error_event("internal_error", "internal error; the server log has the details")
         else:
-            for event in _ending(result, "".join(sent), events, svc.config.server.stream_fallback):
+            for event in _ending(result, sent, events, svc.config.server.stream_fallback):
                 yield event
         yield DONE
     finally:
@@ -216,22 +253,25 @@ async def relay(svc: Service, live: Live, plan: dict[str, object], events: Event
             svc.metrics.cancelled.inc()
 
 
-def _ending(result: QueryResponse, sent: str, events: Events, fallback: str) -> Iterator[str]:
+def _ending(result: QueryResponse, sent: Sent, events: Events, fallback: str) -> Iterator[str]:
     """The rest of the answer and the closing events. When the expert that was streaming failed after its first
     token and another one answered (``degraded`` says who and why), ``server.stream_fallback`` decides: ``error``
     ends the stream with an error event holding the text sent so far; ``restart`` sends a restart event, then the
-    new answer from its start."""
+    new answer from its start (its text and its tool calls: a client drops the calls it had, as the text)."""
     try:
-        rest = remainder(sent, result.answer)
+        rest, calls = sent.rest(result)
     except ValueError:
         why = "; ".join(result.degraded) or "the expert that was streaming failed"
+        partial = "".join(sent.text)
         if fallback == "error":
             yield error_event("stream_interrupted", f"{why}; the whole answer is at GET /v1/answers/{result.id}",
-                              partial=sent)
+                              partial=partial)
             return
-        yield sse(events.restart({"reason": why, "discard_chars": len(sent)}))
-        rest = result.answer
+        yield sse(events.restart({"reason": why, "discard_chars": len(partial), "discard_tool_calls": len(sent.calls)}))
+        rest, calls = result.answer, result.tool_calls
     for piece in chunks(rest) if rest else ():
         yield sse(events.delta(piece))
+    for i, call in enumerate(calls):
+        yield sse(events.tool(ToolCallDelta(i, call.id, call.function.name, call.function.arguments)))
     for event in events.closing(result):
         yield sse(event)

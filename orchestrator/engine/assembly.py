@@ -28,7 +28,7 @@ def record_answers(live: list[InFlight], outcomes: list[tuple[ExpertWork, Outcom
                 continue
             live[i].answered(ExpertAnswer(work.expert, c.text, c.prompt_tokens, c.completion_tokens,
                                           outcome.finished_at, outcome.generate_s, c.cost_usd,
-                                          int(c.meta.get("retries", 0))))
+                                          int(c.meta.get("retries", 0)), c.tool_calls))
 
 
 def record_latent(outcomes: list[tuple[LatentWork, Outcome]]) -> None:
@@ -85,9 +85,11 @@ def _answer(p: InFlight, agg: Aggregated, prices: dict[str, Price]) -> Answer:
         usage[expert]["completion_tokens"] += ct
         cost_by_expert[expert] += reported if reported is not None else prices.get(expert, FREE).cost(pt, ct)
     aggregation = Mode.LATENT.value if p.decision.latent else p.request.aggregation
+    tool_calls = next((a.tool_calls for a in p.answers if a.expert == agg.source), [])
     return Answer(
         text=agg.text, answers=p.answers, aggregation=aggregation, aggregator=agg.aggregator,
         aggregation_skipped=agg.skipped, decision=p.decision, usage=dict(usage), cost_usd=sum(cost_by_expert.values()),
         cost_by_expert=dict(cost_by_expert), timings=p.timings, degraded=p.degraded, answered_by=agg.source,
         asked=[a.expert for a in p.spent if a.finished_at],  # a latent peer's read is no call
+        tool_calls=tool_calls,
     )

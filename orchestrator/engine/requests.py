@@ -16,7 +16,7 @@ from routers.answers import kind_of
 from routers.base import Decision, RouteOptions
 from routers.vocabulary import Aggregation, AnswerKind
 from workers.errors import UserError
-from workers.types import Message, Prompt
+from workers.types import Message, Prompt, ToolCall
 
 
 class RequestError(UserError, ValueError):
@@ -92,6 +92,9 @@ class QueryRequest:
     """The caller's id for the query (a labelled question's), passed to the experts with the prompt."""
     allowance: Allowance | None = None
     """What the request may spend, every call checked against it first (``engine.ceiling``); None: no limit."""
+    tools: tuple[dict, ...] = ()
+    """OpenAI function tools for the expert; the API sends such a request to one expert that supports tools."""
+    tool_choice: str | dict | None = None
 
     @property
     def kind(self) -> AnswerKind:
@@ -100,8 +103,8 @@ class QueryRequest:
     @property
     def prompt(self) -> Prompt:
         if self.messages:
-            return Prompt(messages=self.messages, ref=self.ref)
-        return Prompt(text=self.query, ref=self.ref)
+            return Prompt(messages=self.messages, ref=self.ref, tools=self.tools, tool_choice=self.tool_choice)
+        return Prompt(text=self.query, ref=self.ref, tools=self.tools, tool_choice=self.tool_choice)
 
 
 @dataclass
@@ -118,6 +121,7 @@ class ExpertAnswer:
     """The call's cost where the backend reported it; None: the expert's price per token applies."""
     retries: int = 0
     """How many times a remote expert's call was tried again before it answered."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -139,6 +143,8 @@ class Answer:
     aggregator wrote it."""
     asked: list[str] = field(default_factory=list)
     """The experts that answered, every solve round and moa layer included, the aggregator not."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The functions the answering expert asked to call (a request with tools has one expert)."""
 
 
 @dataclass

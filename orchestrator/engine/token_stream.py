@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+from workers.types import Piece
+
 PLAN, DELTA, END = "plan", "delta", "end"
 
 
@@ -28,10 +30,11 @@ class TokenStream:
     def plan(self, info: dict[str, object]) -> None:
         self._events.put_nowait((PLAN, info))
 
-    def delta(self, text: str) -> None:
-        if text and not self.cancelled:
+    def delta(self, piece: Piece) -> None:
+        """A piece of the answer: text, or a piece of a tool call (``ToolCallDelta``)."""
+        if piece and not self.cancelled:
             self.streamed = True
-            self._events.put_nowait((DELTA, text))
+            self._events.put_nowait((DELTA, piece))
 
     def close(self) -> None:
         """The answer is ready (or the request failed): the events end here."""

@@ -6,14 +6,15 @@ and the pool never branch on the kind of expert.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from workers.config import ExpertConfig
-from workers.types import Completion, Prompt, SamplingParams
+from workers.types import Completion, Piece, Prompt, SamplingParams
 
-OnDelta = Callable[[int, str], None]
+OnDelta = Callable[[int, Piece], None]
 
 
 def deliver_whole(completions: list[Completion], on_delta: OnDelta | None) -> list[Completion]:
@@ -80,8 +81,18 @@ def count_tokens(backend: Backend, prompts: list[Prompt]) -> list[int]:
     message, which no byte-level or byte-fallback tokenizer exceeds. Budget reservations rest on it."""
     if isinstance(backend, Counter):
         return backend.count_tokens(prompts)
-    return [sum(len(m["content"].encode()) + MESSAGE_OVERHEAD_TOKENS for m in p.as_messages())
-            + MESSAGE_OVERHEAD_TOKENS for p in prompts]
+    return [_byte_bound(p) for p in prompts]
+
+
+def _byte_bound(prompt: Prompt) -> int:
+    """The UTF-8 bytes a remote server's template renders at most: each message's text and tool calls, the tools'
+    definitions, and the allowance per message."""
+    def size(value: object) -> int:
+        return len((value if isinstance(value, str) else json.dumps(value)).encode())
+
+    messages = prompt.as_messages()
+    return (sum(size(m["content"]) + size(m.get("tool_calls", "")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+            + size(list(prompt.tools) if prompt.tools else "") + MESSAGE_OVERHEAD_TOKENS)
 
 
 def can_sleep(backend: Backend) -> bool:

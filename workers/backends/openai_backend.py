@@ -29,7 +29,7 @@ from workers.backends.loop_thread import LoopThread
 from workers.backends.remote_limits import RemoteLimits
 from workers.backends.retry import RETRYABLE_STATUS, RetryPolicy, retry_after_s
 from workers.config import OpenAIExpert
-from workers.types import Completion, Prompt, SamplingParams
+from workers.types import Completion, Prompt, SamplingParams, ToolCall, ToolCallDelta
 
 CANCEL_POLL_S = 0.05
 """How often a streaming row looks whether its client is still there."""
@@ -130,6 +130,10 @@ class OpenAIBackend:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if prompt.tools:
+            body["tools"] = list(prompt.tools)
+            if prompt.tool_choice is not None:
+                body["tool_choice"] = prompt.tool_choice
         return body
 
     async def _row(self, row: int, prompt: Prompt, params: SamplingParams, on_delta: OnDelta | None,
@@ -189,7 +193,7 @@ class _RowStream:
 
     async def _read(self, resp: httpx.Response) -> Completion:
         pieces: list[str] = []
-        state = {"usage": None, "finish": "stop"}
+        state = {"usage": None, "finish": "stop", "calls": {}}
         watch = asyncio.create_task(self._watch(resp)) if self.cancelled is not None else None
         try:
             async for line in resp.aiter_lines():
@@ -208,8 +212,9 @@ class _RowStream:
             prompt, completion, source = int(usage["prompt_tokens"]), int(usage["completion_tokens"]), "reported"
         else:
             prompt, completion, source = self.prompt_bound, len(pieces), "counted"
+        calls = [ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(state["calls"].items())]
         return Completion(text="".join(pieces).strip(), prompt_tokens=prompt, completion_tokens=completion,
-                          finish_reason=state["finish"], meta={"usage": source})
+                          finish_reason=state["finish"], meta={"usage": source}, tool_calls=calls)
 
     async def _watch(self, resp: httpx.Response) -> None:
         """Close the upstream stream as soon as the row's client has gone, even while the server is silent."""
@@ -230,14 +235,31 @@ class _RowStream:
             raise self._failed("the stream sent " + ("an error event" if chunk else f"a malformed line {line[:60]!r}"))
         state["usage"] = chunk.get("usage") or state["usage"]
         for choice in chunk.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
             if text:
                 pieces.append(text)
-                if self.on_delta is not None:
-                    self.on_delta(self.row, text)
-                    self.delivered = True
+                self._deliver(text)
+            for item in delta.get("tool_calls") or []:
+                self._deliver(_tool_piece(item, state["calls"]))
             state["finish"] = choice.get("finish_reason") or state["finish"]
         return False
+
+    def _deliver(self, piece: str | ToolCallDelta) -> None:
+        if self.on_delta is not None:
+            self.on_delta(self.row, piece)
+            self.delivered = True
+
+
+def _tool_piece(item: dict, calls: dict[int, dict[str, str]]) -> ToolCallDelta:
+    """One ``delta.tool_calls`` item added to the call it continues (by its ``index``), and passed on as it came."""
+    function = item.get("function") or {}
+    index = int(item.get("index", 0))
+    call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+    call["id"] = item.get("id") or call["id"]
+    call["name"] = function.get("name") or call["name"]
+    call["arguments"] += function.get("arguments") or ""
+    return ToolCallDelta(index, item.get("id"), function.get("name"), function.get("arguments") or "")
 
 
 def _json(data: str | None) -> dict | None:
