@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator import env
-from routers.vocabulary import Aggregation, Policy
+from routers.vocabulary import Aggregation, Encoder, Policy
 from workers.config import BACKENDS, ExpertConfig, PoolConfig, Strict, TransformersExpert
 from workers.errors import UserError
 
@@ -157,6 +157,41 @@ class ServerConfig(Strict):
         return v
 
 
+class CacheConfig(Strict):
+    """The semantic cache (``api.semantic_cache``): a greedy request close enough in meaning to one answered
+    before gets that answer. Off by default: a paraphrase is judged by a threshold, and a threshold errs
+    (docs/benchmarks.md, "Semantic cache"). Entries live ``server.cache_ttl_s``, as the exact cache's."""
+
+    semantic: bool = Field(False, description="serve answers to paraphrases from the cache")
+    encoder: Encoder = Field(Encoder.MINILM, description="what queries are embedded with: minilm (chosen on the "
+                             "labelled pairs) or static (faster, but its near misses look like paraphrases)")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="least cosine similarity for a hit; "
+                                    "default: the encoder's measured one (SEMANTIC_THRESHOLDS)")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per category (a request's `category`)")
+    scope: Literal["tenant", "shared"] = Field("tenant", description="tenant: a hit never crosses API keys")
+    max_entries: int = Field(100_000, ge=1, description="newest entries kept per scope and request shape")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for category, t in v.items():
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"threshold for {category!r} must be in (0, 1], got {t}")
+        return v
+
+    @property
+    def default_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else SEMANTIC_THRESHOLDS[self.encoder]
+
+    def threshold_for(self, category: str | None) -> float:
+        return self.thresholds.get(category or "", self.default_threshold)
+
+
+SEMANTIC_THRESHOLDS = {Encoder.MINILM: 0.94, Encoder.STATIC: 0.98}
+"""Per encoder, the least threshold whose false hits on the labelled pairs (``orchestrator/data/paraphrases.jsonl``)
+are at most 1% (``concilium bench cache``; docs/benchmarks.md, "Semantic cache")."""
+
+
 def _bundled_experts() -> list[ExpertConfig]:
     return [
         TransformersExpert(
@@ -237,6 +272,7 @@ class ConciliumConfig(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     latent: LatentConfig = Field(default_factory=LatentConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     experts: list[ExpertConfig] = Field(default_factory=_bundled_experts, min_length=1)
 
     @model_validator(mode="after")

@@ -129,7 +129,8 @@ def test_fit_reserves_the_first_round_and_runs_a_synthesis_only_while_the_budget
 def test_a_lost_replicas_holds_expire_and_free_the_budget(tmp_path):
     """A replica that dies holding a reservation never settles it: the hold expires (redis's own clock, in the
     same script that checks the next hold), and the budget it held is free again."""
-    from orchestrator.api.store import Hold, RedisStore
+    from orchestrator.api.holds import Hold
+    from orchestrator.api.store import RedisStore
 
     redis = RedisServer(tmp_path)
     store = RedisStore(redis.url)

@@ -57,7 +57,13 @@ class Metrics:
         self.latency = Histogram("concilium_request_seconds", "HTTP request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.routed = Counter("concilium_routed", "recruitments per expert", ["expert"], registry=r)
-        self.cache = Counter("concilium_cache", "response cache lookups", ["result"], registry=r)
+        self.cache = Counter("concilium_cache", "exact response cache lookups", ["result"], registry=r)
+        self.semantic = Counter("concilium_semantic_cache", "semantic cache lookups after an exact miss",
+                                ["result"], registry=r)
+        self.similarity = Histogram("concilium_semantic_similarity", "similarity of each semantic hit",
+                                    buckets=(0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0), registry=r)
+        self.cache_lookup = Histogram("concilium_cache_lookup_seconds", "one cache lookup", ["kind"],
+                                      buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1), registry=r)
         self.store_errors = Counter("concilium_store_errors", "store calls that failed", ["use"], registry=r)
         self.feedback = Counter("concilium_feedback", "feedback received", ["expert"], registry=r)
         self.cancelled = Counter("concilium_cancelled", "requests cancelled because the client went away",

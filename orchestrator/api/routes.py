@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from orchestrator.api import sse
 from orchestrator.api.schemas import (
+    CacheCleared,
     ChatBody,
     ChatChoice,
     ChatChoiceMessage,
@@ -162,6 +163,11 @@ async def usage(svc: Svc, caller: User, key_id: Annotated[str | None, Query(
 @records.post("/v1/admin/reload", response_model=ReloadOut)
 async def reload(svc: Svc, caller: Admin) -> ReloadOut:
     return await svc.reload()
+
+
+@records.post("/v1/admin/cache/clear", response_model=CacheCleared)
+async def clear_cache(svc: Svc, caller: Admin) -> CacheCleared:
+    return await svc.clear_cache()
 
 
 @records.get("/healthz")

@@ -104,6 +104,21 @@ class Routing(BaseModel):
     trace: dict[str, object] = {}
 
 
+class CacheInfo(BaseModel):
+    """Where a cached answer came from: the exact cache (the same request), or the semantic one (a query close
+    enough in meaning, at this cosine similarity)."""
+
+    hit: Literal["exact", "semantic"]
+    of: str
+    """The id of the answer it was cached from."""
+    similarity: float | None = None
+
+
+class CacheCleared(BaseModel):
+    cleared: int
+    """Store keys deleted: exact entries, semantic entries and their logs."""
+
+
 class QueryResponse(BaseModel):
     id: str
     answer: str
@@ -120,6 +135,7 @@ class QueryResponse(BaseModel):
     timings: dict[str, float]
     degraded: list[str] = []
     cached: bool = False
+    cache: CacheInfo | None = None
     tool_calls: list[ToolCallOut] = []
     """The functions the answering expert asked to call (a request with ``tools``)."""
 
@@ -326,6 +342,8 @@ class FeedbackOut(BaseModel):
     experts: list[str]
     profile_updated: bool
     profiles_version: int
+    evicted: str | None = None
+    """The answer this feedback took out of the caches (it marked it wrong): the one a cache hit came from."""
 
 
 class ReloadOut(BaseModel):

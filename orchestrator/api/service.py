@@ -22,11 +22,13 @@ from typing import TypeVar
 
 from orchestrator import env
 from orchestrator.api.answers import Live, new_answer_id, to_response, to_routing
+from orchestrator.api.cache import Lookup, ResponseCache
 from orchestrator.api.errors import InvalidRequest, NotFound, ServiceError, Unavailable
 from orchestrator.api.jobs import JobRunner
 from orchestrator.api.metrics import Metrics
 from orchestrator.api.openai_compat import Catalog
 from orchestrator.api.schemas import (
+    CacheCleared,
     ExpertOut,
     FeedbackBody,
     FeedbackOut,
@@ -54,6 +56,9 @@ from workers.types import Message
 
 log = logging.getLogger(__name__)
 
+WRONG_BELOW = 0.5
+"""Feedback below this (``correct: false``, or a rating under it) marks an answer wrong: it leaves the caches."""
+
 T = TypeVar("T")
 
 
@@ -76,6 +81,7 @@ class Service:
         self.config_version = self._version(config)
         self.metrics = Metrics(self._live_figures)
         self.ledger = Ledger(store, config.server.budgets, config.server.request_timeout_s)
+        self.cache = ResponseCache(store, config, self.metrics, self._store_call)
         self.jobs = JobRunner(store, lambda body, owner: self.query(body, caller=Caller(owner, admin=False)),
                               config.server.job_ttl_s)
 
@@ -158,23 +164,6 @@ class Service:
                                  f"{', '.join(capable)}")
         return allowed
 
-    def _cacheable(self, request: QueryRequest) -> bool:
-        """Only deterministic answers are cached: greedy decoding, and no self-moa sampling."""
-        if self.config.server.cache_ttl_s <= 0 or request.aggregation == Aggregation.SELF_MOA or request.tools:
-            return False
-        if request.temperature is not None:
-            return request.temperature == 0
-        return all(e.generation.temperature == 0 for e in self.config.experts)
-
-    def _cache_key(self, body: RouteBody, messages: tuple[Message, ...], caller: Caller) -> str:
-        """Per key: a cached answer is a record its first caller owns, and one tenant's hits are not another's."""
-        data = body.model_dump(mode="json", by_alias=True, exclude={"stream"})
-        data["owner"] = caller.key_id
-        data["query"] = " ".join(body.query.split())
-        data["messages"] = [[m.role, m.content] for m in messages]
-        data["versions"] = [self.config_version, self.profiles_version]
-        return "cache:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
     def _store_seen(self, up: bool, exc: Exception | None = None) -> None:
         """Log the store going down or coming back once per change, not once per request."""
         if up == self.store_up:
@@ -203,49 +192,41 @@ class Service:
         except StoreUnavailable:
             return None
 
-    async def _lookup(self, body: QueryBody, messages: tuple[Message, ...], request: QueryRequest,
-                      caller: Caller) -> tuple[str | None, QueryResponse | None]:
-        """The cache key for a deterministic request, and its cached response if there is one."""
-        key = self._cache_key(body, messages, caller) if self._cacheable(request) else None
-        if key is None:
-            return None, None
-        raw = await self._store_call("cache", self.store.get(key))
-        self.metrics.cache.labels("hit" if raw else "miss").inc()
-        if not raw:
-            return key, None
-        return key, QueryResponse.model_validate_json(raw).model_copy(update={"cached": True})
-
     async def _admit(self, body: QueryBody, messages: tuple[Message, ...],
-                     caller: Caller) -> tuple[QueryRequest, Reservation | None, str | None, QueryResponse | None]:
+                     caller: Caller) -> tuple[QueryRequest, Reservation | None, Lookup]:
         """Validate, reserve the request's most on the caller's budget (429, or fitted), then look in the cache:
-        a hit is counted, and its reservation settled, here."""
+        a hit is counted, and its reservation settled, here; a semantic hit is an answer of its own."""
         request, reservation = await self.ledger.admit(caller, self.to_request(body, messages), self.pipeline.most)
         try:
-            key, hit = await self._lookup(body, messages, request, caller)
+            found = await self.cache.lookup(body, messages, request, caller,
+                                            [self.config_version, self.profiles_version])
         except BaseException:
             await self._store_call("usage", self.ledger.release(reservation))
             raise
-        if hit is not None:
-            await self._store_call("usage", self.ledger.record(caller, hit, reservation))
-        return request, reservation, key, hit
+        if found.hit is not None:
+            await self._store_call("usage", self.ledger.record(caller, found.hit, reservation))
+            if found.hit.cache is not None and found.hit.cache.hit == "semantic":
+                await self._record(found.hit, caller, None)
+        return request, reservation, found
 
     async def query(self, body: QueryBody, messages: tuple[Message, ...] = (),
                     caller: Caller = ANONYMOUS) -> QueryResponse:
-        request, reservation, key, hit = await self._admit(body, messages, caller)
-        return hit or await self._within_limit(self._answer(request, key, new_answer_id(), caller, reservation))
+        request, reservation, found = await self._admit(body, messages, caller)
+        return found.hit or await self._within_limit(self._answer(request, found, new_answer_id(), caller,
+                                                                  reservation))
 
     async def open_stream(self, body: QueryBody, messages: tuple[Message, ...] = (),
                           caller: Caller = ANONYMOUS) -> Live:
         """Start a request whose tokens go out as they are written. Bad input and a spent budget raise here,
         before any byte is sent; a failure later ends the task with the error, and the stream with it."""
-        request, reservation, key, hit = await self._admit(body, messages, caller)
-        if hit is not None:
+        request, reservation, found = await self._admit(body, messages, caller)
+        if found.hit is not None:
             done: asyncio.Future[QueryResponse] = asyncio.get_running_loop().create_future()
-            done.set_result(hit)
-            return Live(hit.id, done, None)
+            done.set_result(found.hit)
+            return Live(found.hit.id, done, None)
         stream, answer_id = TokenStream(), new_answer_id()
         task = asyncio.ensure_future(self._within_limit(self._answer(dataclasses.replace(request, stream=stream),
-                                                                     key, answer_id, caller, reservation)))
+                                                                     found, answer_id, caller, reservation)))
         task.add_done_callback(lambda _: stream.close())
         return Live(answer_id, task, stream)
 
@@ -257,7 +238,7 @@ class Service:
             self.metrics.timeouts.inc()
             raise ServiceError(f"no answer within {limit:g} s (server.request_timeout_s)", 504, "timeout") from None
 
-    async def _answer(self, request: QueryRequest, key: str | None, answer_id: str, caller: Caller,
+    async def _answer(self, request: QueryRequest, found: Lookup, answer_id: str, caller: Caller,
                       reservation: Reservation | None = None) -> QueryResponse:
         """Ask the pipeline, then count its usage (settling its reservation), record the answer for its owner,
         and cache it. A request that ends without an answer (failed, timed out, cancelled) releases its hold."""
@@ -277,12 +258,16 @@ class Service:
         if is_consensus(answer.aggregation_skipped):
             self.metrics.consensus.inc()
         await asyncio.shield(self._store_call("usage", self.ledger.record(caller, response, reservation)))
-        record = {"owner": caller.key_id, "response": response.model_dump(mode="json")}
+        await self._record(response, caller, found.exact_key)
+        await self.cache.remember(found, response)
+        return response
+
+    async def _record(self, response: QueryResponse, caller: Caller, exact_key: str | None) -> None:
+        """The answer record feedback and ``GET /v1/answers/{id}`` read, owned by its caller; ``exact_key``: where
+        the exact cache keeps it, for an eviction."""
+        record = {"owner": caller.key_id, "response": response.model_dump(mode="json"), "exact_key": exact_key}
         ttl = self.config.server.job_ttl_s
         await self._store_call("answers", self.store.set(f"answer:{response.id}", json.dumps(record, default=str), ttl))
-        if key is not None:
-            await self._store_call("cache", self.store.set(key, response.model_dump_json(), self.config.server.cache_ttl_s))
-        return response
 
     async def route(self, body: RouteBody) -> Routing:
         try:
@@ -324,8 +309,11 @@ class Service:
             raise NotFound(f"no job {job_id!r} (unknown, or older than {self.config.server.job_ttl_s:g} s)")
         return found[0]
 
-    async def answer(self, answer_id: str, caller: Caller = ANONYMOUS, use: str = "answers") -> QueryResponse:
-        """An answer record, for its owner or an admin; any other key gets the 404 an unknown id gets."""
+    async def answer(self, answer_id: str, caller: Caller = ANONYMOUS) -> QueryResponse:
+        """An answer, for its owner or an admin; any other key gets the 404 an unknown id gets."""
+        return QueryResponse.model_validate((await self._answer_record(answer_id, caller, "answers"))["response"])
+
+    async def _answer_record(self, answer_id: str, caller: Caller, use: str) -> dict:
         try:
             raw = await self._store(use, self.store.get(f"answer:{answer_id}"))
         except StoreUnavailable as exc:
@@ -333,12 +321,22 @@ class Service:
         record = json.loads(raw) if raw is not None else None
         if record is None or not caller.owns(record["owner"]):
             raise NotFound(f"no answer {answer_id!r} (unknown, or older than {self.config.server.job_ttl_s:g} s)")
-        return QueryResponse.model_validate(record["response"])
+        return record
+
+    async def _evict(self, response: QueryResponse, record: dict) -> str:
+        """Take an answer feedback marked wrong out of both caches: the one it was cached from, if it is a hit."""
+        origin, exact = (response.cache.of if response.cache else response.id), record.get("exact_key")
+        if origin != response.id:
+            raw = await self._store_call("feedback", self.store.get(f"answer:{origin}"))
+            exact = json.loads(raw).get("exact_key") if raw else None
+        await self.cache.forget(origin, exact)
+        return origin
 
     async def feedback(self, body: FeedbackBody, caller: Caller = ANONYMOUS) -> FeedbackOut:
         if (body.correct is None) == (body.rating is None):
             raise InvalidRequest("give exactly one of correct (true/false) or rating (0..1)")
-        response = await self.answer(body.answer_id, caller, "feedback")
+        record = await self._answer_record(body.answer_id, caller, "feedback")
+        response = QueryResponse.model_validate(record["response"])
         answered = sorted({a.expert for a in response.answers})
         if body.expert is not None and body.expert not in answered:
             raise InvalidRequest(f"expert {body.expert!r} did not answer {body.answer_id}; "
@@ -352,8 +350,9 @@ class Service:
         for expert in experts:
             await self._store_call("feedback", self.store.hincr(f"feedback:{expert}", {"n": 1.0, "correct": value}))
             self.metrics.feedback.labels(expert).inc()
+        evicted = await self._evict(response, record) if value < WRONG_BELOW else None
         return FeedbackOut(answer_id=body.answer_id, experts=experts, profile_updated=updated,
-                           profiles_version=self.profiles_version)
+                           profiles_version=self.profiles_version, evicted=evicted)
 
     async def reload(self) -> ReloadOut:
         """Re-read the config file the service started from and apply its experts, routing and limits."""
@@ -370,8 +369,15 @@ class Service:
         except (ConfigError, ReloadError, PlacementError) as exc:
             raise InvalidRequest(str(exc)) from None
         self.config, self.config_version = config, self._version(config)
+        self.cache.configure(config)
         self.ledger.quotas, self.ledger.timeout_s = config.server.budgets, config.server.request_timeout_s
         return ReloadOut(**changes)
+
+    async def clear_cache(self) -> CacheCleared:
+        try:
+            return CacheCleared(cleared=await self._store("cache", self.cache.clear()))
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the cache cannot be cleared: {exc}") from None
 
     async def ready(self) -> dict[str, object]:
         healthy = self.pipeline.healthy()

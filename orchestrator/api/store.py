@@ -7,9 +7,10 @@
   gone with it.
 
 The interface holds only the primitives the service needs (strings with a
-TTL, counters, hashes, sets, and budget holds: ``hold``, ``settle``,
-``held``), so both backends implement it fully and the callers (cache, jobs, feedback,
-rate limits, budgets) never branch on the backend.
+TTL, counters, hashes, sets, logs that replicas read from where they left
+off, and budget holds: ``hold``, ``settle``, ``held``), so both backends
+implement it fully and the callers (caches, jobs, feedback, rate limits,
+budgets) never branch on the backend.
 A backend that cannot be reached raises ``StoreUnavailable``; callers decide
 whether that degrades a feature (the cache) or fails a request (jobs).
 """
@@ -19,40 +20,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from orchestrator.api.holds import (
+    HOLD_SCRIPT,
+    USAGE_TOKENS,
+    USAGE_USD,
+    Hold,
+    HoldAnswer,
+    held_total,
+    verdict_of,
+)
 from orchestrator.engine.requests import USD_SLACK
 
 
 class StoreUnavailable(RuntimeError):
     """The store could not be reached or answered with an error."""
-
-
-@dataclass(frozen=True)
-class Hold:
-    """A budget reservation: its member in the key's set of holds, and the tokens and USD it holds."""
-
-    member: str
-    tokens: float
-    usd: float
-
-    @classmethod
-    def of(cls, hold_id: str, tokens: float, usd: float) -> Hold:
-        return cls(f"{hold_id}|{tokens!r}|{usd!r}", tokens, usd)
-
-    def grown(self, tokens: float, usd: float) -> Hold:
-        """The same hold, holding more: it replaces this one in the store (``Store.hold``'s ``replaces``)."""
-        return Hold.of(self.member.split("|")[0], tokens, usd)
-
-
-def held_total(members: list[str] | dict[str, float]) -> tuple[float, float]:
-    """The tokens and USD that hold members (``id|tokens|usd``) hold together."""
-    amounts = [m.split("|")[1:] for m in members]
-    return sum(float(t) for t, _ in amounts), sum(float(u) for _, u in amounts)
 
 
 STORE_RETRY_S, STORE_RETRY_EVERY_S = 300.0, 0.25
@@ -71,40 +57,6 @@ async def retry_while_down(write: Callable[[], Awaitable[None]]) -> None:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(STORE_RETRY_EVERY_S)
-
-
-Verdict = Literal["held", "wait", "never"]
-
-
-@dataclass(frozen=True)
-class HoldAnswer:
-    """What ``hold`` decided, with the figures it decided on: spent (usage) and held (live holds) tokens and USD.
-
-    - held: the hold is made;
-    - wait: it fits once holds now live are settled or released;
-    - never: it does not fit even with no hold live."""
-
-    verdict: Verdict
-    spent_tokens: float
-    spent_usd: float
-    held_tokens: float
-    held_usd: float
-
-
-USAGE_TOKENS = ("prompt_tokens", "completion_tokens")
-USAGE_USD = "cost_usd"
-
-
-def verdict_of(spent: tuple[float, float], held: tuple[float, float], want: tuple[float, float],
-             limits: tuple[float | None, float | None]) -> Verdict:
-    """The one rule both backends apply (the redis script is its transcription)."""
-    def over(base: tuple[float, float]) -> bool:
-        tokens_over = limits[0] is not None and base[0] + want[0] > limits[0]
-        return tokens_over or (limits[1] is not None and base[1] + want[1] > limits[1] * (1 + USD_SLACK))
-
-    if over(spent):
-        return "never"
-    return "wait" if over((spent[0] + held[0], spent[1] + held[1])) else "held"
 
 
 class Store(Protocol):
@@ -152,6 +104,20 @@ class Store(Protocol):
 
     async def smembers(self, key: str) -> set[str]: ...
 
+    async def append(self, key: str, value: str, keep: int, ttl_s: float | None = None) -> int:
+        """Add ``value`` to the log ``key`` under the next sequence number (returned); the log keeps its newest
+        ``keep`` values, and expires ``ttl_s`` after its last append. A log begun again (deleted, expired)
+        numbers above the one before, so a reader that left off in the old one misses nothing of the new."""
+        ...
+
+    async def read_after(self, key: str, after: int) -> tuple[int, list[tuple[int, str]]]:
+        """The log's last sequence number (0: no log), and its values numbered above ``after`` in order."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key that starts with ``prefix``; how many there were."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -165,9 +131,37 @@ class MemoryStore:
         self._hashes: dict[str, tuple[dict[str, float], float | None]] = {}
         self._sets: dict[str, set[str]] = {}
         self._holds: dict[str, dict[str, float]] = {}
+        self._logs: dict[str, tuple[int, list[tuple[int, str]], float | None]] = {}
 
     async def ping(self) -> None:
         return None
+
+    def _log(self, key: str) -> tuple[int, list[tuple[int, str]], float | None]:
+        log = self._logs.get(key, (0, [], None))
+        if log[2] is not None and log[2] <= time.monotonic():
+            self._logs.pop(key, None)
+            return 0, [], None
+        return log
+
+    async def append(self, key: str, value: str, keep: int, ttl_s: float | None = None) -> int:
+        seq, values, _ = self._log(key)
+        seq = seq or time.time_ns() // 1000  # a new log numbers from the clock, as RedisStore's does
+        values = [*values[-(keep - 1):], (seq + 1, value)] if keep > 1 else [(seq + 1, value)]
+        self._logs[key] = (seq + 1, values, time.monotonic() + ttl_s if ttl_s else None)
+        return seq + 1
+
+    async def read_after(self, key: str, after: int) -> tuple[int, list[tuple[int, str]]]:
+        seq, values, _ = self._log(key)
+        return seq, [(n, v) for n, v in values if n > after]
+
+    async def delete_prefix(self, prefix: str) -> int:
+        gone = 0
+        for table in (self._values, self._hashes, self._sets, self._holds, self._logs):
+            keys = [k for k in table if k.startswith(prefix)]
+            for k in keys:
+                del table[k]
+            gone += len(keys)
+        return gone
 
     def _live_holds(self, key: str) -> dict[str, float]:
         now = time.monotonic()
@@ -257,40 +251,23 @@ class MemoryStore:
         return None
 
 
-_HOLD_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local held_t, held_u = 0, 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if m ~= ARGV[9] then
-    local _, _, tok, usd = string.find(m, '^[^|]*|([^|]*)|(.*)$')
-    held_t = held_t + tonumber(tok)
-    held_u = held_u + tonumber(usd)
-  end
+APPEND_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[2], tonumber(t[1]) * 1000000 + tonumber(t[2]))
 end
-local u = redis.call('HMGET', KEYS[1], 'prompt_tokens', 'completion_tokens', 'cost_usd')
-local spent_t = (tonumber(u[1]) or 0) + (tonumber(u[2]) or 0)
-local spent_u = tonumber(u[3]) or 0
-local want_t, want_u = tonumber(ARGV[2]), tonumber(ARGV[3])
-local lim_t, lim_u, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[8])
-local function over(base_t, base_u)
-  return (lim_t >= 0 and base_t + want_t > lim_t) or (lim_u >= 0 and base_u + want_u > lim_u * (1 + slack))
+local seq = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[1], seq, ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[2]) + 1))
+if tonumber(ARGV[3]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-local verdict = 'held'
-if over(spent_t, spent_u) then
-  verdict = 'never'
-elseif over(spent_t + held_t, spent_u + held_u) then
-  verdict = 'wait'
-else
-  if ARGV[9] ~= '' then redis.call('ZREM', KEYS[2], ARGV[9]) end
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-end
-return {verdict, tostring(spent_t), tostring(spent_u), tostring(held_t), tostring(held_u)}
+return seq
 """
-"""``Store.hold`` as one script, so that the check and the hold are one step for every replica (``verdict_of`` is
-the same rule in Python). Time is redis's own, so replicas with skewed clocks expire holds alike."""
+"""``Store.append``: the number, the value and the trim in one step, so two replicas never share a number. A new
+log numbers from redis's clock in microseconds, so a log deleted and begun again numbers above the old one, and a
+reader that left off in the old one reads all of the new."""
 
 
 class RedisStore:
@@ -304,7 +281,8 @@ class RedisStore:
         self._r = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
-        self._hold = self._r.register_script(_HOLD_SCRIPT)
+        self._hold = self._r.register_script(HOLD_SCRIPT)
+        self._append = self._r.register_script(APPEND_SCRIPT)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -385,6 +363,29 @@ class RedisStore:
 
     async def smembers(self, key: str) -> set[str]:
         return set(await self._do(self._r.smembers(self._k(key))))
+
+    async def append(self, key: str, value: str, keep: int, ttl_s: float | None = None) -> int:
+        ttl_ms = int(ttl_s * 1000) if ttl_s else 0
+        return int(await self._do(self._append(keys=[self._k(key), self._k(key) + ":seq"], args=[value, keep, ttl_ms])))
+
+    async def read_after(self, key: str, after: int) -> tuple[int, list[tuple[int, str]]]:
+        async def run() -> tuple[int, list[tuple[int, str]]]:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.get(self._k(key) + ":seq")
+                pipe.zrangebyscore(self._k(key), f"({after}", "+inf", withscores=True)
+                seq, items = await pipe.execute()
+            return int(seq or 0), [(int(n), v) for v, n in items]
+
+        return await self._do(run())
+
+    async def delete_prefix(self, prefix: str) -> int:
+        async def run() -> int:
+            gone = 0
+            async for key in self._r.scan_iter(match=self._k(prefix) + "*", count=1000):
+                gone += await self._r.unlink(key)
+            return gone
+
+        return await self._do(run())
 
     async def close(self) -> None:
         await self._r.aclose()

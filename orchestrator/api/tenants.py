@@ -41,17 +41,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from orchestrator.api.errors import ServiceError, Unavailable
+from orchestrator.api.holds import USAGE_USD, Hold, HoldAnswer, verdict_of
 from orchestrator.api.schemas import KeyUsage, QueryResponse
 from orchestrator.api.security import Caller, needs_admin
-from orchestrator.api.store import (
-    USAGE_USD,
-    Hold,
-    HoldAnswer,
-    Store,
-    StoreUnavailable,
-    retry_while_down,
-    verdict_of,
-)
+from orchestrator.api.store import Store, StoreUnavailable, retry_while_down
 from orchestrator.config import KeyLimits, QuotaConfig
 from orchestrator.engine.requests import QueryRequest, Spend
 

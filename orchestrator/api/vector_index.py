@@ -1,0 +1,79 @@
+"""One API process's nearest-neighbour index over cached queries: FAISS HNSW on unit vectors (cosine).
+
+HNSW, not a flat index: a lookup among 100,000 entries stays well under a millisecond, where an exact scan of
+them takes several. HNSW cannot remove a vector, so an entry that is gone (expired, evicted, cleared) is
+dropped here as a tombstone and skipped; once tombstones are half of the index, it is rebuilt from the
+vectors it holds. The entries themselves live in the store (``semantic_cache``): this index only says where
+to look.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+HNSW_LINKS = 32
+"""Neighbours per node: FAISS's usual choice for vectors of a few hundred dimensions."""
+SEARCH_DEPTH = 64
+"""``efSearch``: candidates kept while searching; higher finds more true neighbours, more slowly."""
+REBUILD_BELOW = 0.5
+"""Rebuild once fewer than this share of the vectors are alive."""
+
+
+class VectorIndex:
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._index = self._new()
+        self._ids: list[str] = []
+        """The entry id of each vector, by FAISS's position."""
+        self._tags: list[object] = []
+        """What the caller keeps with each vector (the query's guard key)."""
+        self._dead: set[int] = set()
+
+    def _new(self) -> faiss.Index:
+        index = faiss.IndexHNSWFlat(self.dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = SEARCH_DEPTH
+        return index
+
+    def __len__(self) -> int:
+        return len(self._ids) - len(self._dead)
+
+    @property
+    def size(self) -> int:
+        """Vectors held, the dead included: what the index costs in memory."""
+        return len(self._ids)
+
+    def add(self, entry_id: str, vector: np.ndarray, tag: object = None) -> None:
+        self._index.add(np.asarray(vector, dtype=np.float32).reshape(1, self.dim))
+        self._ids.append(entry_id)
+        self._tags.append(tag)
+
+    def add_many(self, entry_ids: list[str], vectors: np.ndarray, tags: list[object]) -> None:
+        """Many at once: FAISS builds the graph for a batch faster than one vector at a time."""
+        if entry_ids:
+            self._index.add(np.asarray(vectors, dtype=np.float32).reshape(len(entry_ids), self.dim))
+            self._ids.extend(entry_ids)
+            self._tags.extend(tags)
+
+    def search(self, vector: np.ndarray, k: int = 4) -> list[tuple[str, float, object]]:
+        """The ``k`` nearest live entries: (id, cosine similarity, tag), most similar first."""
+        if not self._ids:
+            return []
+        want = min(len(self._ids), k + len(self._dead))
+        sims, positions = self._index.search(np.asarray(vector, dtype=np.float32).reshape(1, self.dim), want)
+        found = [(self._ids[p], float(s), self._tags[p]) for s, p in zip(sims[0], positions[0])
+                 if p >= 0 and p not in self._dead]
+        return found[:k]
+
+    def drop(self, entry_id: str) -> None:
+        """Forget an entry that is gone from the store; rebuild when the dead outnumber the living."""
+        self._dead.update(i for i, e in enumerate(self._ids) if e == entry_id)
+        if self._ids and len(self) < REBUILD_BELOW * len(self._ids):
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        keep = [i for i in range(len(self._ids)) if i not in self._dead]
+        vectors = self._index.reconstruct_n(0, len(self._ids))[keep] if keep else np.zeros((0, self.dim))
+        ids, tags = [self._ids[i] for i in keep], [self._tags[i] for i in keep]
+        self._index, self._ids, self._tags, self._dead = self._new(), [], [], set()
+        self.add_many(ids, vectors, tags)
