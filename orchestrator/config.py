@@ -120,6 +120,9 @@ class ServerConfig(Strict):
         description="SHA-256 hex digests of accepted API keys; with none here or in $CONCILIUM_API_KEYS, no auth",
     )
     cache_ttl_s: float = Field(300.0, ge=0.0, description="response cache lifetime; 0 turns the cache off")
+    otel_endpoint: str | None = Field(None, pattern=r"^https?://", description="an OTLP/HTTP traces URL (e.g. "
+                                      "http://127.0.0.1:4318/v1/traces): export every request's trace; off by "
+                                      "default, or $OTEL_EXPORTER_OTLP_ENDPOINT")
     job_ttl_s: float = Field(7 * 24 * 3600.0, gt=0.0)
     max_query_chars: int = Field(8000, ge=1)
     max_tokens: int = Field(1024, ge=1, description="the most max_tokens a request may ask for")

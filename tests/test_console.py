@@ -9,6 +9,7 @@ saves its screenshot there (``docs/console.png`` is made that way).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 
@@ -103,6 +104,7 @@ def test_a_question_gets_a_streamed_answer_and_its_reasons(server, browser, tmp_
     assert any(r.startswith("smollm2") and r.endswith("yes") for r in recruited)
     answers = browser.find_elements(By.CSS_SELECTOR, "#expert-answers tbody tr")
     assert len(answers) == 1 and answers[0].text.startswith("smollm2") and "Paris" in answers[0].text
+    assert re.search(r"trace [0-9a-f]{32}", text(browser, "answer-status")), "the request's trace id is shown"
 
     browser.find_element(By.CSS_SELECTOR, "#experts input[value='smollm2']").click()  # untick: the router chooses
     _ask(browser, "Name a primary colour.", aggregation="vote")

@@ -20,6 +20,7 @@ import ray
 from workers.backends import OnDelta, can_sleep, count_tokens, make_backend, runs_concurrently
 from workers.call_stream import Cancels, stream
 from workers.config import ExpertConfig
+from workers.spans import CallSpans
 from workers.types import GenerationResult, Prompt, SamplingParams, TokenDelta, WorkerInfo
 
 
@@ -116,7 +117,12 @@ class ExpertWorker:
         with contextlib.nullcontext() if runs_concurrently(self.backend) else self.lock:
             self._require_loaded()
             started = time.perf_counter()
-            completions = self.backend.generate(parsed, params, on_delta, cancelled)
+            spans = CallSpans(self.config.name, self.config.backend, parsed)
+            try:
+                completions = self.backend.generate(parsed, params, on_delta, cancelled)
+            except BaseException as exc:
+                spans.close(None, exc)
+                raise
         return GenerationResult(
             expert=self.config.name,
             completions=completions,
@@ -124,6 +130,7 @@ class ExpertWorker:
             generate_s=time.perf_counter() - started,
             batch_size=len(parsed),
             finished_at=time.time(),
+            spans=spans.close(completions),
         )
 
     def count_tokens(self, prompts: list[str | Prompt]) -> list[int]:

@@ -85,6 +85,8 @@ class Prompt:
     """OpenAI function tools the expert may call; only an expert that declares ``supports_tools`` is sent any."""
     tool_choice: str | dict | None = None
     """OpenAI's ``tool_choice`` ("auto", "required", "none" or one function), passed as it is."""
+    trace: dict[str, str] | None = None
+    """The W3C trace context of the request this row answers: the actor's span for it joins that trace."""
 
     def __post_init__(self) -> None:
         if self.text is None and not self.messages:
@@ -184,6 +186,8 @@ class GenerationResult:
     finished_at: float = 0.0
     """Wall-clock time (epoch seconds) when the call returned its last token: a streamed first token must come
     before it."""
+    spans: list[dict] = field(default_factory=list)
+    """The actor's spans for the call's traced rows (``workers.spans``)."""
 
     @property
     def completion_tokens(self) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import uuid
 
+from orchestrator import tracing
 from orchestrator.api.schemas import ExpertAnswerOut, QueryResponse, Routing, Usage
 from orchestrator.api.tools import ToolCallOut
 from orchestrator.engine.requests import Answer
@@ -64,3 +65,11 @@ def to_response(answer: Answer, answer_id: str) -> QueryResponse:
         timings=answer.timings, degraded=answer.degraded,
         tool_calls=[ToolCallOut.model_validate(c.as_openai()) for c in answer.tool_calls],
     )
+
+
+def describe_in_trace(r: QueryResponse) -> None:
+    """The answer's figures on its request's span."""
+    tracing.describe({"answer_id": r.id, "router": r.routing.router, "experts": r.routing.experts,
+                      "k": len(r.routing.experts), "aggregation": r.aggregation, "cost_usd": r.cost_usd,
+                      "prompt_tokens": r.total_usage.prompt_tokens, "completion_tokens": r.total_usage.completion_tokens,
+                      "cache_hit": r.cache.hit if r.cache else "none", "retries": sum(a.retries for a in r.answers)})

@@ -1,6 +1,7 @@
 """The API's ASGI middleware. ``create_app`` registers them so that a request meets them in this order:
 1. ``BodyLimit`` (outermost): refuses an oversized body before anything reads it;
-2. ``Observe``: counts and times every request and tags its response with ``x-request-id``;
+2. ``Observe``: opens each request's trace span, counts and times every request, and tags its response with
+   ``x-request-id`` and ``x-concilium-trace-id``;
 3. CORS, only when ``server.cors_origins`` lists origins.
 
 Both are pure ASGI, not ``@app.middleware("http")``: Starlette's
@@ -14,7 +15,10 @@ import re
 import time
 import uuid
 
+from opentelemetry.trace import SpanKind
+
 from orchestrator.api.errors import BodyTooLarge, error
+from orchestrator.tracing import TRACE_HEADER, TRACER, trace_id
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -61,19 +65,24 @@ class Observe:
         started, status = time.perf_counter(), 500
         sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = (sent if REQUEST_ID.match(sent) else uuid.uuid4().hex).encode()
+        with TRACER.start_as_current_span(scope["method"], kind=SpanKind.SERVER) as span:
+            tagged = [(b"x-request-id", request_id), (TRACE_HEADER.encode(), (trace_id() or "").encode())]
 
-        async def observed(message) -> None:  # noqa: ANN001
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
-            await send(message)
+            async def observed(message) -> None:  # noqa: ANN001
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message = {**message, "headers": [*message.get("headers", []), *tagged]}
+                await send(message)
 
-        try:
-            await self.app(scope, receive, observed)
-        finally:
-            svc = getattr(scope["app"].state, "service", None)
-            if svc is not None:
+            try:
+                await self.app(scope, receive, observed)
+            finally:
                 endpoint = getattr(scope.get("route"), "path", "unmatched")
-                svc.metrics.requests.labels(endpoint, str(status)).inc()
-                svc.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+                span.update_name(f"{scope['method']} {endpoint}")
+                span.set_attributes({"http.request.method": scope["method"], "http.route": endpoint,
+                                     "http.response.status_code": status, "concilium.request_id": request_id.decode()})
+                svc = getattr(scope["app"].state, "service", None)
+                if svc is not None:
+                    svc.metrics.requests.labels(endpoint, str(status)).inc()
+                    svc.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

@@ -20,8 +20,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from orchestrator import env
-from orchestrator.api.answers import Live, new_answer_id, to_response, to_routing
+from orchestrator import env, tracing
+from orchestrator.api.answers import Live, describe_in_trace, new_answer_id, to_response, to_routing
 from orchestrator.api.cache import Lookup, ResponseCache
 from orchestrator.api.errors import InvalidRequest, NotFound, ServiceError, Unavailable
 from orchestrator.api.jobs import JobRunner
@@ -98,6 +98,7 @@ class Service:
             file_address = _address(load_config(config_path))
         except ConfigError:
             file_address = None
+        tracing.configure(config.server.otel_endpoint)
         pipeline = await Pipeline.start(config, detached)
         service = cls(config, pipeline, store, config_path, file_address)
         # Serve even without the store: the cache is off and jobs answer 503 until it is back.
@@ -143,6 +144,7 @@ class Service:
                 max_new_tokens=body.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 seed=sampling.seed, stop=sampling.stop, router=body.router, messages=messages,
                 max_cost_usd=body.budget, category=body.category, answer_kind=body.answer_kind,
+                trace=tracing.current(),
             )
             self.pipeline.validate(request)
         except (RequestError, RoutingError) as exc:
@@ -198,12 +200,16 @@ class Service:
         a hit is counted, and its reservation settled, here; a semantic hit is an answer of its own."""
         request, reservation = await self.ledger.admit(caller, self.to_request(body, messages), self.pipeline.most)
         try:
-            found = await self.cache.lookup(body, messages, request, caller,
-                                            [self.config_version, self.profiles_version])
+            with tracing.TRACER.start_as_current_span("cache.lookup") as span:
+                found = await self.cache.lookup(body, messages, request, caller,
+                                                [self.config_version, self.profiles_version])
+                span.set_attribute("concilium.cache", found.hit.cache.hit if found.hit and found.hit.cache else
+                                   "miss" if found.exact_key else "off")
         except BaseException:
             await self._store_call("usage", self.ledger.release(reservation))
             raise
         if found.hit is not None:
+            describe_in_trace(found.hit)
             await self._store_call("usage", self.ledger.record(caller, found.hit, reservation))
             if found.hit.cache is not None and found.hit.cache.hit == "semantic":
                 await self._record(found.hit, caller, None)
@@ -257,9 +263,11 @@ class Service:
                 self.metrics.retries.labels(a.expert).inc(a.retries)
         if is_consensus(answer.aggregation_skipped):
             self.metrics.consensus.inc()
-        await asyncio.shield(self._store_call("usage", self.ledger.record(caller, response, reservation)))
-        await self._record(response, caller, found.exact_key)
-        await self.cache.remember(found, response)
+        describe_in_trace(response)
+        with tracing.TRACER.start_as_current_span("store.write"):
+            await asyncio.shield(self._store_call("usage", self.ledger.record(caller, response, reservation)))
+            await self._record(response, caller, found.exact_key)
+            await self.cache.remember(found, response)
         return response
 
     async def _record(self, response: QueryResponse, caller: Caller, exact_key: str | None) -> None:
@@ -370,6 +378,7 @@ class Service:
             raise InvalidRequest(str(exc)) from None
         self.config, self.config_version = config, self._version(config)
         self.cache.configure(config)
+        tracing.configure(config.server.otel_endpoint)
         self.ledger.quotas, self.ledger.timeout_s = config.server.budgets, config.server.request_timeout_s
         return ReloadOut(**changes)
 

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+from orchestrator import tracing
 from orchestrator.engine.plan import ExpertWork, LatentWork
 from orchestrator.engine.stats import SchedulerStats
 from orchestrator.engine.token_stream import TokenStream
@@ -59,6 +60,7 @@ class Executor:
         except Exception as exc:  # any failure of one call is that call's outcome, not the window's
             return "timed out" if isinstance(exc, TimeoutError) else reason(exc)
         self.stats.call(result)
+        tracing.adopt(result.spans)
         return result
 
     async def run(self, works: list[ExpertWork]) -> list[tuple[ExpertWork, Outcome]]:

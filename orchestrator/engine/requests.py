@@ -11,7 +11,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from opentelemetry.context import Context
+
 from orchestrator.engine.token_stream import TokenStream
+from orchestrator.tracing import carrier
 from routers.answers import kind_of
 from routers.base import Decision, RouteOptions
 from routers.vocabulary import Aggregation, AnswerKind
@@ -95,6 +98,8 @@ class QueryRequest:
     tools: tuple[dict, ...] = ()
     """OpenAI function tools for the expert; the API sends such a request to one expert that supports tools."""
     tool_choice: str | dict | None = None
+    trace: Context | None = None
+    """The request's trace (OpenTelemetry): its window, routing and expert calls become spans in it."""
 
     @property
     def kind(self) -> AnswerKind:
@@ -102,9 +107,10 @@ class QueryRequest:
 
     @property
     def prompt(self) -> Prompt:
+        shared = {"ref": self.ref, "tools": self.tools, "tool_choice": self.tool_choice, "trace": carrier(self.trace)}
         if self.messages:
-            return Prompt(messages=self.messages, ref=self.ref, tools=self.tools, tool_choice=self.tool_choice)
-        return Prompt(text=self.query, ref=self.ref, tools=self.tools, tool_choice=self.tool_choice)
+            return Prompt(messages=self.messages, **shared)
+        return Prompt(text=self.query, **shared)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from orchestrator.engine.plan import ExpertWork
 from orchestrator.engine.planner import Planner
 from orchestrator.engine.requests import Answer, InFlight, Overloaded, QueryRequest, RequestError
 from orchestrator.engine.settings import SchedulerSettings
+from orchestrator.engine.spans import WindowSpans
 from orchestrator.engine.stats import SchedulerStats
 from routers.aggregation import Aggregated, aggregate_without_call
 from routers.base import BoundedRouter, Decision, RouteOptions, Router
@@ -189,15 +190,19 @@ class Scheduler:
         for p in live:
             p.timings["queue_s"] = started - p.enqueued
             self.stats.queue_wait_s.append(p.timings["queue_s"])
+        spans = WindowSpans(live)
         await self._route(live)
         for p in live:
             if p.request.stream is not None:
                 p.request.stream.plan(self.planner.stream_plan(p))
         routed = time.perf_counter()
+        spans.mark_routed()
         await self._solve(live)
         solved = time.perf_counter()
+        spans.mark_solved()
         results, calls_s = await self._aggregate(live)
         finished = time.perf_counter()
+        spans.close(live, results)
         for p in live:
             p.timings.update(solve_s=solved - routed, aggregate_s=finished - solved, total_s=finished - p.enqueued)
         assembly.finish(live, results, self.planner.prices)

@@ -148,7 +148,9 @@ async function ask(event) {
       if (message.plan) showPlan(message.plan);
       else if (message.delta !== undefined) $("answer").textContent += message.delta;
       else if (message.error) $("answer-status").textContent = `${message.error.type}: ${message.error.message}`;
-      else if (message.answer !== undefined) showWhy(message, performance.now() - started);
+      else if (message.answer !== undefined) {
+        showWhy(message, performance.now() - started, response.headers.get("x-concilium-trace-id"));
+      }
     }
   } catch (error) {
     if (!(error instanceof Locked)) $("answer-status").textContent = `failed: ${error.message}`;
@@ -164,7 +166,7 @@ function showPlan(plan) {
 
 // ---- why ------------------------------------------------------------------------------------------------
 
-function showWhy(r, elapsedMs) {
+function showWhy(r, elapsedMs, traceId) {
   const routing = r.routing;
   const trace = routing.trace || {};
   $("answer").textContent = r.answer;
@@ -188,9 +190,12 @@ function showWhy(r, elapsedMs) {
   }
   for (const note of r.degraded) $("degraded").append(el("li", note));
   $("trace").textContent = JSON.stringify(trace, null, 2);
-  const cached = r.cached ? " · from the cache" : "";
-  $("answer-status").textContent =
-    `$${r.cost_usd.toFixed(6)} · ${(elapsedMs / 1000).toFixed(2)} s · ${r.total_usage.total_tokens} tokens${cached}`;
+  const hit = r.cache || {};
+  const similar = hit.similarity ? `, similarity ${hit.similarity}` : "";
+  const cached = r.cached ? ` · from the ${hit.hit || ""} cache (of ${hit.of || r.id}${similar})` : "";
+  const traced = traceId ? ` · trace ${traceId}` : "";
+  $("answer-status").textContent = `$${r.cost_usd.toFixed(6)} · ${(elapsedMs / 1000).toFixed(2)} s · ` +
+    `${r.total_usage.total_tokens} tokens${cached}${traced}`;
 }
 
 function showScores(routing) {
