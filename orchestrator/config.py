@@ -190,7 +190,7 @@ class CacheConfig(Strict):
         return self.thresholds.get(category or "", self.default_threshold)
 
 
-SEMANTIC_THRESHOLDS = {Encoder.MINILM: 0.94, Encoder.STATIC: 0.98}
+SEMANTIC_THRESHOLDS = {Encoder.MINILM: 0.94, Encoder.STATIC: 0.97}
 """Per encoder, the least threshold whose false hits on the labelled pairs (``orchestrator/data/paraphrases.jsonl``)
 are at most 1% (``concilium bench cache``; docs/benchmarks.md, "Semantic cache")."""
 

@@ -18,6 +18,7 @@ whether that degrades a feature (the cache) or fails a request (jobs).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -145,14 +146,15 @@ class MemoryStore:
 
     async def append(self, key: str, value: str, keep: int, ttl_s: float | None = None) -> int:
         seq, values, _ = self._log(key)
-        seq = seq or time.time_ns() // 1000  # a new log numbers from the clock, as RedisStore's does
-        values = [*values[-(keep - 1):], (seq + 1, value)] if keep > 1 else [(seq + 1, value)]
-        self._logs[key] = (seq + 1, values, time.monotonic() + ttl_s if ttl_s else None)
-        return seq + 1
+        seq = (seq or time.time_ns() // 1000) + 1  # a new log numbers from the clock, as RedisStore's does
+        values.append((seq, value))
+        del values[:max(0, len(values) - keep)]
+        self._logs[key] = (seq, values, time.monotonic() + ttl_s if ttl_s else None)
+        return seq
 
     async def read_after(self, key: str, after: int) -> tuple[int, list[tuple[int, str]]]:
         seq, values, _ = self._log(key)
-        return seq, [(n, v) for n, v in values if n > after]
+        return seq, values[bisect.bisect_right(values, after, key=lambda item: item[0]):]
 
     async def delete_prefix(self, prefix: str) -> int:
         gone = 0

@@ -8,6 +8,7 @@
 | ``latent`` | train-latent, bench latent |
 | ``bench_compute`` | bench models, bench router, bench kernels |
 | ``bench_serving`` | bench scheduler, bench calibrate, bench api, bench load, bench budget, bench chaos, bench remote |
+| ``bench_cache`` | bench cache, bench tracing |
 | ``cluster`` | cluster deploy/status/down |
 
 Every error a user can cause ends with a one-line message and exit code 2 (``common.friendly``).
@@ -23,7 +24,7 @@ import sys  # noqa: E402
 
 import typer  # noqa: E402
 
-from orchestrator.cli import ask, bench_compute, bench_serving, experts, latent, routing  # noqa: E402
+from orchestrator.cli import ask, bench_cache, bench_compute, bench_serving, experts, latent, routing  # noqa: E402
 from orchestrator.cli.cluster import cluster_app  # noqa: E402
 from orchestrator.cli.common import err  # noqa: E402
 
@@ -41,6 +42,7 @@ routing.register(app)
 latent.register(app, bench_app)
 bench_compute.register(bench_app)
 bench_serving.register(bench_app)
+bench_cache.register(bench_app)
 
 
 def main() -> None:
