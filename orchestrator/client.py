@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from orchestrator.api.schemas import (
     DEFAULT_MODEL,
+    CacheCleared,
     ChatResponse,
     ExpertOut,
     FeedbackOut,
@@ -255,6 +256,10 @@ class Client(_Base):
     def usage(self, key_id: str | None = None) -> KeyUsage:
         """Today's usage and budget of this key, or (admin keys only) of ``key_id``."""
         return self._get("/v1/usage" + (f"?key_id={key_id}" if key_id else ""), KeyUsage)
+
+    def clear_cache(self) -> CacheCleared:
+        """Empty the exact and the semantic cache, for every replica (an admin key)."""
+        return self._post("/v1/admin/cache/clear", {}, CacheCleared)
 
 
 class AsyncClient(_Base):

@@ -15,6 +15,7 @@ each expert's actor and back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -45,10 +46,11 @@ class _Relay(SpanProcessor):
         with self._lock:
             self.processors = [*self.processors, processor]
 
-    def remove(self, processor: SpanProcessor) -> None:
+    def remove(self, processor: SpanProcessor, shutdown: bool = True) -> None:
         with self._lock:
             self.processors = [p for p in self.processors if p is not processor]
-        processor.shutdown()
+        if shutdown:
+            processor.shutdown()
 
     def on_end(self, span: ReadableSpan) -> None:
         for processor in self.processors:
@@ -102,7 +104,7 @@ def exporting(exporter: SpanExporter) -> Iterator[None]:
     try:
         yield
     finally:
-        _RELAY.remove(processor)
+        _RELAY.remove(processor, shutdown=False)  # the exporter is the caller's, to read after the block
 
 
 def current() -> otel_context.Context | None:
@@ -130,15 +132,22 @@ def adopt(records: list[dict]) -> None:
     if not records or not _RELAY.processors:
         return
     for r in records:
+        resource = _resource(tuple(sorted(r["resource"].items())))
         sampled = TraceFlags(TraceFlags.SAMPLED)
         status = Status(StatusCode.ERROR, r["error"]) if r.get("error") else Status(StatusCode.OK)
         span = ReadableSpan(
             name=r["name"], kind=SpanKind.INTERNAL, attributes=r["attributes"], start_time=r["start"], status=status,
-            end_time=r["end"], resource=Resource.create(r["resource"]),
+            end_time=r["end"], resource=resource,
             context=SpanContext(r["trace_id"], r["span_id"], is_remote=False, trace_flags=sampled),
             parent=SpanContext(r["trace_id"], r["parent_id"], is_remote=True, trace_flags=sampled),
         )
         _RELAY.on_end(span)
+
+
+@functools.lru_cache(maxsize=256)
+def _resource(attributes: tuple[tuple[str, object], ...]) -> Resource:
+    """An actor's resource, made once per actor process: ``Resource.create`` reads the environment each time."""
+    return Resource.create(dict(attributes))
 
 
 def trace_id() -> str | None:

@@ -34,6 +34,12 @@ def _key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+MEMORY_KEEP = 4096
+"""Vectors an embedder without a disk cache keeps in memory (a server's: every query is new text, and an unbounded
+cache would grow with its traffic); the newest are kept, so a query embedded twice in one request is embedded
+once."""
+
+
 class Embedder:
     def __init__(self, model_path: Path, cache_dir: Path | None = None, batch_size: int = 64) -> None:
         self.model_path = model_path
@@ -88,8 +94,12 @@ class Embedder:
             ).astype(np.float32)
             for k, v in zip(missing, vecs):
                 self._cache[k] = v
-                self._dirty[k] = v
+                if self.cache_dir is not None:
+                    self._dirty[k] = v
             self._flush()
+        if self.cache_dir is None and len(self._cache) > MEMORY_KEEP:  # a server's: the newest texts only
+            for k in list(self._cache)[:len(self._cache) - MEMORY_KEEP]:
+                del self._cache[k]
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
         return np.stack([self._cache[k] for k in keys])

@@ -39,6 +39,7 @@ from selenium.webdriver.chrome.service import Service
 from orchestrator.api.app import create_app
 from orchestrator.bench.chaos import RedisProcess
 from orchestrator.bench.fault_proxy import AppThread
+from orchestrator.bench.load import stop_group
 from orchestrator.client import wait_until_ready
 from orchestrator.config import load_config, parse_config
 from orchestrator.env import LOOPBACK, free_port
@@ -129,13 +130,7 @@ class VLLMServer:
             raise
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        stop_group(self.proc, 30)
         self.log.close()
 
 

@@ -97,6 +97,8 @@ class SemanticCache:
         vector = (await asyncio.to_thread(self.encoder.encode, [" ".join(query.split())]))[0]
         probe = Probe(shape, vector, guard_key(query), self.config.threshold_for(category))
         state = await self._synced(shape)
+        if state is None:  # its index is being built (a restart, a large log): a miss, not a wait
+            return probe, None
         for entry_id, similarity, guard in state.index.search(vector, NEIGHBOURS):
             if similarity < probe.threshold:
                 break
@@ -109,17 +111,21 @@ class SemanticCache:
             return probe, SemanticHit(raw, similarity, entry_id)
         return probe, None
 
-    async def _synced(self, shape: str) -> _Shape:
-        """The shape's index with every entry the store's log holds (one read when nothing is new)."""
+    async def _synced(self, shape: str) -> _Shape | None:
+        """The shape's index with every entry the store's log holds (one read when nothing is new); None while
+        another lookup is reading it in. Building runs on a thread: 100,000 entries take tens of seconds."""
         state = self._shapes.setdefault(shape, _Shape(VectorIndex(self.dim)))
+        if state.lock.locked():
+            return None
         async with state.lock:
             if state.index.size > 2 * self.config.max_entries:  # mostly entries the log has trimmed: start over
                 state.index, state.cursor = VectorIndex(self.dim), 0
             last, items = await self.store.read_after(f"{PREFIX}log:{shape}", state.cursor)
             if items:
                 entries = [json.loads(value) for _, value in items]
-                state.index.add_many([e["id"] for e in entries], np.stack([_unpack(e["v"]) for e in entries]),
-                                     [tuple(tuple(part) for part in e["g"]) for e in entries])
+                await asyncio.to_thread(state.index.add_many, [e["id"] for e in entries],
+                                        np.stack([_unpack(e["v"]) for e in entries]),
+                                        [tuple(tuple(part) for part in e["g"]) for e in entries])
             state.cursor = max(state.cursor, last)
         return state
 

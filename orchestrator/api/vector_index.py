@@ -18,6 +18,11 @@ SEARCH_DEPTH = 64
 """``efSearch``: candidates kept while searching; higher finds more true neighbours, more slowly."""
 REBUILD_BELOW = 0.5
 """Rebuild once fewer than this share of the vectors are alive."""
+SEARCH_THREADS = 1
+"""OpenMP threads for a search: one query gains nothing from more, and FAISS's idle OpenMP threads spin for a
+while after each parallel search, taking the cores from the query encoder that runs next. Building uses them
+all (``BUILD_THREADS``); the setting is the process's, so a search and a build at once only slow each other."""
+BUILD_THREADS = faiss.omp_get_max_threads()
 
 
 class VectorIndex:
@@ -51,6 +56,7 @@ class VectorIndex:
     def add_many(self, entry_ids: list[str], vectors: np.ndarray, tags: list[object]) -> None:
         """Many at once: FAISS builds the graph for a batch faster than one vector at a time."""
         if entry_ids:
+            faiss.omp_set_num_threads(BUILD_THREADS)
             self._index.add(np.asarray(vectors, dtype=np.float32).reshape(len(entry_ids), self.dim))
             self._ids.extend(entry_ids)
             self._tags.extend(tags)
@@ -60,6 +66,7 @@ class VectorIndex:
         if not self._ids:
             return []
         want = min(len(self._ids), k + len(self._dead))
+        faiss.omp_set_num_threads(SEARCH_THREADS)
         sims, positions = self._index.search(np.asarray(vector, dtype=np.float32).reshape(1, self.dim), want)
         found = [(self._ids[p], float(s), self._tags[p]) for s, p in zip(sims[0], positions[0])
                  if p >= 0 and p not in self._dead]

@@ -23,6 +23,7 @@ counted as ``unfinished``). Traffic stays on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -131,14 +132,22 @@ class StartedServer:
             raise LoadError(f"{exc}; its log: {self.folder / 'serve.log'}") from None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        stop_group(self.proc, 60)
         self.log.close()
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """Stop a process started in a session of its own, and everything it started: SIGTERM to its group, then
+    SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 def expected_answers(config: dict) -> dict[str, dict[str, str]]:

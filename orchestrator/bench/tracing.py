@@ -70,13 +70,12 @@ def run_tracing(requests: int, block: int, progress: Callable[[str], None]) -> T
         with httpx.Client(base_url=url, timeout=60) as http:
             for i in range(block):  # warm: the experts loaded, the connection open
                 _ask(http, i)
-            done = 0
-            while done < requests:
-                progress(f"{done} of {requests} requests")
+            while len(report.on_ms) < requests:
+                done = len(report.on_ms)
+                progress(f"{done} of {requests} requests on each side")
                 with tracing.exporting(memory):
-                    report.on_ms += [_ask(http, done + j) for j in range(block)]
-                report.off_ms += [_ask(http, done + j) for j in range(block)]
-                done += 2 * block
+                    report.on_ms += [_ask(http, 2 * done + j) for j in range(block)]
+                report.off_ms += [_ask(http, 2 * done + block + j) for j in range(block)]
         report.spans_per_request = len(memory.get_finished_spans()) / max(1, len(report.on_ms))
     finally:
         server.stop()
