@@ -117,7 +117,7 @@ def test_the_shipped_example_config_is_valid_and_matches_the_defaults():
     defaults = ConciliumConfig()
     assert [e.model_dump() for e in example.experts] == [e.model_dump() for e in defaults.experts]
     assert example.ray == defaults.ray and example.pool == defaults.pool and example.routing == defaults.routing
-    assert example.server == defaults.server
+    assert example.server == defaults.server and example.cache == defaults.cache
 
 
 def test_aggregator_preference_from_config_or_profile_ranking(tmp_path):
