@@ -55,7 +55,8 @@ class ResponseCache:
         self.config = config
         if not config.cache.semantic or config.server.cache_ttl_s <= 0:
             self.semantic = None
-        elif self.semantic is None or old is None or old.cache != config.cache:
+        elif self.semantic is None or old is None or (old.cache, old.server.cache_ttl_s) != (
+                config.cache, config.server.cache_ttl_s):
             embed = encoder(config.cache.encoder, config.store_root)
             self.semantic = SemanticCache(self.store, config.cache, embed, config.server.cache_ttl_s)
 
