@@ -110,6 +110,7 @@ class Service:
         await self.jobs.stop()
         await self.pipeline.close()
         await self.store.close()
+        await asyncio.to_thread(tracing.flush)  # the spans an OTLP exporter still holds
 
     def _live_figures(self) -> dict[str, float]:
         return {**self.pipeline.figures(), "store_up": float(self.store_up)}

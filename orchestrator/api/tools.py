@@ -75,13 +75,9 @@ class ToolUse(BaseModel):
                                  f"tools ({', '.join(names) or 'none given'})")
         return self
 
-    @property
-    def offers_tools(self) -> bool:
-        return bool(self.tools) and self.tool_choice != "none"
-
     def tool_payload(self) -> tuple[tuple[dict, ...], str | dict | None]:
         """The tools and the choice as the expert receives them (OpenAI's JSON); none when none are offered."""
-        if not self.offers_tools:
+        if not self.tools or self.tool_choice == "none":
             return (), None
         choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
         return tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), choice

@@ -48,11 +48,6 @@ class VectorIndex:
         """Vectors held, the dead included: what the index costs in memory."""
         return len(self._ids)
 
-    def add(self, entry_id: str, vector: np.ndarray, tag: object = None) -> None:
-        self._index.add(np.asarray(vector, dtype=np.float32).reshape(1, self.dim))
-        self._ids.append(entry_id)
-        self._tags.append(tag)
-
     def add_many(self, entry_ids: list[str], vectors: np.ndarray, tags: list[object]) -> None:
         """Many at once: FAISS builds the graph for a batch faster than one vector at a time."""
         if entry_ids:
