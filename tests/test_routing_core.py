@@ -181,6 +181,19 @@ def test_embedding_cache_round_trip(embedder, tmp_path):
     assert again._model is None  # served from disk, the model never loaded
 
 
+def test_a_server_embedder_keeps_only_its_newest_vectors(embedder, monkeypatch):
+    """Without a disk cache (a server's), memory holds the newest MEMORY_KEEP vectors, not every query seen."""
+    from routers import embedding
+
+    monkeypatch.setattr(embedding, "MEMORY_KEEP", 3)
+    server = embedding.Embedder(embedder.model_path)
+    server._model = embedder.model  # the same weights, loaded once for the module
+    texts = [f"query number {i}" for i in range(7)]
+    vectors = np.stack([server.encode([t])[0] for t in texts])
+    assert list(server._cache) == [embedding._key(t) for t in texts[-3:]] and not server._dirty
+    assert np.allclose(server.encode(texts[:1])[0], vectors[0], atol=1e-6)  # an evicted text is embedded again
+
+
 @pytest.mark.parametrize(
     ("text", "gold", "right"),
     [
