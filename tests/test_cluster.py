@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -43,6 +44,11 @@ FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_fa
 # "127.0.0.1" (its own, and the head's) by this machine's external one. Other loopback addresses are kept as
 # given, so the nodes are 127.0.0.2 and 127.0.0.3: still the loopback interface, and nothing leaves it.
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+# Ray 2.60's `ray start --head` turns token authentication on by itself when ~/.ray/auth_token exists (an
+# earlier local ray.init() on this machine writes one), but `ray start --address` does not, and a second node
+# without the token is refused. The cluster's nodes and its drivers are given one token explicitly, as a real
+# deployment would give it: the test no longer depends on what other tests left in the home directory.
+RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 class RayNode:
@@ -67,7 +73,7 @@ class RayNode:
             args += ["--address", head]
         self.log = (tmp / f"node-{uuid.uuid4().hex[:6]}.log").open("wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, start_new_session=True,
-                                     env={**os.environ, **env})
+                                     env={**os.environ, **RAY_AUTH, **env})
 
     def stop(self) -> None:
         """SIGKILL the node's whole process group: its raylet, its workers, and the actors on it."""
@@ -90,7 +96,7 @@ class RayNode:
 
 def concilium(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+                          timeout=timeout, env={**os.environ, **RAY_AUTH, "COLUMNS": "200"})
 
 
 def cluster_status(address: str, config: Path) -> dict:
