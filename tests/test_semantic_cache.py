@@ -95,6 +95,16 @@ def test_a_hit_never_crosses_api_keys(replicas):
     assert ask(first, PARAPHRASE, ALICE)["cache"]["of"] == alices
 
 
+def test_a_shared_cache_serves_every_key(ray_cluster, redis):
+    server = ThreadServer(config(redis.url, scope="shared"))
+    try:
+        alices = ask(server, ASKED, ALICE)
+        bobs = ask(server, PARAPHRASE, BOB)
+        assert bobs["cache"]["hit"] == "semantic" and bobs["cache"]["of"] == alices["id"]
+    finally:
+        server.stop()
+
+
 def test_a_restart_loses_nothing(ray_cluster, redis, replicas):
     answered = ask(replicas[0], ASKED)
     fresh = ThreadServer(config(redis.url))
