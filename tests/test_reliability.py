@@ -285,14 +285,16 @@ def test_bench_load_accounts_for_every_request(tmp_path):
     out = tmp_path / "load.json"
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "bench", "load", "--clients", "16", "--requests", "5",
-         "--max-pending", "4", "--json", str(out)], capture_output=True, text=True, timeout=600)
+         "--max-pending", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     ids = [o["request_id"] for o in report["outcomes"]]
     assert report["sent"] == 80 and len(ids) == len(set(ids)) == 80
     assert report["counts"].get("lost", 0) == 0 and report["duplicated"] == 0 and report["accounted"]
-    assert report["counts"]["answered"] + report["counts"]["rejected"] == 80
-    assert report["counts"]["rejected"] > 0 and report["checked_answers"]  # 16 clients against 4 slots
+    answered, rejected = report["counts"].get("answered", 0), report["counts"].get("rejected", 0)
+    assert answered + rejected == 80 and answered > 0 and report["checked_answers"]
+    # 16 clients against one slot: with 4, a run on two busy cores once answered all 80 (in 0.65 s) and refused none.
+    assert rejected > 0, report["counts"]
     assert {o["detail"] for o in report["outcomes"] if o["outcome"] == "rejected"} == {"overloaded"}
 
 
