@@ -7,9 +7,11 @@ each expert's actor and back.
 - An expert's actor makes its own span for each traced row of a call (``workers.spans``), under the context
   the row's prompt carries (W3C ``traceparent``), and sends it back with the result: an actor has no exporter
   of its own to configure, and its span joins the request's trace here (``adopt``).
-- Spans are always made, so the trace id is always there; they are exported only where an exporter is on:
-  ``server.otel_endpoint`` (an OTLP/HTTP traces URL) or the standard ``OTEL_EXPORTER_OTLP_ENDPOINT``; off by
-  default. ``exporting`` adds another (a test's in-memory exporter, the bench's).
+- The API process's spans are always made, so the trace id is always there; the actors make theirs only while
+  an exporter is on (``carrier``), as they would be sent back only to be dropped.
+- Spans are exported only where an exporter is on: ``server.otel_endpoint`` (an OTLP/HTTP traces URL) or the
+  standard ``OTEL_EXPORTER_OTLP_ENDPOINT``; off by default. ``exporting`` adds another (a test's in-memory
+  exporter, the bench's).
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ def describe(response_figures: dict[str, object]) -> None:
 
 
 def carrier(context: otel_context.Context | None) -> dict[str, str] | None:
-    """The W3C headers that carry ``context`` across a Ray call; None when there is no trace to join."""
-    if context is None or not trace.get_current_span(context).get_span_context().is_valid:
+    """The W3C headers that carry ``context`` across a Ray call; None when there is no trace to join, or nothing
+    would export the actor's spans."""
+    if not _RELAY.processors or context is None or not trace.get_current_span(context).get_span_context().is_valid:
         return None
     headers: dict[str, str] = {}
     _PROPAGATOR.inject(headers, context=context)

@@ -200,6 +200,8 @@ def test_the_guard_and_the_index():
     index.add_many(["a", "b", "c"], vectors[:3], [1, 2, 3])
     assert index.search(vectors[1], 1) == [("b", pytest.approx(1.0), 2)]
     index.drop("b")
-    assert {e for e, _, _ in index.search(vectors[1], 3)} == {"a", "c"} and len(index) == 2
+    assert {e for e, _, _ in index.search(vectors[1], 3)} == {"a", "c"} and len(index) == 2 and not index.stale
     index.drop("a")  # fewer than half alive: rebuilt from the vectors it holds
-    assert index.size == 1 and index.search(vectors[2], 2)[0][0] == "c"
+    assert index.stale
+    index = index.compacted(index.dead)
+    assert index.size == 1 and index.search(vectors[2], 2)[0][0] == "c" and not index.stale

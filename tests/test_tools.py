@@ -135,6 +135,17 @@ def test_requests_without_tools_route_as_before(served):
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == "stop"
 
 
+def test_a_conversation_with_tool_turns_is_never_cached(served):
+    """The cache's key holds the turns' text, not their calls: such a conversation is answered every time."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    turns = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "Sunny and 21 degrees in Paris."}]
+    for _ in range(2):
+        reply = client(served).chat.completions.create(model="concilium", messages=turns, max_tokens=8, temperature=0)
+        meta = reply.model_extra["concilium"]
+        assert meta["routing"]["experts"] == ["smol-tools"] and meta["cached"] is False
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"k": 2}, "answered by one expert"),
     ({"aggregation": "vote"}, "answered by one expert"),

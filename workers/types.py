@@ -71,6 +71,11 @@ class Message:
     def is_empty(self) -> bool:
         return not self.content.strip() and not self.tool_calls
 
+    @property
+    def is_tool_turn(self) -> bool:
+        """A turn of a conversation with tools: an assistant's calls, or a tool's answer to one."""
+        return self.role == "tool" or bool(self.tool_calls)
+
 
 @dataclass(frozen=True)
 class Prompt:

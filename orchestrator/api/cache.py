@@ -61,7 +61,10 @@ class ResponseCache:
             self.semantic = SemanticCache(self.store, config.cache, embed, config.server.cache_ttl_s)
 
     def cacheable(self, request: QueryRequest) -> bool:
+        """Not a conversation with tools: its key holds the turns' text, not their calls."""
         if self.config.server.cache_ttl_s <= 0 or request.aggregation == Aggregation.SELF_MOA or request.tools:
+            return False
+        if any(m.is_tool_turn for m in request.messages):
             return False
         if request.temperature is not None:
             return request.temperature == 0

@@ -36,7 +36,6 @@ def held_total(members: list[str] | dict[str, float]) -> tuple[float, float]:
     return sum(float(t) for t, _ in amounts), sum(float(u) for _, u in amounts)
 
 
-
 Verdict = Literal["held", "wait", "never"]
 
 
@@ -69,7 +68,6 @@ def verdict_of(spent: tuple[float, float], held: tuple[float, float], want: tupl
     if over(spent):
         return "never"
     return "wait" if over((spent[0] + held[0], spent[1] + held[1])) else "held"
-
 
 
 HOLD_SCRIPT = """
@@ -106,5 +104,3 @@ return {verdict, tostring(spent_t), tostring(spent_u), tostring(held_t), tostrin
 """
 """``Store.hold`` as one script, so that the check and the hold are one step for every replica (``verdict_of`` is
 the same rule in Python). Time is redis's own, so replicas with skewed clocks expire holds alike."""
-
-

@@ -113,13 +113,16 @@ class SemanticCache:
 
     async def _synced(self, shape: str) -> _Shape | None:
         """The shape's index with every entry the store's log holds (one read when nothing is new); None while
-        another lookup is reading it in. Building runs on a thread: 100,000 entries take tens of seconds."""
+        another lookup is reading it in or compacting it, both on a thread: 100,000 entries take tens of
+        seconds."""
         state = self._shapes.setdefault(shape, _Shape(VectorIndex(self.dim)))
         if state.lock.locked():
             return None
         async with state.lock:
             if state.index.size > 2 * self.config.max_entries:  # mostly entries the log has trimmed: start over
                 state.index, state.cursor = VectorIndex(self.dim), 0
+            elif state.index.stale:  # mostly entries gone from the store
+                state.index = await asyncio.to_thread(state.index.compacted, state.index.dead)
             last, items = await self.store.read_after(f"{PREFIX}log:{shape}", state.cursor)
             if items:
                 entries = [json.loads(value) for _, value in items]

@@ -128,7 +128,7 @@ class Service:
             )
         experts, k, aggregation = body.experts, body.k or defaults.k, body.aggregation or defaults.aggregation
         tools, tool_choice = body.tool_payload() if isinstance(body, ToolUse) else ((), None)
-        if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+        if tools or any(m.is_tool_turn for m in messages):
             experts, k, aggregation = self._tool_experts(body), 1, Aggregation.BEST
         if k > limits.max_k:
             raise InvalidRequest(f"k: {k} is above the limit of {limits.max_k}")

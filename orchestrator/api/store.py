@@ -42,6 +42,8 @@ class StoreUnavailable(RuntimeError):
     """The store could not be reached or answered with an error."""
 
 
+DELETE_BATCH = 1000
+"""Keys ``delete_prefix`` scans for, and unlinks, per round trip: a cache of 100,000 entries clears in 100."""
 STORE_RETRY_S, STORE_RETRY_EVERY_S = 300.0, 0.25
 """How long, and how often, a write that must not be lost is tried again while the store is unavailable."""
 
@@ -382,10 +384,9 @@ class RedisStore:
 
     async def delete_prefix(self, prefix: str) -> int:
         async def run() -> int:
-            gone = 0
-            async for key in self._r.scan_iter(match=self._k(prefix) + "*", count=1000):
-                gone += await self._r.unlink(key)
-            return gone
+            keys = [key async for key in self._r.scan_iter(match=self._k(prefix) + "*", count=DELETE_BATCH)]
+            batches = [keys[i:i + DELETE_BATCH] for i in range(0, len(keys), DELETE_BATCH)]
+            return sum([await self._r.unlink(*batch) for batch in batches])
 
         return await self._do(run())
 

@@ -2,9 +2,9 @@
 
 HNSW, not a flat index: a lookup among 100,000 entries stays well under a millisecond, where an exact scan of
 them takes several. HNSW cannot remove a vector, so an entry that is gone (expired, evicted, cleared) is
-dropped here as a tombstone and skipped; once tombstones are half of the index, it is rebuilt from the
-vectors it holds. The entries themselves live in the store (``semantic_cache``): this index only says where
-to look.
+dropped here as a tombstone and skipped; once tombstones are half of the index, ``stale`` says so, and the
+owner builds a ``compacted`` copy from the vectors it holds (on a thread: it takes seconds for a large index).
+The entries themselves live in the store (``semantic_cache``): this index only says where to look.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class VectorIndex:
         """The entry id of each vector, by FAISS's position."""
         self._tags: list[object] = []
         """What the caller keeps with each vector (the query's guard key)."""
+        self._position: dict[str, int] = {}
         self._dead: set[int] = set()
 
     def _new(self) -> faiss.Index:
@@ -53,6 +54,7 @@ class VectorIndex:
         if entry_ids:
             faiss.omp_set_num_threads(BUILD_THREADS)
             self._index.add(np.asarray(vectors, dtype=np.float32).reshape(len(entry_ids), self.dim))
+            self._position.update((e, len(self._ids) + i) for i, e in enumerate(entry_ids))
             self._ids.extend(entry_ids)
             self._tags.extend(tags)
 
@@ -68,14 +70,25 @@ class VectorIndex:
         return found[:k]
 
     def drop(self, entry_id: str) -> None:
-        """Forget an entry that is gone from the store; rebuild when the dead outnumber the living."""
-        self._dead.update(i for i, e in enumerate(self._ids) if e == entry_id)
-        if self._ids and len(self) < REBUILD_BELOW * len(self._ids):
-            self._rebuild()
+        """Forget an entry that is gone from the store."""
+        if entry_id in self._position:
+            self._dead.add(self._position[entry_id])
 
-    def _rebuild(self) -> None:
-        keep = [i for i in range(len(self._ids)) if i not in self._dead]
-        vectors = self._index.reconstruct_n(0, len(self._ids))[keep] if keep else np.zeros((0, self.dim))
-        ids, tags = [self._ids[i] for i in keep], [self._tags[i] for i in keep]
-        self._index, self._ids, self._tags, self._dead = self._new(), [], [], set()
-        self.add_many(ids, vectors, tags)
+    @property
+    def stale(self) -> bool:
+        """The dead outnumber the living: time for a ``compacted`` copy."""
+        return bool(self._ids) and len(self) < REBUILD_BELOW * len(self._ids)
+
+    def compacted(self, dead: frozenset[int]) -> VectorIndex:
+        """A new index of the entries alive but ``dead`` (a snapshot of the tombstones: drops may go on meanwhile,
+        and one made after the snapshot is met, and made again, at a later lookup)."""
+        keep = [i for i in range(len(self._ids)) if i not in dead]
+        fresh = VectorIndex(self.dim)
+        if keep:
+            vectors = self._index.reconstruct_n(0, len(self._ids))[keep]
+            fresh.add_many([self._ids[i] for i in keep], vectors, [self._tags[i] for i in keep])
+        return fresh
+
+    @property
+    def dead(self) -> frozenset[int]:
+        return frozenset(self._dead)

@@ -5,8 +5,8 @@ The API runs in this process (uvicorn in a thread, on local Ray), so the exporte
 between requests: blocks of ``block`` requests alternate, and the medians of each side are compared. The
 experts are simulated, 2 of them with a synthesis, so a request has the spans a real one has (the window, the
 routing, each expert's call in its actor, the aggregation) and a short generation that does not hide the cost.
-With the exporter off the spans are still made (the trace id is always returned): what the figure measures
-is exporting them.
+With the exporter off the API process's spans are still made (the trace id is always returned) and the actors
+make none: what the figure measures is the actors' spans and exporting them all.
 """
 
 from __future__ import annotations
